@@ -1,0 +1,1 @@
+"""Plugin placeholder: replaced by the real plugin."""

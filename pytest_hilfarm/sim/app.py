@@ -1,0 +1,484 @@
+"""The demo app a virtual board runs once its boot chain started an image, and its console.
+
+:class:`DemoApp` prints the rest of an ESP-IDF app start, applies the image's faults (crash, hang,
+slow boot, failing OTA self-test, mesh drops), joins the rack's :class:`MeshMedium` and answers a
+line console. It acts on the board only through its :class:`AppHost`; it does no I/O, never
+sleeps (every delay goes through ``host.call_later``) and is confined to the board's thread
+(mesh deliveries are handed over with ``host.call_later(0, ...)``).
+
+Console style (every line ends with CRLF, as the chips print):
+
+* Log lines are ESP-IDF style: ``<L> (<ms>) <tag>: <text>``, ``L`` in I/W/E, ``ms`` since boot
+  (``app_main`` is called at 312 ms). No reply line ever starts like that.
+* The prompt is ``> `` with no line end. Input before the prompt first appears (booting, hung,
+  crashed) is discarded; a typed line is echoed followed by CRLF, so the console shows
+  ``> version``. A command's reply is the lines after the echoed line up to the next prompt;
+  reply lines are ``key: value`` (split at the first ``:``, strip the value), errors are
+  one ``error: <message>`` line.
+* Asynchronous log lines (mesh rx, task watchdog) print on a fresh line and are *not* followed
+  by a new prompt, so "read until the prompt" still ends at a command's reply.
+
+Commands and exact replies (``<f1>`` = one decimal place, etc.):
+
+``version``::
+
+    project: <project>
+    version: <version>
+    secure_version: <int>
+    idf_ver: <idf_ver>
+    chip: <chip>
+    partition: <label>               (factory, ota_0, ...)
+    partition_offset: 0x<hex>
+
+``status``::
+
+    uptime_s: <f3>                   (seconds since boot)
+    heap_free: <int>                 (bytes)
+    partition: <label>
+    ota_state: <state>               (PENDING_VERIFY, VALID, ...; "none" for a factory boot)
+    mesh_joined: yes|no
+
+``sensor`` (deterministic for a MAC and ``host.now()``)::
+
+    temperature_c: <f2>              (about 17..29)
+    humidity_pct: <f2>               (about 30..65)
+    pressure_hpa: <f2>               (about 998..1027)
+
+``battery`` (starts at 75..99 % depending on the MAC, drains 0.1 %/min of uptime)::
+
+    battery_v: <f3>                  (3.300 + 0.9 * pct / 100)
+    battery_pct: <int>
+
+``mesh nodes`` (peers this board reaches now, itself excluded; 0 and empty before joining)::
+
+    nodes: <count>
+    ids: <id> <id> ...               (rack order; nothing after "ids:" when there are none)
+
+``mesh send <node-id|all> <text>`` (text = rest of the line, spaces kept)::
+
+    sent: id=<msg_id> dst=<node-id|all>
+
+``mesh inbox`` (oldest first, last 64 kept) and ``mesh inbox clear``::
+
+    inbox: <count>
+    msg: id=<msg_id> src=<node-id> dst=<node-id|all> hops=<int> text=<text>
+    ...
+    cleared: <count>                 (for "mesh inbox clear")
+
+``help``: one line per command, ``<usage> - <what it does>``.
+
+``reboot``: log ``I (<ms>) hilfarm-demo: restart requested from console``, then
+``host.reboot("console reboot")``; no prompt. ``crash``: ``host.panic(<panic text>)`` (a store
+fault), no prompt. Errors: ``error: unknown command '<word>' (try 'help')``,
+``error: usage: <usage>``, ``error: no mesh radio``, ``error: mesh not joined``,
+``error: no route to <node-id>``, ``error: cannot send to self``.
+
+Boot lines after ``main_task: Calling app_main()``: ``I (312) hilfarm-demo: running partition
+<label> at 0x<hex>, ota_state <state>`` and ``I (312) hilfarm-demo: initializing``; then
+(``slow_boot`` seconds later) the self-test line when the slot is ``PENDING_VERIFY``
+(``... self-test passed, marking app valid`` / ``E (<ms>) hilfarm-demo: self-test failed,
+rolling back``), ``I (<ms>) hilfarm-mesh: joining mesh as <id> (position <n>)`` when there is a
+medium, ``I (<ms>) hilfarm-demo: <project> <version> ready`` and the prompt. Mesh receptions log
+``I (<ms>) hilfarm-mesh: rx id=<msg_id> src=<id> hops=<n>``.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+import re
+import types
+from collections import deque
+from collections.abc import Callable
+from functools import partial
+
+from pytest_hilfarm.sim.mesh import BROADCAST, MeshMedium, Packet
+from pytest_hilfarm.sim.model import AppHost, AppInfo
+
+TAG = "hilfarm-demo"
+MESH_TAG = "hilfarm-mesh"
+PROMPT = "> "
+EOL = "\r\n"
+APP_MAIN_MS = 312  # boot time at which app_main() is called, as on an ESP32 DevKit
+WDT_PERIOD = 5.0  # CONFIG_ESP_TASK_WDT_TIMEOUT_S default
+INBOX_SIZE = 64  # a real app's queue is bounded; a soak test must not grow memory forever
+BATTERY_DRAIN_PCT_PER_S = 0.1 / 60.0
+RISCV_CHIPS = ("esp32c3", "esp32c2", "esp32c6", "esp32h2")
+_BASE_HEAP = types.MappingProxyType({"esp32": 298_712, "esp32s2": 241_004, "esp32c3": 327_480})
+
+HELP = (
+    "version - project, version, secure version, IDF version, running partition",
+    "status - uptime, free heap, running partition, OTA state, mesh membership",
+    "sensor - temperature, humidity, pressure",
+    "battery - battery voltage and charge",
+    "mesh nodes - mesh peers reachable from this board",
+    "mesh send <node-id|all> <text> - send a mesh message",
+    "mesh inbox [clear] - received mesh messages",
+    "reboot - restart the board",
+    "crash - crash the app (panic and reset)",
+    "help - this list",
+)
+MESH_USAGE = "mesh nodes | mesh send <node-id|all> <text> | mesh inbox [clear]"
+
+
+class _State(enum.Enum):
+    IDLE = "idle"  # constructed, start() not called yet
+    BOOTING = "booting"  # app_main running its (maybe slow) init
+    READY = "ready"  # console answering
+    HUNG = "hung"  # hang_at_boot: only the task watchdog speaks
+    DEAD = "dead"  # crashed / rebooting / stopped: nothing more happens
+
+
+class DemoApp:
+    """The firmware a virtual board runs (see the module docstring for the console).
+
+    ``position`` is the board's place in the rack (mesh topology); None takes
+    ``host.position`` if the host has one, else the trailing number of ``host.board_id``, else 0.
+    """
+
+    def __init__(
+        self,
+        host: AppHost,
+        info: AppInfo,
+        medium: MeshMedium | None,
+        *,
+        position: int | None = None,
+    ) -> None:
+        self._host = host
+        self._info = info
+        self._medium = medium
+        self._position = _resolve_position(host, position)
+        self._state = _State.IDLE
+        self._t0 = 0.0
+        self._ota_state = info.ota_state
+        self._in_mesh = False
+        self._prompt_shown = False
+        self._inbox: deque[Packet] = deque(maxlen=INBOX_SIZE)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Print the app start and apply the image's boot faults. Call once."""
+        if self._state is not _State.IDLE:
+            raise RuntimeError("DemoApp.start() called twice")
+        self._t0 = self._host.now()
+        self._state = _State.BOOTING
+        info, faults = self._info, self._info.faults
+        lines = [
+            "I (253) cpu_start: Pro cpu start user code",
+            "I (253) cpu_start: cpu freq: 160000000 Hz",
+            "I (258) app_init: Application information:",
+            f"I (263) app_init: Project name:     {info.project}",
+            f"I (268) app_init: App version:      {info.version}",
+            f"I (273) app_init: Secure version:   {info.secure_version}",
+            f"I (278) app_init: ELF file SHA256:  {info.image_sha256[:16]}...",
+            f"I (283) app_init: ESP-IDF:          {info.idf_ver}",
+            "I (293) heap_init: Initializing. RAM available for dynamic allocation:",
+            "I (300) spi_flash: detected chip: generic",
+            "I (306) main_task: Started on CPU0",
+            f"I ({APP_MAIN_MS}) main_task: Calling app_main()",
+            f"I ({APP_MAIN_MS}) {TAG}: running partition {info.partition_label} at "
+            f"0x{info.partition_offset:x}, ota_state {self._ota_state or 'none'}",
+            f"I ({APP_MAIN_MS}) {TAG}: initializing",
+        ]
+        self._host.emit("".join(line + EOL for line in lines))
+        if faults.crash_at_boot:
+            self._state = _State.DEAD
+            self._host.panic(panic_text(self._host.chip, info.image_sha256, store=False))
+        elif faults.hang_at_boot:
+            # The main task spins without yielding: no console, only the watchdog.
+            self._state = _State.HUNG
+            self._host.call_later(WDT_PERIOD, self._watchdog)
+        elif faults.slow_boot > 0:
+            self._host.call_later(faults.slow_boot, self._finish_init)
+        else:
+            self._finish_init()
+
+    def stop(self) -> None:
+        """The board reset or lost power: leave the mesh, ignore any later input or timer."""
+        self._state = _State.DEAD
+        if self._in_mesh and self._medium is not None:
+            self._in_mesh = False
+            self._medium.leave(self._host.board_id)
+
+    def _finish_init(self) -> None:
+        if self._state is not _State.BOOTING:
+            return
+        if self._ota_state == "PENDING_VERIFY":
+            # The rollback contract: a new slot confirms itself only after its self-test.
+            if self._info.faults.fail_self_test:
+                self._log("E", TAG, "self-test failed, rolling back")
+                self.stop()
+                self._host.mark_app_invalid_and_reboot()
+                return
+            self._log("I", TAG, "self-test passed, marking app valid")
+            self._host.mark_app_valid()
+            self._ota_state = "VALID"
+        if self._medium is not None:
+            self._log(
+                "I", MESH_TAG, f"joining mesh as {self._host.board_id} (position {self._position})"
+            )
+            self._medium.join(
+                self._host.board_id,
+                self._position,
+                self._deliver,
+                drop_fraction=self._info.faults.drop_mesh,
+            )
+            self._in_mesh = True
+        self._log("I", TAG, f"{self._info.project} {self._info.version} ready")
+        self._state = _State.READY
+        self._host.emit(PROMPT)
+        self._prompt_shown = True
+
+    def _watchdog(self) -> None:
+        if self._state is not _State.HUNG:
+            return
+        for text in (
+            "Task watchdog got triggered. The following tasks/users did not reset the watchdog "
+            "in time:",
+            " - IDLE0 (CPU 0)",
+            "Tasks currently running:",
+            "CPU 0: main",
+            "Print CPU 0 (current core) backtrace",
+        ):
+            self._log("E", "task_wdt", text)
+        self._host.call_later(WDT_PERIOD, self._watchdog)
+
+    # ------------------------------------------------------------------ console
+
+    def feed_line(self, line: str) -> None:
+        """Handle one console line (without or with its line end)."""
+        if self._state is not _State.READY:
+            return
+        line = line.strip("\r\n")
+        self._host.emit(line + EOL)
+        self._prompt_shown = False
+        words = line.split()
+        reply = self._dispatch(words, line) if words else []
+        if reply is None or self._state is not _State.READY:
+            return  # rebooting / crashing: no prompt
+        self._host.emit("".join(r + EOL for r in reply) + PROMPT)
+        self._prompt_shown = True
+
+    def _dispatch(self, words: list[str], line: str) -> list[str] | None:
+        handlers: dict[str, Callable[[list[str], str], list[str] | None]] = {
+            "version": self._cmd_version,
+            "status": self._cmd_status,
+            "sensor": self._cmd_sensor,
+            "battery": self._cmd_battery,
+            "mesh": self._cmd_mesh,
+            "help": self._cmd_help,
+            "reboot": self._cmd_reboot,
+            "crash": self._cmd_crash,
+        }
+        handler = handlers.get(words[0])
+        if handler is None:
+            return [f"error: unknown command '{words[0]}' (try 'help')"]
+        return handler(words, line)
+
+    def _cmd_version(self, words: list[str], line: str) -> list[str]:
+        if len(words) != 1:
+            return ["error: usage: version"]
+        info = self._info
+        return [
+            f"project: {info.project}",
+            f"version: {info.version}",
+            f"secure_version: {info.secure_version}",
+            f"idf_ver: {info.idf_ver}",
+            f"chip: {info.chip}",
+            f"partition: {info.partition_label}",
+            f"partition_offset: 0x{info.partition_offset:x}",
+        ]
+
+    def _cmd_status(self, words: list[str], line: str) -> list[str]:
+        if len(words) != 1:
+            return ["error: usage: status"]
+        medium = self._medium
+        joined = self._in_mesh and medium is not None and medium.is_joined(self._host.board_id)
+        return [
+            f"uptime_s: {self._uptime():.3f}",
+            f"heap_free: {self._heap_free()}",
+            f"partition: {self._info.partition_label}",
+            f"ota_state: {self._ota_state or 'none'}",
+            f"mesh_joined: {'yes' if joined else 'no'}",
+        ]
+
+    def _cmd_sensor(self, words: list[str], line: str) -> list[str]:
+        if len(words) != 1:
+            return ["error: usage: sensor"]
+        temp, hum, press = sensor_values(self._host.mac, self._host.now())
+        return [
+            f"temperature_c: {temp:.2f}",
+            f"humidity_pct: {hum:.2f}",
+            f"pressure_hpa: {press:.2f}",
+        ]
+
+    def _cmd_battery(self, words: list[str], line: str) -> list[str]:
+        if len(words) != 1:
+            return ["error: usage: battery"]
+        volts, pct = battery_values(self._host.mac, self._uptime())
+        return [f"battery_v: {volts:.3f}", f"battery_pct: {pct}"]
+
+    def _cmd_help(self, words: list[str], line: str) -> list[str]:
+        return list(HELP)
+
+    def _cmd_reboot(self, words: list[str], line: str) -> None:
+        self._log("I", TAG, "restart requested from console")
+        self.stop()
+        self._host.reboot("console reboot")
+        return None
+
+    def _cmd_crash(self, words: list[str], line: str) -> None:
+        self.stop()
+        self._host.panic(panic_text(self._host.chip, self._info.image_sha256, store=True))
+        return None
+
+    def _cmd_mesh(self, words: list[str], line: str) -> list[str]:
+        sub = words[1] if len(words) > 1 else ""
+        if sub not in ("nodes", "send", "inbox"):
+            return [f"error: usage: {MESH_USAGE}"]
+        if self._medium is None:
+            return ["error: no mesh radio"]
+        me = self._host.board_id
+        if sub == "nodes":
+            if len(words) != 2:
+                return ["error: usage: mesh nodes"]
+            peers = self._medium.nodes(me) if self._in_mesh else []
+            return [f"nodes: {len(peers)}", ("ids: " + " ".join(peers)).rstrip()]
+        if sub == "inbox":
+            if len(words) == 3 and words[2] == "clear":
+                count = len(self._inbox)
+                self._inbox.clear()
+                return [f"cleared: {count}"]
+            if len(words) != 2:
+                return ["error: usage: mesh inbox [clear]"]
+            return [f"inbox: {len(self._inbox)}"] + [
+                f"msg: id={p.msg_id} src={p.src} dst={p.dst} hops={p.hops} text={p.text}"
+                for p in self._inbox
+            ]
+        # send: the text is the rest of the raw line so inner spacing survives.
+        match = re.match(r"\s*mesh\s+send\s+(\S+)\s+(.*\S)", line)
+        if match is None:
+            return ["error: usage: mesh send <node-id|all> <text>"]
+        dst, text = match.group(1), match.group(2)
+        if dst == me:
+            return ["error: cannot send to self"]
+        if not (self._in_mesh and self._medium.is_joined(me)):
+            return ["error: mesh not joined"]
+        if dst != BROADCAST and dst not in self._medium.nodes(me):
+            return [f"error: no route to {dst}"]
+        msg_id = self._medium.send(me, dst, text)
+        return [f"sent: id={msg_id} dst={dst}"]
+
+    # ------------------------------------------------------------------ mesh
+
+    def _deliver(self, packet: Packet) -> None:
+        # Called on the medium's thread: hand over to the board's thread.
+        self._host.call_later(0.0, partial(self._on_packet, packet))
+
+    def _on_packet(self, packet: Packet) -> None:
+        if self._state is not _State.READY:
+            return
+        self._inbox.append(packet)
+        self._log("I", MESH_TAG, f"rx id={packet.msg_id} src={packet.src} hops={packet.hops}")
+
+    # ------------------------------------------------------------------ helpers
+
+    def _uptime(self) -> float:
+        return APP_MAIN_MS / 1000.0 + (self._host.now() - self._t0)
+
+    def _heap_free(self) -> int:
+        base = _BASE_HEAP.get(self._host.chip, 280_000)
+        return base - int(_unit(self._host.mac, "heap") * 2048) - 96 * len(self._inbox)
+
+    def _log(self, level: str, tag: str, text: str) -> None:
+        ms = round(self._uptime() * 1000)
+        # A log line must not glue onto a prompt already on screen.
+        lead = EOL if self._prompt_shown else ""
+        self._prompt_shown = False
+        self._host.emit(f"{lead}{level} ({ms}) {tag}: {text}{EOL}")
+
+
+def sensor_values(mac: str, now: float) -> tuple[float, float, float]:
+    """Temperature (C), relative humidity (%) and pressure (hPa) of a board at time ``now``.
+
+    A per-MAC base plus slow sine drifts: plausible, and the same for the same MAC and time.
+    """
+    temp = 20.0 + 6.0 * _unit(mac, "t") + 1.5 * _wave(mac, "tw", now, 1800.0)
+    hum = 35.0 + 25.0 * _unit(mac, "h") + 5.0 * _wave(mac, "hw", now, 2400.0)
+    press = 1000.0 + 25.0 * _unit(mac, "p") + 1.2 * _wave(mac, "pw", now, 3600.0)
+    return temp, hum, press
+
+
+def battery_values(mac: str, uptime: float) -> tuple[float, int]:
+    """Battery voltage and whole percent after ``uptime`` seconds (starts at 75..99 %)."""
+    pct = max(0.0, 75.0 + 24.0 * _unit(mac, "b") - BATTERY_DRAIN_PCT_PER_S * uptime)
+    return 3.3 + 0.9 * pct / 100.0, int(pct)
+
+
+def panic_text(chip: str, sha256: str, *, store: bool) -> str:
+    """ESP-IDF-like panic output for a NULL access, CRLF line ends, ending in ``Rebooting...``.
+
+    Xtensa chips say LoadProhibited/StoreProhibited, RISC-V ones Load/Store access fault, as
+    ESP-IDF does. Addresses derive from the image hash so one image always crashes the same way.
+    """
+    seed = hashlib.sha256(f"{sha256}/{store}".encode()).digest()
+    words = [int.from_bytes(seed[i : i + 4], "big") for i in range(0, 32, 4)]
+    if chip in RISCV_CHIPS:
+        cause = "Store access fault" if store else "Load access fault"
+        pc = 0x42000000 | (words[0] & 0x000FFFFC)
+        sp = 0x3FC80000 | (words[1] & 0x0000FFF0)
+        lines = [
+            f"Guru Meditation Error: Core  0 panic'ed ({cause}). Exception was unhandled.",
+            "",
+            "Core  0 register dump:",
+            f"MEPC    : 0x{pc:08x}  RA      : 0x{pc - 0x1A:08x}  SP      : 0x{sp:08x}  "
+            f"GP      : 0x3fc8b200",
+            f"TP      : 0x{sp + 0x200:08x}  T0      : 0x{words[2]:08x}  T1      : "
+            f"0x{words[3]:08x}  T2      : 0x00000000",
+            f"MSTATUS : 0x00001881  MTVEC   : 0x40380001  MCAUSE  : 0x0000000{7 if store else 5}  "
+            "MTVAL   : 0x00000000",
+            f"MHARTID : 0x00000000  S0      : 0x{words[4]:08x}  S1      : 0x{words[5]:08x}  "
+            "A0      : 0x00000000",
+        ]
+    else:
+        cause = "StoreProhibited" if store else "LoadProhibited"
+        pc = 0x400D0000 | (words[0] & 0x0000FFFC)
+        sp = 0x3FFB0000 | (words[1] & 0x0000FFF0)
+        lines = [
+            f"Guru Meditation Error: Core  0 panic'ed ({cause}). Exception was unhandled.",
+            "",
+            "Core  0 register dump:",
+            f"PC      : 0x{pc:08x}  PS      : 0x00060030  A0      : 0x{0x80000000 | pc + 0x2C:08x}"
+            f"  A1      : 0x{sp:08x}",
+            f"A2      : 0x00000000  A3      : 0x{words[2]:08x}  A4      : 0x00000001  "
+            f"A5      : 0x{words[3]:08x}",
+            # EXCCAUSE 28/29 are LoadProhibited/StoreProhibited on Xtensa.
+            f"EXCCAUSE: 0x{0x1D if store else 0x1C:08x}  EXCVADDR: 0x00000000",
+            "",
+            f"Backtrace: 0x{pc - 3:08x}:0x{sp:08x} 0x{pc + 0x29:08x}:0x{sp + 0x20:08x} "
+            f"0x40086e6d:0x{sp + 0x40:08x}",
+        ]
+    lines += ["", "", f"ELF file SHA256: {sha256[:16]}", "", "Rebooting..."]
+    return "".join(line + EOL for line in lines)
+
+
+def _resolve_position(host: AppHost, position: int | None) -> int:
+    if position is not None:
+        return position
+    from_host = getattr(host, "position", None)
+    if isinstance(from_host, int):
+        return from_host
+    match = re.search(r"(\d+)$", host.board_id)
+    return int(match.group(1)) if match else 0
+
+
+def _unit(mac: str, salt: str) -> float:
+    # sha256, not hash(): str hashes are salted per process and the values must be stable.
+    digest = hashlib.sha256(f"{mac.lower()}/{salt}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def _wave(mac: str, salt: str, now: float, period: float) -> float:
+    return math.sin(2.0 * math.pi * (now / period + _unit(mac, salt)))

@@ -1,0 +1,347 @@
+"""``hilfarm rollout …``, ``hilfarm fleet simulate`` and ``hilfarm advise``.
+
+Thin argument handling over :mod:`pytest_hilfarm.rollout`: parse, call, print. Decisions live in
+the library so tests and the simulator use the same code; this module never decides a gate.
+Exit codes: 0 done, 1 error (printed by the dispatcher), 3 a gate blocked the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pytest_hilfarm.errors import ConfigError, UsageError
+
+BLOCKED = 3
+
+
+def _now(args: argparse.Namespace) -> float:
+    if getattr(args, "now", None):
+        return _parse_time(args.now, "--now")
+    return datetime.now(timezone.utc).timestamp()
+
+
+def _parse_time(text: str, where: str) -> float:
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"{text!r} is not an ISO 8601 time", where=where,
+                         hint="e.g. 2026-03-01T12:00:00Z") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
+    return t.timestamp()
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from pytest_hilfarm.rollout.store import Store, default_db_path
+
+    return Store(args.db or default_db_path())
+
+
+def _print_report(report: Any) -> None:
+    for t in report.transitions:
+        print(f"{t.event:<9} {t.ring or '-':<10} {t.reason}")
+        for g in t.numbers.get("gates", []):
+            print(f"{'':20}{g['gate']:<14} {g['verdict']:<12} {g['reason']}")
+    if report.hold is not None:
+        print(f"hold: {report.hold.reason}")
+    print(f"state: {report.state} ({report.rollout_id})")
+
+
+def _cmd_start(args: argparse.Namespace) -> int:
+    from pytest_hilfarm.rollout.controller import Controller, StartBlocked
+    from pytest_hilfarm.rollout.hil import read_junit, read_results
+    from pytest_hilfarm.rollout.manifest import load_manifest
+    from pytest_hilfarm.rollout.plan import load_plan
+
+    plan = load_plan(args.plan)
+    text = Path(args.plan).read_text(encoding="utf-8")
+    manifest = load_manifest(args.manifest) if args.manifest else plan.load_manifest()
+    if args.hil_junit and args.hil_results:
+        raise UsageError("give --hil-junit or --hil-results, not both", where="command line")
+    hil = (read_junit(args.hil_junit) if args.hil_junit else
+           read_results(args.hil_results) if args.hil_results else None)
+    staging = _parse_time(args.staging_since, "--staging-since") if args.staging_since else None
+    with _store(args) as store:
+        try:
+            report, created = Controller(store).start(
+                plan, text, manifest, now=_now(args), hil=hil, staging_since=staging,
+                rollout_id=args.id, actor=args.actor)
+        except StartBlocked as exc:
+            print(f"hilfarm: {exc}", file=sys.stderr)
+            print(json.dumps(exc.result.to_dict(), indent=2, sort_keys=True), file=sys.stderr)
+            return BLOCKED
+    print(("started" if created else "already started (no change)") + f": {report.rollout_id}")
+    _print_report(report)
+    return 0
+
+
+def _evidence_from_files(paths: list[str], candidate: str, min_ratio: float,
+                         baseline: float | None) -> Any:
+    from dataclasses import replace
+
+    from pytest_hilfarm.rollout.telemetry import aggregate, read_telemetry
+
+    records: list[Any] = []
+    malformed = 0
+    for p in paths:
+        tf = read_telemetry(p)
+        for problem in tf.problems:
+            print(f"warning: {problem}", file=sys.stderr)
+        if tf.problems:
+            print(f"warning: {p}: {len(tf.problems)} malformed line(s) skipped, "
+                  f"{len(tf.records)} used", file=sys.stderr)
+        records.extend(tf.records)
+        malformed += len(tf.problems)
+    return replace(aggregate(records, candidate, min_ratio, baseline), malformed_lines=malformed)
+
+
+def _cmd_step(args: argparse.Namespace) -> int:
+    from pytest_hilfarm.rollout.controller import Controller
+
+    with _store(args) as store:
+        ctl = Controller(store)
+        row = store.get(args.id)
+        plan = ctl.plan_of(row)
+        evidence_fn = None
+        if args.telemetry:
+            def evidence_fn(r: Any) -> Any:
+                ring = plan.rings[r.ring_index]
+                return _evidence_from_files(args.telemetry, r.candidate,
+                                            ring.gates.connectivity_device_min_ratio,
+                                            r.baseline_drain)
+        report = ctl.step(args.id, now=_now(args), evidence=evidence_fn, actor=args.actor)
+    _print_report(report)
+    return 0
+
+
+def _manual(name: str) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        from pytest_hilfarm.rollout.controller import Controller
+
+        with _store(args) as store:
+            method = getattr(Controller(store), name)
+            report = method(args.id, now=_now(args), reason=args.reason, actor=args.actor)
+        _print_report(report)
+        return 0
+    return run
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pytest_hilfarm.rollout.controller import Controller, deployed_rings, iso
+
+    with _store(args) as store:
+        if not args.id:
+            rows = store.all()
+            if args.json:
+                print(json.dumps([{"id": r.id, "state": r.state, "candidate": r.candidate,
+                                   "updated_at": iso(r.updated_at)} for r in rows], indent=2))
+            elif not rows:
+                print("no rollouts in " + store.path)
+            for r in rows if not args.json else ():
+                print(f"{r.id:<32} {r.state:<12} {r.candidate:<12} updated {iso(r.updated_at)}")
+            return 0
+        row = store.get(args.id)
+        plan = Controller(store).plan_of(row)
+        audit = store.audit(args.id)
+    ring = plan.rings[row.ring_index]
+    if args.json:
+        print(json.dumps({
+            "id": row.id, "state": row.state, "ring": ring.name, "candidate": row.candidate,
+            "previous": row.previous, "soak_until": iso(row.soak_until),
+            "deployed_rings": deployed_rings(plan, row),
+            "audit": [{"at": iso(e.at), "event": e.event, "from": e.from_state,
+                       "to": e.to_state, "ring": e.ring, "actor": e.actor, "reason": e.reason,
+                       "numbers": e.numbers} for e in audit]}, indent=2, sort_keys=True))
+        return 0
+    print(f"rollout {row.id}: {row.previous or '?'} -> {row.candidate}")
+    print(f"state: {row.state}; ring {row.ring_index + 1}/{len(plan.rings)} ({ring.name}); "
+          f"deployed: {', '.join(deployed_rings(plan, row)) or 'none'}")
+    if row.state == "soaking":
+        print(f"soaking until {iso(row.soak_until)} (extensions: {row.extensions})")
+    print("audit log:")
+    for e in audit:
+        print(f"  {iso(e.at)} {e.event:<9} {e.from_state or '-':>11} -> {e.to_state:<11} "
+              f"{e.ring or '-':<10} [{e.actor}] {e.reason}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pytest_hilfarm.rollout.controller import Controller
+    from pytest_hilfarm.rollout.report import ReportInput, render_html, ring_labels
+
+    with _store(args) as store:
+        row = store.get(args.id)
+        audit = tuple(store.audit(args.id))
+        rings = ring_labels(Controller(store).plan_of(row))
+    page = render_html(ReportInput(f"Rollout report: {row.id}", row.id, row.state, row.candidate,
+                                   row.previous, audit, rings))
+    out = Path(args.out or f"{row.id}-report.html")
+    out.write_text(page, encoding="utf-8")
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pytest_hilfarm.rollout.exporters import export
+    from pytest_hilfarm.rollout.manifest import load_manifest
+    from pytest_hilfarm.rollout.plan import load_plan
+
+    plan = load_plan(args.plan)
+    manifest = load_manifest(args.manifest) if args.manifest else plan.load_manifest()
+    start = (datetime.fromtimestamp(_parse_time(args.start, "--start"), timezone.utc)
+             if args.start else None)
+    body = export(args.format, plan, manifest, start=start, hawkbit_style=args.hawkbit_style)
+    text = json.dumps(body, indent=2, sort_keys=True) + "\n"
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+        print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from pytest_hilfarm.rollout.fleet import format_timeline, parse_fault, simulate
+    from pytest_hilfarm.rollout.plan import load_plan
+    from pytest_hilfarm.rollout.report import ReportInput, render_html, ring_labels
+
+    plan = load_plan(args.plan)
+    text = Path(args.plan).read_text(encoding="utf-8")
+    faults = [parse_fault(f) for f in args.fault or ()]
+    manifest = plan.load_manifest() if plan.manifest_path else None
+    result = simulate(plan, text, args.devices, faults, seed=args.seed, manifest=manifest)
+    if args.json:
+        d = asdict(result)
+        d.pop("audit")
+        print(json.dumps(d, indent=2, sort_keys=True, default=str))
+    else:
+        print(format_timeline(result))
+    if args.report:
+        page = render_html(ReportInput(
+            f"Fleet simulation: {plan.name}, {args.devices:,} devices"
+            + (f", faults {', '.join(map(str, faults))}" if faults else ""),
+            result.rollout_id, result.final_state, manifest.version if manifest else "candidate",
+            plan.previous_version, result.audit, ring_labels(plan)))
+        Path(args.report).write_text(page, encoding="utf-8")
+        print(f"wrote {args.report}")
+    return 0
+
+
+def _cmd_advise(args: argparse.Namespace) -> int:
+    from pytest_hilfarm.rollout.advise import advise, format_advice
+
+    costs: dict[str, float] = {}
+    for item in args.stage_cost or ():
+        name, sep, value = item.partition("=")
+        try:
+            costs[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise UsageError(f"--stage-cost {item!r} is not STAGE=COST", where="--stage-cost",
+                             hint="e.g. --stage-cost hil=3000")
+    if args.field_failure_cost is None and args.per_device_cost is None:
+        raise ConfigError("give --field-failure-cost or --per-device-cost", where="command line",
+                          hint="what one defect reaching the fleet costs (recalls, truck rolls)")
+    cost = (args.field_failure_cost if args.field_failure_cost is not None
+            else args.per_device_cost * args.fleet_size)
+    print(format_advice(advise(args.fleet_size, args.safety_critical, args.hardware, cost,
+                               costs)))
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, now: bool = True) -> None:
+    p.add_argument("--db", help="rollout store (default: $HILFARM_ROLLOUT_DB, else "
+                                "$XDG_STATE_HOME/hilfarm/rollouts.sqlite)")
+    p.add_argument("--actor", default="cli", help="who to record in the audit log")
+    if now:
+        p.add_argument("--now", help="act as if it were this ISO time (replays, tests)")
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``rollout``, ``fleet`` and ``advise`` command groups."""
+    ro = subparsers.add_parser("rollout", help="staged rollouts gated on HIL and telemetry")
+    rs = ro.add_subparsers(dest="rollout_command", metavar="ACTION")
+    ro.set_defaults(handler=lambda a: (ro.print_help(), 2)[1])
+
+    p = rs.add_parser("start", help="create a rollout from a plan and deploy its first ring")
+    p.add_argument("--plan", required=True)
+    p.add_argument("--manifest", help="signed release manifest JSON (default: plan's artifact)")
+    p.add_argument("--hil-junit", help="JUnit XML written by pytest --junitxml")
+    p.add_argument("--hil-results", help="JSON HIL results file (counts or a tests list)")
+    p.add_argument("--staging-since", help="ISO time the release entered staging (when the "
+                                           "plan has no staging ring)")
+    p.add_argument("--id", help="rollout id (default: PLAN-NAME-VERSION)")
+    _common(p)
+    p.set_defaults(handler=_cmd_start)
+
+    p = rs.add_parser("status", help="list rollouts, or one rollout's state and audit log")
+    p.add_argument("id", nargs="?")
+    p.add_argument("--json", action="store_true")
+    _common(p, now=False)
+    p.set_defaults(handler=_cmd_status)
+
+    p = rs.add_parser("step", help="take every transition that is due (safe to re-run)")
+    p.add_argument("id")
+    p.add_argument("--telemetry", action="append", metavar="FILE",
+                   help="telemetry .jsonl or .csv (repeatable)")
+    _common(p)
+    p.set_defaults(handler=_cmd_step)
+
+    for name, what in (("pause", "stop promoting (devices keep what they have)"),
+                       ("resume", "resume a paused rollout (its ring soaks again)"),
+                       ("abort", "end the rollout; updated devices keep the candidate"),
+                       ("rollback", "end the rollout and revert every deployed ring")):
+        p = rs.add_parser(name, help=what)
+        p.add_argument("id")
+        p.add_argument("--reason", required=True, help="recorded in the audit log")
+        _common(p)
+        p.set_defaults(handler=_manual(name))
+
+    p = rs.add_parser("report", help="write an HTML report with SVG charts")
+    p.add_argument("id")
+    p.add_argument("--out", help="output file (default: ID-report.html)")
+    _common(p, now=False)
+    p.set_defaults(handler=_cmd_report)
+
+    p = rs.add_parser("export", help="emit AWS IoT Jobs, hawkBit or Mender request bodies")
+    p.add_argument("--plan", required=True)
+    p.add_argument("--manifest")
+    p.add_argument("--format", required=True, choices=("aws", "hawkbit", "mender"))
+    p.add_argument("--hawkbit-style", default="new", choices=("new", "legacy"),
+                   help="targetPercentage semantics: new (hawkBit >= 0.5.0) or legacy")
+    p.add_argument("--start", help="Mender: ISO start time of the first phase (default: now)")
+    p.add_argument("--out")
+    p.set_defaults(handler=_cmd_export)
+
+    fl = subparsers.add_parser("fleet", help="fleet model: dry-run a rollout")
+    fs = fl.add_subparsers(dest="fleet_command", metavar="ACTION")
+    fl.set_defaults(handler=lambda a: (fl.print_help(), 2)[1])
+    p = fs.add_parser("simulate", help="run a plan's rollout in simulated time")
+    p.add_argument("--devices", type=int, required=True)
+    p.add_argument("--plan", required=True)
+    p.add_argument("--fault", action="append", metavar="KIND:VALUE[@HW]",
+                   help="crash:0.02, boot:0.01@B, connectivity:0.02, battery:0.3, hil:1")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--report", metavar="HTML", help="also write the HTML report")
+    p.set_defaults(handler=_cmd_simulate)
+
+    p = subparsers.add_parser("advise", help="which test stages a product needs, and why")
+    p.add_argument("--fleet-size", type=int, required=True)
+    p.add_argument("--safety-critical", action="store_true")
+    p.add_argument("--hardware", default="some", choices=("none", "some", "heavy"),
+                   help="how much the firmware interacts with hardware")
+    p.add_argument("--field-failure-cost", type=float,
+                   help="cost of one defect reaching the fleet")
+    p.add_argument("--per-device-cost", type=float,
+                   help="or: cost per affected device (times --fleet-size)")
+    p.add_argument("--stage-cost", action="append", metavar="STAGE=COST")
+    p.set_defaults(handler=_cmd_advise)

@@ -1,0 +1,28 @@
+"""Helpers for the rollout tests: the example plan and synthetic telemetry files."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE_PLAN = ROOT / "examples" / "rollout" / "plan.yaml"
+EXAMPLE_MANIFEST = ROOT / "examples" / "rollout" / "manifest.json"
+T0 = "2026-03-01T00:00:00Z"
+
+
+def write_telemetry(path: Path, candidate: int, baseline: int, *, version: str = "2.4.0",
+                    old: str = "2.3.1", crashes: int = 0, seed: int = 7) -> Path:
+    """A JSON-lines file: ``candidate`` devices on ``version``, ``baseline`` on ``old``."""
+    rng = random.Random(seed)
+    with path.open("w") as fh:
+        for i in range(candidate + baseline):
+            on = i < candidate
+            fh.write(json.dumps({
+                "device_id": f"dev-{i:06d}", "firmware": version if on else old,
+                "boots": 1, "crashes": 1 if on and i < crashes else 0,
+                "connected_ratio": 0.99, "battery_drain": round(rng.gauss(20, 1), 3),
+                "rollbacks": 0,
+            }) + "\n")
+    return path

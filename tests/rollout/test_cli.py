@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from rollout_helpers import EXAMPLE_PLAN, write_telemetry
+
+from pytest_hilfarm.cli import build_parser, main
+
+JUNIT_OK = """<?xml version="1.0"?><testsuites><testsuite name="pytest" tests="2">
+<testcase classname="examples.test_ota" name="test_update"/>
+<testcase classname="examples.test_ota" name="test_rollback"/></testsuite></testsuites>"""
+JUNIT_BAD = JUNIT_OK.replace('name="test_rollback"/>',
+                             'name="test_rollback"><failure message="x"/></testcase>')
+
+
+@pytest.fixture
+def junit(tmp_path: Path) -> str:
+    p = tmp_path / "hil.xml"
+    p.write_text(JUNIT_OK)
+    return str(p)
+
+
+def test_every_subcommand_has_a_handler():
+    parser = build_parser()
+    for argv in (["rollout", "status"], ["rollout", "step", "x"], ["rollout", "report", "x"],
+                 ["rollout", "pause", "x", "--reason", "r"], ["rollout", "resume", "x",
+                 "--reason", "r"], ["rollout", "abort", "x", "--reason", "r"],
+                 ["rollout", "rollback", "x", "--reason", "r"],
+                 ["rollout", "start", "--plan", "p"], ["rollout", "export", "--plan", "p",
+                 "--format", "aws"], ["fleet", "simulate", "--devices", "1", "--plan", "p"],
+                 ["advise", "--fleet-size", "1"]):
+        assert callable(parser.parse_args(argv).handler), argv
+
+
+def test_rollout_lifecycle_through_the_cli(tmp_path, db, junit, capsys):
+    rid = "thermostat-2.4.0"
+    assert main(["rollout", "start", "--plan", str(EXAMPLE_PLAN), "--hil-junit", junit,
+                 "--db", db, "--now", "2026-03-01T00:00:00Z"]) == 0
+    out = capsys.readouterr().out
+    assert "started: thermostat-2.4.0" in out and "deploy" in out
+    # Re-running start is harmless.
+    assert main(["rollout", "start", "--plan", str(EXAMPLE_PLAN), "--hil-junit", junit,
+                 "--db", db, "--now", "2026-03-01T01:00:00Z"]) == 0
+    assert "already started" in capsys.readouterr().out
+
+    tele = tmp_path / "t.jsonl"
+    write_telemetry(tele, 50, 500)
+    with tele.open("a") as fh:
+        fh.write("{broken\n")
+    assert main(["rollout", "step", rid, "--db", db, "--telemetry", str(tele),
+                 "--now", "2026-03-02T00:00:00Z"]) == 0
+    cap = capsys.readouterr()
+    assert re.search(r"t\.jsonl:551: not JSON .*\(line skipped\)", cap.err)
+    assert "promote" in cap.out and "crash_rate" in cap.out
+
+    assert main(["rollout", "pause", rid, "--db", db, "--reason", "holiday freeze",
+                 "--now", "2026-03-02T01:00:00Z"]) == 0
+    assert main(["rollout", "resume", rid, "--db", db, "--reason", "freeze over",
+                 "--now", "2026-03-03T00:00:00Z"]) == 0
+    assert main(["rollout", "rollback", rid, "--db", db, "--reason", "support tickets",
+                 "--now", "2026-03-03T02:00:00Z"]) == 0
+    capsys.readouterr()
+    assert main(["rollout", "status", rid, "--db", db]) == 0
+    out = capsys.readouterr().out
+    for word in ("start", "deploy", "promote", "pause", "resume", "rollback", "holiday freeze",
+                 "state: rolled_back"):
+        assert word in out
+    assert main(["rollout", "status", rid, "--db", db, "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert [a["event"] for a in status["audit"]] == [
+        "start", "deploy", "promote", "deploy", "pause", "resume", "rollback"]
+    assert status["audit"][-1]["numbers"]["reverted_rings"] == ["staging", "canary"]
+    assert status["audit"][2]["numbers"]["evidence"]["malformed_lines"] == 1
+    assert main(["rollout", "status", "--db", db]) == 0
+    assert rid in capsys.readouterr().out
+
+    html = tmp_path / "r.html"
+    assert main(["rollout", "report", rid, "--db", db, "--out", str(html)]) == 0
+    assert "<svg" in html.read_text()
+
+
+def test_failing_hil_blocks_start_with_exit_3(tmp_path, db, capsys):
+    bad = tmp_path / "hil.xml"
+    bad.write_text(JUNIT_BAD)
+    assert main(["rollout", "start", "--plan", str(EXAMPLE_PLAN), "--hil-junit", str(bad),
+                 "--db", db]) == 3
+    err = capsys.readouterr().err
+    assert "HIL gate failed" in err and "test_rollback" in err
+
+
+def test_group_without_action_prints_help(capsys):
+    assert main(["rollout"]) == 2
+    assert "start" in capsys.readouterr().out
+    assert main(["fleet"]) == 2
+
+
+def test_missing_rollout_is_a_clear_error(db, capsys):
+    assert main(["rollout", "status", "nope", "--db", db]) == 1
+    assert "no rollout 'nope'" in capsys.readouterr().err
+
+
+def test_invalid_plan_error_names_line(tmp_path, db, capsys):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("name: fw\ngates:\n  crash_rate: {max: 5}\n")
+    assert main(["rollout", "start", "--plan", str(plan), "--db", db]) == 1
+    assert f"{plan}:3: gates.crash_rate.max" in capsys.readouterr().err
+
+
+def test_export_each_format(tmp_path, capsys):
+    for fmt in ("aws", "hawkbit", "mender"):
+        out = tmp_path / f"{fmt}.json"
+        assert main(["rollout", "export", "--plan", str(EXAMPLE_PLAN), "--format", fmt,
+                     "--start", "2026-03-02T09:30:00Z", "--out", str(out)]) == 0
+        assert json.loads(out.read_text())
+    capsys.readouterr()
+    assert main(["rollout", "export", "--plan", str(EXAMPLE_PLAN), "--format", "hawkbit",
+                 "--hawkbit-style", "legacy"]) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert [g["targetPercentage"] for g in body["groups"]] == [1, 4.04, 21.05, 100]
+
+
+def test_fleet_simulate_prints_the_timeline(tmp_path, capsys):
+    html = tmp_path / "sim.html"
+    assert main(["fleet", "simulate", "--devices", "200000", "--plan", str(EXAMPLE_PLAN),
+                 "--fault", "crash:0.02", "--seed", "1", "--report", str(html)]) == 0
+    out = capsys.readouterr().out
+    assert "gate crash_rate" in out and "blast radius:" in out and "result:" in out
+    assert html.read_text().count("<svg") == 5
+    assert main(["fleet", "simulate", "--devices", "1000", "--plan", str(EXAMPLE_PLAN),
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["devices"] == 1000
+    assert main(["fleet", "simulate", "--devices", "10", "--plan", str(EXAMPLE_PLAN),
+                 "--fault", "bogus"]) == 1
+
+
+def test_advise(capsys):
+    assert main(["advise", "--fleet-size", "50000", "--hardware", "heavy",
+                 "--field-failure-cost", "250000"]) == 0
+    out = capsys.readouterr().out
+    assert "[include] hil" in out and "why:" in out and "pipeline: unit" in out
+    assert main(["advise", "--fleet-size", "10"]) == 1
+    assert main(["advise", "--fleet-size", "10", "--per-device-cost", "5",
+                 "--stage-cost", "hil"]) == 1
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+CI = Path(__file__).resolve().parents[2] / "examples" / "ci"
+
+
+def test_cli_examples_in_the_docs_parse():
+    import shlex
+
+    parser = build_parser()
+    # The CLI table: one example per command.
+    text = "\n".join(line for line in (DOCS / "rollouts.md").read_text().splitlines()
+                     if line.startswith("| ") and "`hilfarm " in line)
+    commands = re.findall(r"`hilfarm ((?:rollout|fleet|advise)[^`]*)`", text)
+    assert len(commands) >= 11
+    for cmd in commands:
+        args = parser.parse_args(shlex.split(cmd.split(" (")[0]))
+        assert callable(args.handler), cmd
+
+
+@pytest.mark.parametrize("name", ["github-actions.yml", "Jenkinsfile"])
+def test_ci_examples_run_the_stages_in_order(name):
+    text = (CI / name).read_text()
+    steps = ["pytest tests/", "pytest examples/ --hil-rack rack.yaml -n 3", "--junitxml=hil.xml",
+             "espsecure sign-data", "hilfarm rollout start --plan", "--hil-junit hil.xml"]
+    positions = [text.find(s) for s in steps]
+    assert -1 not in positions and positions == sorted(positions), positions

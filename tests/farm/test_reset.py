@@ -1,0 +1,170 @@
+"""Reset drivers: DTR/RTS sequences against a recording serial port, virtual and none."""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_hilfarm.errors import ConfigError, UsageError
+from pytest_hilfarm.reset import (
+    RESET_DRIVERS,
+    ClassicReset,
+    NoReset,
+    ResetDriver,
+    UsbJtagReset,
+    VirtualReset,
+    make_reset,
+)
+
+
+class RecordingPort:
+    """Records control-line writes; pyserial opens with DTR and RTS asserted."""
+
+    def __init__(self) -> None:
+        self.dtr = True
+        self.rts = True
+        self.events: list[tuple[str, bool | float]] = []
+
+    def setDTR(self, value: bool = True) -> None:  # noqa: N802
+        self.dtr = value
+        self.events.append(("DTR", value))
+
+    def setRTS(self, value: bool = True) -> None:  # noqa: N802
+        self.rts = value
+        self.events.append(("RTS", value))
+
+
+def en_io0(dtr: bool, rts: bool) -> tuple[bool, bool]:
+    """The DevKit auto-reset circuit: EN = !(RTS && !DTR), IO0 = !(DTR && !RTS)."""
+    return (not (rts and not dtr), not (dtr and not rts))
+
+
+def run(driver_cls, method: str, **kw):
+    port = RecordingPort()
+    events = port.events
+
+    def sleep(seconds: float) -> None:
+        events.append(("sleep", seconds))
+
+    driver = driver_cls(lambda: port, sleep=sleep, **kw)
+    getattr(driver, method)()
+    return port, events
+
+
+def test_classic_download_sequence_matches_esptool() -> None:
+    _, events = run(ClassicReset, "reset_to_download")
+    assert events == [
+        ("DTR", False), ("RTS", True), ("DTR", False),  # IO0 high, EN low (+DTR rewrite)
+        ("sleep", 0.1),
+        ("DTR", True), ("RTS", False), ("DTR", True),  # IO0 low, EN high: samples IO0 low
+        ("sleep", 0.05),
+        ("DTR", False),  # release IO0
+    ]
+
+
+def test_classic_download_enters_download_mode_in_circuit_model() -> None:
+    port = RecordingPort()
+    dtr, rts = port.dtr, port.rts
+    ClassicReset(lambda: port, sleep=lambda s: port.events.append(("sleep", s))).reset_to_download()
+    # Replay through the circuit. The chip samples IO0 when EN's RC delay expires, i.e. at the
+    # first wait after EN rose; the (1,1) transient between two line writes does not count.
+    en_prev, rose, sampled = en_io0(dtr, rts)[0], False, None
+    for name, value in port.events:
+        if name == "sleep":
+            if rose and sampled is None:
+                sampled = en_io0(dtr, rts)[1]
+            continue
+        if name == "DTR":
+            dtr = bool(value)
+        else:
+            rts = bool(value)
+        en = en_io0(dtr, rts)[0]
+        rose = rose or (en and not en_prev)
+        en_prev = en
+    assert sampled is False  # IO0 low when EN came up: download mode
+    assert en_io0(dtr, rts) == (True, True)  # lines released at the end
+
+
+def test_classic_app_reset_releases_dtr_first() -> None:
+    port, events = run(ClassicReset, "reset_to_app")
+    assert events == [
+        ("DTR", False),
+        ("RTS", True), ("DTR", False),
+        ("sleep", 0.1),
+        ("RTS", False), ("DTR", False),
+    ]
+    assert en_io0(port.dtr, port.rts) == (True, True)
+
+
+def test_usb_jtag_sequence_matches_esptool() -> None:
+    _, events = run(UsbJtagReset, "reset_to_download")
+    assert events == [
+        ("RTS", False), ("DTR", True), ("DTR", False),
+        ("sleep", 0.1),
+        ("DTR", True), ("RTS", False), ("DTR", True),
+        ("sleep", 0.1),
+        ("RTS", True), ("DTR", True), ("DTR", False), ("RTS", True), ("DTR", False),
+        ("sleep", 0.1),
+        ("DTR", False), ("RTS", False), ("DTR", False),
+    ]
+
+
+def test_esptool_before_per_driver() -> None:
+    port = RecordingPort()
+    assert ClassicReset(lambda: port).esptool_before == "default-reset"
+    assert UsbJtagReset(lambda: port).esptool_before == "usb-reset"
+    assert VirtualReset(object(), "b").esptool_before == "no-reset"  # type: ignore[arg-type]
+    assert NoReset().esptool_before == "no-reset"
+
+
+def test_virtual_reset_uses_control() -> None:
+    calls: list[tuple[str, str]] = []
+
+    class Control:
+        def reset(self, board: str, boot: str = "flash") -> None:
+            calls.append((board, boot))
+
+    driver = VirtualReset(Control(), "esp32c3-1")
+    driver.reset_to_download()
+    driver.reset_to_app()
+    assert calls == [("esp32c3-1", "download"), ("esp32c3-1", "flash")]
+
+
+def test_no_reset_refuses() -> None:
+    with pytest.raises(UsageError) as info:
+        NoReset("esp32-3").reset_to_app()
+    assert "esp32-3" in str(info.value) and "reset: none" in str(info.value)
+
+
+def test_registry_and_factory() -> None:
+    assert set(RESET_DRIVERS) == {"classic", "usb-jtag", "virtual", "none"}
+    port = RecordingPort()
+    driver = make_reset("classic", {"port": port, "sleep": lambda s: None})
+    assert isinstance(driver, ResetDriver)
+    driver.reset_to_app()
+    assert port.events[0] == ("DTR", False)
+    driver = make_reset("usb-jtag", {"port": lambda: port, "settle_delay": 0, "hold_delay": 0})
+    driver.reset_to_app()
+    assert isinstance(make_reset("none", {"board": "x"}), NoReset)
+    with pytest.raises(ConfigError, match="unknown reset driver 'dtr'"):
+        make_reset("dtr", {})
+    with pytest.raises(ConfigError, match="missing parameter.*port"):
+        make_reset("classic", {})
+
+
+def test_virtual_reset_waits_for_console_to_be_attached() -> None:
+    calls: list[str] = []
+
+    class Control:
+        def __init__(self) -> None:
+            self.polls = 0
+
+        def board(self, board: str) -> dict:
+            self.polls += 1
+            calls.append("status")
+            return {"id": board, "client": self.polls >= 3}
+
+        def reset(self, board: str, boot: str = "flash") -> None:
+            calls.append(boot)
+
+    VirtualReset(Control(), "esp32-1").reset_to_app()
+    assert calls == ["status", "status", "status", "flash"]

@@ -21,6 +21,9 @@ _GROUPS = (
     "pytest_hilfarm.cli.farm",
     "pytest_hilfarm.cli.ota",
     "pytest_hilfarm.cli.rollout",
+    "pytest_hilfarm.cli.discover",
+    "pytest_hilfarm.cli.net",
+    "pytest_hilfarm.cli.export",
 )
 
 

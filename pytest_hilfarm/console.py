@@ -194,6 +194,12 @@ class Console:
         with self._cond:
             self._pos = self._base + len(self._buf)
 
+    @property
+    def position(self) -> int:
+        """Where the next expect starts (after what earlier expects consumed)."""
+        with self._cond:
+            return self._pos
+
     def mark(self) -> int:
         """Return a position in the stream; ``text_since(mark)`` returns what arrived after."""
         with self._cond:

@@ -18,7 +18,14 @@ from typing import Any
 
 from pytest_hilfarm.console import DEFAULT_PROMPT, Console
 from pytest_hilfarm.errors import BootError, ConsoleTimeout, UsageError
-from pytest_hilfarm.flashing import FlashPlan, FlashReport, ProgressFn, flash, make_plan
+from pytest_hilfarm.flashing import (
+    FlashPlan,
+    FlashReport,
+    ProgressFn,
+    flash,
+    make_plan,
+    read_md5,
+)
 from pytest_hilfarm.power import PowerDriver
 from pytest_hilfarm.reset import ResetDriver
 
@@ -155,7 +162,16 @@ class Device:
             regex = re.compile(prompt) if isinstance(prompt, str) else prompt
             deadline = time.monotonic() + timeout
             mark = self._boot_mark if self._boot_mark is not None else 0
-            while regex.search(self.console.window(mark)[1]) is None:
+            while regex.search(text := self.console.window(mark)[1]) is None:
+                crashed = BOOT_FAILED.search(text)
+                if crashed is not None:
+                    # No prompt will come: say why now instead of after the timeout.
+                    raise ConsoleTimeout(
+                        f"the app crashed before its console prompt, so {cmd!r} was not sent: "
+                        f"{crashed.group(0).strip()}\n{self._tail()}",
+                        where=f"board {self.id}",
+                        hint=f"the firmware panics at start; full log: {self.log_path}",
+                    )
                 if time.monotonic() >= deadline:
                     raise ConsoleTimeout(
                         f"the console prompt {regex.pattern!r} did not appear within "
@@ -177,7 +193,12 @@ class Device:
     def wait_boot(self, timeout: float | None = None) -> BootInfo:
         """Wait until the app has started (since the last reset, power cycle or flash)."""
         timeout = self.boot_timeout if timeout is None else timeout
-        mark = self._boot_mark if self._boot_mark is not None else 0
+        # From the last reset, or from what the test already consumed (a crash it expected,
+        # say), whichever is later: that is where the boot being waited for starts.
+        mark = max(self._boot_mark or 0, self.console.position)
+        if mark != self._boot_mark:
+            self._boot_mark = mark
+            self._prompt_seen = False
         deadline = time.monotonic() + timeout
         while True:
             start, text = self.console.window(mark)
@@ -235,6 +256,28 @@ class Device:
         return self.wait_boot(timeout) if wait else None
 
     # -- flashing ---------------------------------------------------------------------------------
+
+    def probe(self, *, wait: bool = True, timeout: float | None = None) -> str:
+        """Prove the rig path works: enter download mode, read the first sector's MD5, reboot.
+
+        What a health check does for a board without a baseline image: it shows the port,
+        the reset lines and the ROM loader answer, whatever the flash holds.
+        """
+        before = self.reset_driver.esptool_before
+        if before == "no-reset":
+            try:
+                self.reset_driver.reset_to_download()
+            except UsageError:
+                pass  # reset: none: the board must already wait in download mode
+        self.console.pause()
+        try:
+            digest = read_md5(self.port, self.chip, 0, 0x1000, before=before, after="no-reset")
+        finally:
+            self.console.resume()
+        if wait:
+            self._mark_boot()
+            self.reset_driver.reset_to_app()
+        return digest
 
     def _enter_download(self) -> None:
         try:

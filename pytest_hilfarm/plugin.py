@@ -1,1 +1,281 @@
-"""Plugin placeholder: replaced by the real plugin."""
+"""The pytest plugin: options, the ``hil`` marker, the ``hil_*`` fixtures and reports.
+
+Everything that touches boards goes through :class:`pytest_hilfarm.farm.Farm`; this module only
+translates pytest's world (options, ini keys, markers, reports, xdist workers) into farm calls.
+Settings are resolved once per test through :mod:`pytest_hilfarm.settings` and kept in
+``config.stash``, never in private attributes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from pytest_hilfarm import settings as hs
+from pytest_hilfarm.errors import HilfarmError, InfrastructureError, UsageError
+
+if TYPE_CHECKING:
+    from pytest_hilfarm.device import Device
+    from pytest_hilfarm.farm import Farm
+
+
+
+@dataclass
+class _RunStats:
+    """What the terminal summary reports; merged from xdist workers."""
+
+    boards: set[str] = field(default_factory=set)
+    flashed: int = 0
+    skipped: int = 0
+    flash_seconds: float = 0.0
+    health_changes: list[str] = field(default_factory=list)
+    infra_errors: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "boards": sorted(self.boards),
+            "flashed": self.flashed,
+            "skipped": self.skipped,
+            "flash_seconds": self.flash_seconds,
+            "health_changes": list(self.health_changes),
+            "infra_errors": self.infra_errors,
+        }
+
+    def merge(self, data: dict[str, Any]) -> None:
+        self.boards.update(data.get("boards", ()))
+        self.flashed += int(data.get("flashed", 0))
+        self.skipped += int(data.get("skipped", 0))
+        self.flash_seconds += float(data.get("flash_seconds", 0.0))
+        self.health_changes.extend(data.get("health_changes", ()))
+        self.infra_errors += int(data.get("infra_errors", 0))
+
+
+_settings_key = pytest.StashKey[hs.Settings]()
+_stats_key = pytest.StashKey[_RunStats]()
+_report_key = pytest.StashKey[dict[str, pytest.TestReport]]()
+_firmware_failure_key = pytest.StashKey[str]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("hilfarm", "hardware-in-the-loop farm (pytest-hilfarm)")
+    for opt in hs.OPTIONS:
+        group.addoption(opt.option, **opt.addoption_kwargs())
+        parser.addini(opt.ini, **opt.addini_kwargs())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", hs.HIL_MARKER_HELP)
+    config.stash[_stats_key] = _RunStats()
+    try:
+        config.stash[_settings_key] = hs.resolve_session(
+            option_values={o.dest: getattr(config.option, o.dest, None) for o in hs.OPTIONS},
+            getini=config.getini,
+            environ=os.environ,
+            rootdir=Path(str(config.rootpath)),
+        )
+    except HilfarmError as exc:
+        raise pytest.UsageError(str(exc)) from exc
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Validate every ``hil`` marker up front: a typo is a usage error, not 40 test errors."""
+    for item in items:
+        for mark in item.iter_markers("hil"):
+            try:
+                hs.parse_hil_marker(mark.args, mark.kwargs, where=item.nodeid)
+            except HilfarmError as exc:
+                raise pytest.UsageError(str(exc)) from exc
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    item.stash.setdefault(_report_key, {})[report.when] = report
+    logs = item.stash.get(_logs_key, None)
+    if logs and report.when == "call" and report.failed:
+        for board_id, path in logs.items():
+            report.sections.append((f"hil device log {board_id}", _tail(path)))
+    return report
+
+
+_logs_key = pytest.StashKey[dict[str, Path]]()
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError as exc:
+        return f"(log {path} unreadable: {exc})"
+    return f"log file: {path}\n" + "\n".join(text[-lines:])
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    item.stash[_in_call_key] = True
+    try:
+        return (yield)
+    finally:
+        item.stash[_in_call_key] = False
+
+
+_in_call_key = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """A candidate firmware that did not boot fails the test (it is the firmware's fault)."""
+    failure = pyfuncitem.stash.get(_firmware_failure_key, None)
+    if failure is not None:
+        pytest.fail(failure, pytrace=False)
+    return None
+
+
+@pytest.fixture(scope="session")
+def hil_farm(pytestconfig: pytest.Config) -> Iterator[Farm]:
+    """The session's HIL farm: reserve boards yourself with ``hil_farm.reserve(...)``."""
+    from pytest_hilfarm.farm import Farm
+
+    cfg = pytestconfig.stash[_settings_key]
+    try:
+        farm = Farm.open(cfg.rack, log_root=_log_root(pytestconfig))
+    except HilfarmError as exc:
+        raise pytest.UsageError(str(exc)) from exc
+    yield farm
+    stats = pytestconfig.stash[_stats_key]
+    stats.health_changes.extend(farm.health_changes())
+    farm.close()
+
+
+def _log_root(config: pytest.Config) -> Path:
+    base = Path(str(config.rootpath)) / "hilfarm-logs"
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    return base / worker
+
+
+@pytest.fixture(scope="session")
+def hil_firmware(pytestconfig: pytest.Config) -> object:
+    """The candidate firmware from --hil-firmware / hil_firmware / HILFARM_FIRMWARE (or None)."""
+    return pytestconfig.stash[_settings_key].firmware
+
+
+@pytest.fixture
+def hil_devices(
+    request: pytest.FixtureRequest, hil_farm: Farm, hil_firmware: object
+) -> Iterator[list[Device]]:
+    """Boards the ``hil`` marker asks for: reserved, health-checked, flashed and booted."""
+    item = request.node
+    marker = item.get_closest_marker("hil")
+    per_test = hs.parse_hil_marker(
+        marker.args if marker else (), marker.kwargs if marker else {}, where=item.nodeid
+    )
+    cfg = request.config.stash[_settings_key].for_test(per_test, where=item.nodeid)
+    firmware = cfg.firmware if "firmware" in per_test else hil_firmware
+    reason = hil_farm.unsatisfiable(cfg.count, chip=cfg.chip, features=cfg.features)
+    if reason:
+        pytest.skip(reason)
+    stats = request.config.stash[_stats_key]
+    excluded: set[str] = set()
+    attempts = cfg.infra_retries + 1
+    session = None
+    for attempt in range(attempts):
+        try:
+            session = hil_farm.start_session(
+                count=cfg.count,
+                chip=cfg.chip,
+                features=cfg.features,
+                firmware=None if cfg.no_flash else firmware,
+                timeout=cfg.lock_timeout,
+                boot_timeout=cfg.boot_timeout,
+                test_id=item.nodeid,
+                exclude=excluded,
+            )
+            break
+        except InfrastructureError as exc:
+            stats.infra_errors += 1
+            failed = getattr(exc, "board_ids", ())
+            excluded.update(failed)
+            if attempt + 1 >= attempts:
+                raise
+            item.add_report_section(
+                "setup", "hilfarm", f"infrastructure error, retrying on another board: {exc}"
+            )
+    assert session is not None
+    for dev, rep in zip(session.devices, session.flash_reports):
+        stats.boards.add(dev.id)
+        stats.flashed += sum(1 for r in rep.regions if r.written)
+        stats.skipped += sum(1 for r in rep.regions if not r.written)
+        stats.flash_seconds += rep.seconds
+        item.user_properties.extend(
+            [
+                (f"hil.{dev.id}.chip", dev.chip),
+                (f"hil.{dev.id}.mac", dev.mac),
+                (f"hil.{dev.id}.firmware_sha256", rep.firmware_sha256 or ""),
+                (f"hil.{dev.id}.flash_seconds", f"{rep.seconds:.3f}"),
+                (f"hil.{dev.id}.log", str(dev.log_path)),
+            ]
+        )
+    item.stash[_logs_key] = {d.id: d.log_path for d in session.devices}
+    if session.firmware_failure:
+        if item.stash.get(_in_call_key, False):
+            # Requested from inside the test (getfixturevalue): fail right here.
+            session.finish("failed")
+            pytest.fail(session.firmware_failure, pytrace=False)
+        item.stash[_firmware_failure_key] = session.firmware_failure
+    try:
+        yield list(session.devices)
+    finally:
+        reports = item.stash.get(_report_key, {})
+        call = reports.get("call")
+        outcome = "passed" if call is not None and call.passed else "failed"
+        if call is None:
+            outcome = "not_run"
+        session.finish(outcome)
+
+
+@pytest.fixture
+def hil_device(hil_devices: list[Device]) -> Device:
+    """The single board of a one-board ``hil`` test (``hil_devices[0]``)."""
+    if len(hil_devices) != 1:
+        raise UsageError(
+            f"hil_device needs exactly one board but the marker asked for {len(hil_devices)}",
+            hint="use hil_devices for multi-board tests",
+        )
+    return hil_devices[0]
+
+
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    data = getattr(node, "workeroutput", {}).get("hilfarm_stats")
+    if data:
+        node.config.stash[_stats_key].merge(data)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["hilfarm_stats"] = session.config.stash[_stats_key].to_dict()
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    if hasattr(config, "workeroutput"):
+        return
+    stats = config.stash.get(_stats_key, None)
+    if stats is None or not stats.boards:
+        return
+    tr = terminalreporter
+    tr.write_sep("-", "hilfarm summary")
+    tr.write_line(f"boards used: {', '.join(sorted(stats.boards))}")
+    tr.write_line(
+        f"flash regions written: {stats.flashed}, skipped as identical: {stats.skipped}, "
+        f"flash time: {stats.flash_seconds:.1f} s"
+    )
+    if stats.infra_errors:
+        tr.write_line(f"infrastructure errors: {stats.infra_errors}")
+    for change in stats.health_changes:
+        tr.write_line(f"health: {change}")

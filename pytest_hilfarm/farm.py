@@ -1,0 +1,603 @@
+"""The farm: reserve boards, bring them to a known state, flash them, hand out devices, release.
+
+Usable without pytest: ``Farm.open(rack)`` then ``with farm.session(count=2, firmware=...) as s``.
+It wires rack records to drivers (ports, power, reset, console) and keeps each board's health in
+the farm store; it never imports the virtual rack's code (a virtual board is reached through its
+port URL and the control endpoint, and the daemon is started as a separate process).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pytest_hilfarm import simclient
+from pytest_hilfarm.allocate import BoardInfo, BoardRequest, can_ever_satisfy
+from pytest_hilfarm.console import Console
+from pytest_hilfarm.device import Device
+from pytest_hilfarm.errors import (
+    BootError,
+    HilfarmError,
+    InfrastructureError,
+    PortError,
+    UsageError,
+)
+from pytest_hilfarm.flashing import FlashPlan, FlashReport, RegionResult, make_plan
+from pytest_hilfarm.flashing import flash as esptool_flash
+from pytest_hilfarm.power import PowerDriver, make_power
+from pytest_hilfarm.rack import BoardSpec, RackSpec, builtin_virtual_rack_path, load_rack
+from pytest_hilfarm.reservation import Lease, Owner, Reserver
+from pytest_hilfarm.reset import ResetDriver, make_reset
+from pytest_hilfarm.settings import ImageSpec
+from pytest_hilfarm.store import BoardHealth, FarmStore, LeaseOutcome
+from pytest_hilfarm.transports import open_port, resolve_usb
+
+# A boot that printed the ROM banner / bootloader lines but never reached the app is the
+# firmware's fault; a board that printed nothing at all is the rig's.
+_ANY_BOOT_OUTPUT = re.compile(r"rst:0x|ESP-ROM:|ets [A-Z][a-z]{2} |boot: ")
+
+
+class BoardFault(InfrastructureError):
+    """An infrastructure fault on specific boards (they are marked UNKNOWN)."""
+
+    def __init__(self, what: str, *, board_ids: Iterable[str], where: str | None = None,
+                 hint: str | None = None) -> None:
+        self.board_ids = tuple(board_ids)
+        super().__init__(what, where=where, hint=hint)
+
+
+@dataclass
+class PreparedBoard:
+    """A board of a session after preparation."""
+
+    device: Device
+    report: FlashReport | None
+    firmware_sha256: str | None
+    firmware_failure: str | None = None
+    health_checked: bool = False
+
+    @property
+    def seconds(self) -> float:
+        return self.report.seconds if self.report else 0.0
+
+
+@dataclass
+class SessionFlash:
+    """What the plugin reports per board: regions written/skipped, seconds, firmware digest."""
+
+    regions: tuple[RegionResult, ...]
+    seconds: float
+    firmware_sha256: str | None
+
+
+@dataclass
+class HilSession:
+    """Boards reserved and prepared for one test (or one CLI command)."""
+
+    farm: Farm
+    lease: Lease
+    boards: list[PreparedBoard]
+    test_id: str
+    started: float = field(default_factory=time.monotonic)
+    _finished: bool = False
+
+    @property
+    def devices(self) -> list[Device]:
+        return [b.device for b in self.boards]
+
+    @property
+    def flash_reports(self) -> list[SessionFlash]:
+        return [
+            SessionFlash(b.report.regions if b.report else (), b.seconds, b.firmware_sha256)
+            for b in self.boards
+        ]
+
+    @property
+    def firmware_failure(self) -> str | None:
+        failures = [b.firmware_failure for b in self.boards if b.firmware_failure]
+        return "\n\n".join(failures) if failures else None
+
+    def finish(self, outcome: str = "passed", board_outcomes: Mapping[str, str] | None = None
+               ) -> None:
+        """Close consoles, record results and release the boards (idempotent)."""
+        if self._finished:
+            return
+        self._finished = True
+        duration = time.monotonic() - self.started
+        lease_outcomes: dict[str, str] = {}
+        for prepared in self.boards:
+            dev = prepared.device
+            per_board = (board_outcomes or {}).get(dev.id, outcome)
+            lease_outcomes[dev.id] = _lease_outcome(per_board)
+            try:
+                dev.console.close()
+            except Exception:  # noqa: BLE001 - closing must not hide the test's own result
+                lease_outcomes[dev.id] = LeaseOutcome.INFRA_ERROR.value
+            if per_board in ("passed", "failed"):
+                self.farm.store.record_result(
+                    dev.id, self.test_id, per_board, duration, prepared.firmware_sha256 or ""
+                )
+        self.lease.release(lease_outcomes)
+
+    def __enter__(self) -> HilSession:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            self.finish("passed")
+        elif isinstance(exc, InfrastructureError):
+            self.finish("infra_error")
+        elif isinstance(exc, Exception):
+            self.finish("failed")
+        else:
+            self.finish("aborted")
+
+
+def _lease_outcome(test_outcome: str) -> str:
+    return {
+        "passed": LeaseOutcome.OK.value,
+        "failed": LeaseOutcome.FAILED.value,
+        "skipped": LeaseOutcome.SKIPPED.value,
+        "not_run": LeaseOutcome.OK.value,
+        "infra_error": LeaseOutcome.INFRA_ERROR.value,
+        "aborted": LeaseOutcome.ABORTED.value,
+    }.get(test_outcome, LeaseOutcome.FAILED.value)
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:150] or "session"
+
+
+def plan_digest(plan: FlashPlan) -> str:
+    """One SHA-256 over a plan's regions (offset + content), for reports and results."""
+    h = hashlib.sha256()
+    for region in plan.regions:
+        h.update(region.offset.to_bytes(4, "little"))
+        h.update(bytes.fromhex(region.sha256))
+    return h.hexdigest()
+
+
+class Farm:
+    """A rack's boards: reservation, preparation, health, release.
+
+    ``store`` and ``reserver`` default to the single-host backends (SQLite + file locks) in the
+    rack's state and lock directories.
+    """
+
+    def __init__(self, rack: RackSpec, *, log_root: Path | None = None,
+                 store: FarmStore | None = None, reserver: Reserver | None = None,
+                 start_virtual: bool = True) -> None:
+        self.rack = rack
+        self.log_root = Path(log_root) if log_root else Path.cwd() / "hilfarm-logs"
+        self.store = store or FarmStore(rack.state_dir / "farm.db")
+        self.reserver = reserver or Reserver(rack.boards, rack.lock_dir, self.store)
+        self._start_virtual = start_virtual
+        self._virtual_info: dict[str, Any] | None = None
+        self._virtual_lock = threading.Lock()
+        self._health_changes: list[str] = []
+        self._changes_lock = threading.Lock()
+
+    @classmethod
+    def open(cls, rack: RackSpec | Path | str | None = None, **kwargs: Any) -> Farm:
+        """Load a rack file (default: the built-in virtual rack) and open its farm."""
+        if not isinstance(rack, RackSpec):
+            rack = load_rack(rack or builtin_virtual_rack_path())
+        return cls(rack, **kwargs)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Farm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the virtual rack ---------------------------------------------------------------------
+
+    def virtual_info(self) -> dict[str, Any]:
+        """The running virtual rack daemon's description, started on demand."""
+        with self._virtual_lock:
+            if self._virtual_info is not None:
+                return self._virtual_info
+            info = simclient.read_daemon_info()
+            if info is None or not self._serves_rack(info):
+                if not self._start_virtual:
+                    raise PortError(
+                        "the virtual rack is not running",
+                        where=str(self.rack.source),
+                        hint="start it with `hilfarm sim up`",
+                    )
+                self._start_daemon()
+                info = simclient.read_daemon_info()
+                if info is None:
+                    raise PortError(
+                        "the virtual rack did not come up",
+                        where=str(simclient.sim_dir()),
+                        hint="run `hilfarm sim serve` in a terminal to see why",
+                    )
+            self._virtual_info = info
+            return info
+
+    def _serves_rack(self, info: Mapping[str, Any]) -> bool:
+        ids = {b.get("id") for b in info.get("boards", [])}
+        return all(b.id in ids for b in self.rack.boards if b.is_virtual)
+
+    def _start_daemon(self) -> None:
+        rack_path = self.rack.path or builtin_virtual_rack_path()
+        cmd = [sys.executable, "-m", "pytest_hilfarm", "sim", "up", str(rack_path)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        if proc.returncode != 0:
+            raise PortError(
+                f"could not start the virtual rack: {proc.stderr.strip() or proc.stdout.strip()}",
+                where=" ".join(cmd),
+                hint="run `hilfarm sim up` by hand to see the full error",
+            )
+
+    def control(self) -> simclient.ControlClient:
+        info = self.virtual_info()
+        return simclient.ControlClient(info["control"])
+
+    def _virtual_board(self, board: BoardSpec) -> Mapping[str, Any]:
+        for entry in self.virtual_info().get("boards", []):
+            if entry.get("id") == board.id:
+                return entry
+        raise PortError(
+            f"board {board.id} is not served by the running virtual rack",
+            where=str(board.where),
+            hint="restart it for this rack: `hilfarm sim down && hilfarm sim up RACK`",
+        )
+
+    # -- wiring rack records to drivers -------------------------------------------------------
+
+    def port_of(self, board: BoardSpec) -> str:
+        """Where esptool and the console open this board, resolved now."""
+        kind, value = board.port.kind, board.port.value
+        if kind in ("path", "url"):
+            return value
+        if kind == "usb_serial":
+            return resolve_usb(serial=value)
+        if kind == "usb_path":
+            return resolve_usb(path=value)
+        return str(self._virtual_board(board)["port"])
+
+    def power_of(self, board: BoardSpec) -> PowerDriver:
+        params: dict[str, Any] = dict(board.power.params)
+        if board.power.driver == "virtual":
+            params = {"control": self.control(), "board": board.id}
+        elif board.power.driver == "http":
+            # The rack file says on/off/status; the driver names them as URLs.
+            params = {f"{k}_url": v for k, v in params.items() if k in ("on", "off", "status")}
+        elif board.power.driver == "none":
+            params = {"board": board.id}
+        return make_power(board.power.driver, params)
+
+    def reset_of(self, board: BoardSpec, console: Console | None) -> ResetDriver:
+        params: dict[str, Any] = {"board": board.id}
+        if board.reset == "virtual":
+            params["control"] = self.control()
+        elif board.reset in ("classic", "usb-jtag"):
+            if console is None:
+                raise UsageError(f"{board.reset} reset needs the board's console port")
+            params["port"] = lambda: console.port
+        return make_reset(board.reset, params)
+
+    def _mac_of(self, board: BoardSpec) -> str | None:
+        if board.is_virtual:
+            mac = self._virtual_board(board).get("mac")
+            return str(mac) if mac else None
+        return None
+
+    def open_device(self, board_id: str, *, log_path: Path | None = None,
+                    boot_timeout: float = 15.0) -> Device:
+        """A Device for a board the caller holds (its console opened, nothing reset)."""
+        board = self.rack.board(board_id)
+        port = self.port_of(board)
+        log_path = log_path or self.log_root / "manual" / f"{board.id}.log"
+        console = Console(lambda: open_port(self.port_of(board)), log_path, name=board.id)
+        resolver = None if board.port.kind in ("path", "url", "virtual") else (
+            lambda: self.port_of(board)
+        )
+        return Device(
+            id=board.id,
+            chip=board.chip,
+            port=port,
+            console=console,
+            reset=self.reset_of(board, console),
+            power=self.power_of(board),
+            mac=self._mac_of(board),
+            resolve_port=resolver,
+            flasher=self._recording_flasher(board.id),
+            boot_timeout=boot_timeout,
+            flash_baud=board.flash.baud,
+        )
+
+    def _recording_flasher(self, board_id: str) -> Any:
+        """Flash with esptool, keeping the store's per-region digests up to date."""
+
+        def flasher(port: str, chip: str, plan: FlashPlan, **kwargs: Any) -> FlashReport:
+            self.store.forget_flash(board_id)  # a failed flash leaves regions unknown
+            report = esptool_flash(port, chip, plan, **kwargs)
+            for region in report.regions:
+                self.store.record_flash(board_id, region.offset, region.sha256, region.size)
+            return report
+
+        return flasher
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def board_infos(self) -> list[BoardInfo]:
+        health = self.store.all_health([b.id for b in self.rack.boards])
+        return [
+            BoardInfo.of(b, health[b.id].health, health[b.id].failures) if b.id in health
+            else BoardInfo.of(b, BoardHealth.UNKNOWN)
+            for b in self.rack.boards
+        ]
+
+    def unsatisfiable(self, count: int = 1, *, chip: str | None = None,
+                      features: Iterable[str] = ()) -> str | None:
+        """Why the rack can never give these boards (None if it can)."""
+        request = BoardRequest(count, chip, frozenset(features))
+        feasible = can_ever_satisfy(
+            [BoardInfo.of(b) for b in self.rack.boards], request
+        )
+        return None if feasible else f"rack {self.rack.name!r}: {feasible.reason}"
+
+    def reserve(self, count: int = 1, *, chip: str | None = None,
+                features: Iterable[str] = (), timeout: float = 300.0, test_id: str = "",
+                reason: str = "", exclude: Iterable[str] = (),
+                only: Iterable[str] | None = None) -> Lease:
+        """Reserve ``count`` distinct boards exclusively (across threads, processes, CI jobs)."""
+        excluded = set(exclude)
+        allowed = {b.id for b in self.rack.boards} if only is None else set(only)
+        request = BoardRequest(
+            count, chip, frozenset(features),
+            only=frozenset(allowed - excluded) if (excluded or only is not None) else None,
+        )
+        return self.reserver.reserve(request, Owner.current(test_id, reason), timeout)
+
+    # -- preparation --------------------------------------------------------------------------
+
+    def baseline_of(self, board: BoardSpec) -> Path | None:
+        spec = board.baseline or self.rack.baseline_for(board)
+        if spec is not None:
+            return spec.path
+        if board.is_virtual:
+            baselines = self.virtual_info().get("baselines") or {}
+            path = baselines.get(board.chip)
+            return Path(path) if path else None
+        return None
+
+    def health_check(self, device: Device, *, reason: str = "") -> BoardHealth:
+        """Power-cycle, flash the baseline (skipping identical regions), check that it boots."""
+        board = self.rack.board(device.id)
+        before = self.store.health(board.id).health
+        try:
+            baseline = self.baseline_of(board)
+            if board.power.driver != "none":
+                device.power_driver.cycle(0.2)
+                device.console.wait_connected(timeout=device.boot_timeout)
+            if baseline is not None:
+                device.flash(baseline, skip_identical=True)
+                detail = f"baseline {device.boot_info().project or 'app'} booted"
+            else:
+                # No baseline to boot: check what can be checked (port, reset lines, ROM).
+                device.probe(wait=False)
+                detail = "download mode answers (no baseline configured)"
+            ok = True
+        except HilfarmError as exc:
+            ok, detail = False, str(exc).splitlines()[0]
+        after = self.store.record_check(board.id, ok, detail)
+        if after != before:
+            self._note_change(f"{board.id}: {before.value} -> {after.value} ({detail})")
+        if not ok:
+            raise BoardFault(
+                f"health check of {board.id} failed: {detail}",
+                board_ids=[board.id],
+                where=str(device.log_path),
+                hint=("the board is marked " + after.value
+                      + "; see its log; `hilfarm board restore` after fixing a quarantined board"),
+            )
+        return after
+
+    def _note_change(self, text: str) -> None:
+        with self._changes_lock:
+            self._health_changes.append(text)
+
+    def health_changes(self) -> list[str]:
+        with self._changes_lock:
+            return list(self._health_changes)
+
+    def _firmware_plan(self, firmware: object, chip: str) -> FlashPlan | None:
+        if firmware is None:
+            return None
+        if isinstance(firmware, ImageSpec):
+            path = firmware.for_chip(chip)
+            if path is None:
+                raise UsageError(
+                    f"no firmware given for chip {chip}",
+                    where="--hil-firmware",
+                    hint=f"add {chip}=PATH, or one image for every chip",
+                )
+            return make_plan(path)
+        if isinstance(firmware, Mapping):
+            if chip not in firmware:
+                raise UsageError(f"no firmware given for chip {chip}", where="firmware",
+                                 hint=f"add an entry for {chip}")
+            return make_plan(firmware[chip])
+        return make_plan(firmware)  # type: ignore[arg-type]
+
+    def _store_says_flashed(self, board_id: str, plan: FlashPlan) -> bool:
+        for region in plan.regions:
+            record = self.store.flashed_digest(board_id, region.offset)
+            if record is None or record.digest != region.sha256:
+                return False
+        return True
+
+    def prepare_board(self, board_id: str, *, firmware: object, needs_check: bool,
+                      boot_timeout: float, log_path: Path) -> PreparedBoard:
+        """Bring one reserved board to a known state and start the candidate firmware."""
+        board = self.rack.board(board_id)
+        try:
+            device = self.open_device(board_id, log_path=log_path, boot_timeout=boot_timeout)
+        except HilfarmError as exc:
+            raise BoardFault(str(exc), board_ids=[board_id]) from exc
+        try:
+            health = self.store.health(board_id).health
+            checked = False
+            if needs_check or health != BoardHealth.GOOD:
+                self.health_check(device)
+                checked = True
+            plan = self._firmware_plan(firmware, board.chip)
+            report: FlashReport | None = None
+            digest = plan_digest(plan) if plan else None
+            if plan is not None and not self._store_says_flashed(board_id, plan):
+                report = device.flash(plan, skip_identical=True, wait=False)
+            failure = self._boot(device, plan)
+            if failure and plan is not None and report is None:
+                # The store's digests were stale (someone flashed by hand): check on the device.
+                self.store.forget_flash(board_id)
+                report = device.flash(plan, skip_identical=True, wait=False)
+                failure = self._boot(device, plan)
+            return PreparedBoard(device, report, digest, failure, checked)
+        except BoardFault:
+            device.console.close()
+            raise
+        except InfrastructureError as exc:
+            device.console.close()
+            self.store.set_health(board_id, BoardHealth.UNKNOWN, str(exc).splitlines()[0])
+            raise BoardFault(str(exc), board_ids=[board_id]) from exc
+        except BaseException:
+            device.console.close()
+            raise
+
+    def _boot(self, device: Device, plan: FlashPlan | None) -> str | None:
+        """Reset into the app; None if it started, else the failure text (firmware's fault)."""
+        mark = device.console.mark()
+        try:
+            device.reset()
+        except BootError as exc:
+            seen = device.console.text_since(mark)
+            if not _ANY_BOOT_OUTPUT.search(seen):
+                raise  # nothing at all on the console: the rig, not the firmware
+            return (
+                f"{device.id}: the candidate firmware did not start\n{exc}\n"
+                f"log: {device.log_path}"
+            )
+        return None
+
+    def start_session(self, count: int = 1, *, chip: str | None = None,
+                      features: Iterable[str] = (), firmware: object = None,
+                      timeout: float = 300.0, boot_timeout: float = 15.0, test_id: str = "",
+                      exclude: Iterable[str] = ()) -> HilSession:
+        """Reserve, prepare (in parallel) and return the session; release with ``finish``."""
+        lease = self.reserve(count, chip=chip, features=features, timeout=timeout,
+                             test_id=test_id, exclude=exclude)
+        log_dir = self.log_root / _safe_name(test_id or lease.id)
+        prepared: list[PreparedBoard] = []
+        errors: list[BaseException] = []
+        try:
+            with ThreadPoolExecutor(max_workers=len(lease.boards)) as pool:
+                futures = [
+                    pool.submit(
+                        self.prepare_board, board_id, firmware=firmware,
+                        needs_check=board_id in lease.needs_check, boot_timeout=boot_timeout,
+                        log_path=log_dir / f"{board_id}.log",
+                    )
+                    for board_id in lease.boards
+                ]
+                for fut in futures:
+                    try:
+                        prepared.append(fut.result())
+                    except BaseException as exc:  # noqa: BLE001 - collected, re-raised below
+                        errors.append(exc)
+        except BaseException:
+            lease.release(default=LeaseOutcome.ABORTED)
+            raise
+        if errors:
+            for p in prepared:
+                p.device.console.close()
+            faulty = {b for e in errors if isinstance(e, BoardFault) for b in e.board_ids}
+            outcomes = {b: (LeaseOutcome.INFRA_ERROR if b in faulty else LeaseOutcome.OK)
+                        for b in lease.boards}
+            lease.release(outcomes)
+            first = errors[0]
+            if len(errors) > 1 and isinstance(first, HilfarmError):
+                raise BoardFault(
+                    "; ".join(str(e).splitlines()[0] for e in errors),
+                    board_ids=sorted(faulty),
+                ) from first
+            raise first
+        return HilSession(self, lease, prepared, test_id)
+
+    @contextmanager
+    def session(self, count: int = 1, **kwargs: Any) -> Iterator[HilSession]:
+        """``with farm.session(2, firmware=path) as s: s.devices[0].command("version")``."""
+        s = self.start_session(count, **kwargs)
+        with s:
+            yield s
+
+    # -- status -------------------------------------------------------------------------------
+
+    def status(self) -> list[dict[str, Any]]:
+        """Every board with chip, health, holder and since, last flashed firmware."""
+        rows = []
+        for st in self.reserver.status():
+            holder = st.holder.owner.describe() if st.holder else None
+            since = st.holder.since if st.holder else None
+            if st.hold is not None:
+                holder = f"{st.hold.person} (bench hold: {st.hold.reason})"
+                since = getattr(st.hold, "since", None)
+            fw = self.store.flashed_digest(st.board, 0x10000)
+            rows.append({
+                "board": st.board,
+                "chip": st.chip,
+                "health": st.health.health.value,
+                "failures": st.health.failures,
+                "holder": holder,
+                "since": since,
+                "firmware": fw.digest[:12] if fw else None,
+            })
+        return rows
+
+
+def flash_boards(farm: Farm, board_ids: Sequence[str], plan: object, *,
+                 timeout: float = 60.0, progress: Any = None) -> list[FlashReport]:
+    """Reserve the named boards, flash ``plan`` on each (in parallel) and release them."""
+    lease = farm.reserve(len(board_ids), only=board_ids, timeout=timeout,
+                         reason="hilfarm flash")
+    reports: list[FlashReport] = []
+    outcome = LeaseOutcome.OK
+    try:
+        def one(board_id: str) -> FlashReport:
+            dev = farm.open_device(board_id)
+            try:
+                chip_plan = farm._firmware_plan(plan, dev.chip)
+                assert chip_plan is not None
+                return dev.flash(chip_plan, progress=progress, skip_identical=True)
+            finally:
+                dev.console.close()
+
+        with ThreadPoolExecutor(max_workers=len(board_ids)) as pool:
+            reports = list(pool.map(one, board_ids))
+    except InfrastructureError:
+        outcome = LeaseOutcome.INFRA_ERROR
+        raise
+    finally:
+        lease.release(default=outcome)
+    return reports
+
+
+def default_log_root() -> Path:
+    return Path(os.environ.get("HILFARM_LOG_DIR", Path.cwd() / "hilfarm-logs"))

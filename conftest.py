@@ -1,1 +1,44 @@
-"""Root conftest: keeps the project's test runs away from a user's own virtual rack state."""
+"""Root conftest: keep the project's own test runs away from a person's real farm state.
+
+Unless HILFARM_TEST_USE_ENV=1, a run gets fresh HILFARM_STATE_DIR and HILFARM_SIM_DIR
+directories (made once by the controller process; xdist workers inherit them), so tests never
+touch ~/.local/state/hilfarm or a virtual rack a person started. The virtual rack daemon that
+tests start there is stopped at the end of the run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+_OWNED = "_HILFARM_TEST_STATE_OWNER"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("HILFARM_TEST_USE_ENV") == "1" or hasattr(config, "workerinput"):
+        return
+    if os.environ.get(_OWNED):
+        return  # a nested pytest (pytester subprocess) shares its parent's directories
+    root = tempfile.mkdtemp(prefix="hilfarm-test-")
+    os.environ["HILFARM_STATE_DIR"] = os.path.join(root, "state")
+    os.environ["HILFARM_SIM_DIR"] = os.path.join(root, "sim")
+    os.environ[_OWNED] = root
+    config.stash[_root_key] = root
+
+
+_root_key = pytest.StashKey[str]()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    root = config.stash.get(_root_key, None)
+    if root is None:
+        return
+    subprocess.run([sys.executable, "-m", "pytest_hilfarm", "sim", "down"],
+                   capture_output=True, timeout=60, check=False)
+    shutil.rmtree(root, ignore_errors=True)
+    os.environ.pop(_OWNED, None)

@@ -56,6 +56,12 @@ class _RunStats:
 
 
 _settings_key = pytest.StashKey[hs.Settings]()
+
+
+def hil_settings(config: pytest.Config) -> hs.Settings:
+    """The run's resolved settings (rack, firmware, timeouts...) for other plugins."""
+    return config.stash[_settings_key]
+
 _stats_key = pytest.StashKey[_RunStats]()
 _report_key = pytest.StashKey[dict[str, pytest.TestReport]]()
 _firmware_failure_key = pytest.StashKey[str]()

@@ -50,8 +50,10 @@ _IFACE_RE = re.compile(r"[A-Za-z0-9._:@-]{1,15}")
 _COM_RE = re.compile(r"COM\d+", re.IGNORECASE)
 _URL_SCHEMES = ("rfc2217", "socket")
 
+# network_profiles is read (and checked, with file and line) by netem.load_profiles when a
+# test asks for network conditions; the rack loader only admits the key.
 _TOP_KEYS = ("version", "name", "lock_dir", "state_dir", "backend", "baseline", "settings",
-             "boards")
+             "network_profiles", "boards")
 _BOARD_KEYS = ("id", "chip", "port", "usb_serial", "usb_path", "reset", "power", "flash",
                "features", "baseline", "interface")
 _PORT_KEYS = ("port", "usb_serial", "usb_path")

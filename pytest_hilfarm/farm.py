@@ -177,8 +177,9 @@ class Farm:
 
     def __init__(self, rack: RackSpec, *, log_root: Path | None = None,
                  store: FarmStore | None = None, reserver: Reserver | None = None,
-                 start_virtual: bool = True) -> None:
+                 start_virtual: bool = True, baseline: ImageSpec | None = None) -> None:
         self.rack = rack
+        self.baseline_override = baseline  # --hil-baseline beats the rack file's baselines
         self.log_root = Path(log_root) if log_root else Path.cwd() / "hilfarm-logs"
         self.store = store or FarmStore(rack.state_dir / "farm.db")
         self.reserver = reserver or Reserver(rack.boards, rack.lock_dir, self.store)
@@ -370,6 +371,10 @@ class Farm:
     # -- preparation --------------------------------------------------------------------------
 
     def baseline_of(self, board: BoardSpec) -> Path | None:
+        if self.baseline_override is not None:
+            path = self.baseline_override.for_chip(board.chip)
+            if path is not None:
+                return path
         spec = board.baseline or self.rack.baseline_for(board)
         if spec is not None:
             return spec.path

@@ -150,7 +150,7 @@ def hil_farm(pytestconfig: pytest.Config) -> Iterator[Farm]:
 
     cfg = pytestconfig.stash[_settings_key]
     try:
-        farm = Farm.open(cfg.rack, log_root=_log_root(pytestconfig))
+        farm = Farm.open(cfg.rack, log_root=_log_root(pytestconfig), baseline=cfg.baseline)
     except HilfarmError as exc:
         raise pytest.UsageError(str(exc)) from exc
     yield farm

@@ -1,0 +1,987 @@
+"""The virtual rack daemon: serves a rack of virtual boards on TCP ports and a control endpoint.
+
+Per board it listens on a ``socket://`` port (raw UART bytes) and an ``rfc2217://`` port (UART
+plus DTR/RTS through pyserial's :class:`serial.rfc2217.PortManager`), both on 127.0.0.1. A board
+has one UART, so it takes one client at a time across both ports; further connects are accepted
+and closed at once (the client sees EOF / "socket disconnected"), and the first client keeps
+working. Opening a port never changes the board's mode: over ``socket://`` the farm drives reset
+and boot mode through the control endpoint (``reset`` with ``boot=download|flash``), over
+``rfc2217://`` esptool's own DTR/RTS reset works. The control endpoint speaks JSON lines
+(docs/virtual-rack.md). The daemon writes ``daemon.json`` into its state dir while it runs.
+
+It must never import the farm core (pytest_hilfarm.rack/farm/plugin...): the farm reaches it only
+through port URLs and the control endpoint, like a physical rack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import heapq
+import itertools
+import json
+import os
+import random
+import re
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from serial import rfc2217
+
+from pytest_hilfarm.errors import ConfigError, UsageError
+from pytest_hilfarm.sim.board import SINK_TIMEOUT, VirtualBoard
+from pytest_hilfarm.sim.boot import BootEfuse
+from pytest_hilfarm.sim.chips import mac_for
+from pytest_hilfarm.sim.mesh import MeshMedium
+from pytest_hilfarm.sim.model import CHIPS
+
+HOST = "127.0.0.1"
+DAEMON_JSON = "daemon.json"
+DAEMON_LOCK = "daemon.lock"
+BUILTIN_RACK = "builtin:virtual.yaml"
+MESH_FEATURE = "mesh-radio"
+FLASH_SIZES = {2, 4, 8, 16}  # MB; what the JEDEC table of the virtual flash chip offers
+# A board id names its flash file, so it must be a plain file name.
+_BOARD_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+MAX_CONTROL_LINE = 1 << 20  # a control request is small; a megabyte means a confused client
+# Used when the packaged data/virtual.yaml is missing (a partial install): the documented
+# default rack (3 mesh-capable ESP32, 1 ESP32-S2, 1 ESP32-C3).
+FALLBACK_RACK: dict[str, Any] = {
+    "name": "virtual",
+    "boards": [
+        {"id": "esp32-1", "chip": "esp32", "port": "virtual", "features": ["mesh-radio"]},
+        {"id": "esp32-2", "chip": "esp32", "port": "virtual", "features": ["mesh-radio"]},
+        {"id": "esp32-3", "chip": "esp32", "port": "virtual", "features": ["mesh-radio"]},
+        {"id": "esp32s2-1", "chip": "esp32s2", "port": "virtual"},
+        {"id": "esp32c3-1", "chip": "esp32c3", "port": "virtual"},
+    ],
+}
+
+
+# ---------------------------------------------------------------------------- rack & state dir
+
+
+@dataclass(frozen=True)
+class BoardSpec:
+    """One virtual board of the rack file (only the keys the simulator needs)."""
+
+    id: str
+    chip: str
+    flash_size: int
+    features: tuple[str, ...] = ()
+    position: int = 0
+
+
+@dataclass(frozen=True)
+class RackSpec:
+    """The virtual boards of a rack file, plus where it came from."""
+
+    name: str
+    source: str  # absolute path, or BUILTIN_RACK
+    # sha256 of the virtual boards (id, chip, flash size, features, order): a second ``up``
+    # reuses a running daemon only for an equal rack, whatever else the file says.
+    digest: str
+    boards: tuple[BoardSpec, ...] = field(default_factory=tuple)
+
+
+def resolve_state_dir(explicit: Path | str | None = None) -> Path:
+    """The state dir: explicit, else ``HILFARM_SIM_DIR``, else XDG state, else ~/.local/state."""
+    if explicit:
+        return Path(explicit).expanduser().resolve()
+    env = os.environ.get("HILFARM_SIM_DIR")
+    if env:
+        return Path(env).expanduser().resolve()
+    xdg = os.environ.get("XDG_STATE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "state"
+    return (base / "hilfarm" / "virtual-rack").resolve()
+
+
+def _parse_size(value: Any, where: str) -> int:
+    if value is None:
+        return 4 << 20
+    if isinstance(value, int):
+        size = value
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*(MB|M|MiB)?\s*", str(value), re.IGNORECASE)
+        if not m:
+            raise ConfigError(
+                f"flash size {value!r} is not understood",
+                where=where,
+                hint="write it as 2MB, 4MB, 8MB or 16MB",
+            )
+        size = int(m.group(1)) << 20 if m.group(2) or int(m.group(1)) <= 16 else int(m.group(1))
+    if size >> 20 not in FLASH_SIZES or size & ((1 << 20) - 1):
+        raise ConfigError(
+            f"flash size {value!r} is not offered by the virtual flash chip",
+            where=where,
+            hint="use 2MB, 4MB, 8MB or 16MB",
+        )
+    return size
+
+
+def parse_rack(data: Any, source: str) -> RackSpec:
+    """Read the virtual boards out of a loaded rack YAML document (other keys are ignored)."""
+    if not isinstance(data, dict) or not isinstance(data.get("boards"), list):
+        raise ConfigError(
+            "a rack file needs a 'boards:' list", where=source, hint="see docs/virtual-rack.md"
+        )
+    boards: list[BoardSpec] = []
+    seen: set[str] = set()
+    for index, raw in enumerate(data["boards"]):
+        where = f"{source}: boards[{index}]"
+        if not isinstance(raw, dict):
+            raise ConfigError("a board entry must be a mapping", where=where)
+        port = raw.get("port", "virtual")
+        if port != "virtual":
+            continue  # a physical board of a mixed rack: not ours to simulate
+        board_id = raw.get("id")
+        if not isinstance(board_id, str) or not _BOARD_ID.fullmatch(board_id):
+            raise ConfigError(
+                f"board id {board_id!r} is missing or not a plain name",
+                where=where,
+                hint="use letters, digits, '.', '_' and '-' (it names the board's flash file)",
+            )
+        if board_id in seen:
+            raise ConfigError(f"board id {board_id!r} appears twice", where=where)
+        seen.add(board_id)
+        chip = str(raw.get("chip", "")).lower().replace("-", "")
+        if chip not in CHIPS:
+            raise ConfigError(
+                f"chip {raw.get('chip')!r} cannot be simulated",
+                where=where,
+                hint=f"use one of {', '.join(CHIPS)}",
+            )
+        flash = raw.get("flash") or {}
+        size_value = flash.get("size") if isinstance(flash, dict) else flash
+        features = raw.get("features") or []
+        boards.append(
+            BoardSpec(
+                id=board_id,
+                chip=chip,
+                flash_size=_parse_size(size_value, where),
+                features=tuple(str(f) for f in features),
+                position=len(boards),
+            )
+        )
+    if not boards:
+        raise ConfigError(
+            "the rack has no virtual boards (port: virtual)",
+            where=source,
+            hint="add boards with 'port: virtual' or pass another rack file",
+        )
+    canonical = json.dumps([[b.id, b.chip, b.flash_size, list(b.features)] for b in boards])
+    return RackSpec(
+        name=str(data.get("name") or Path(source).stem),
+        source=source,
+        digest=hashlib.sha256(canonical.encode()).hexdigest(),
+        boards=tuple(boards),
+    )
+
+
+def load_rack(path: Path | str | None = None) -> RackSpec:
+    """Load a rack file, or the packaged default virtual rack when ``path`` is None."""
+    if path is None:
+        try:
+            text = resources.files("pytest_hilfarm").joinpath("data/virtual.yaml").read_text()
+        except (FileNotFoundError, OSError):
+            text = yaml.safe_dump(FALLBACK_RACK, sort_keys=False)
+        return parse_rack(yaml.safe_load(text), BUILTIN_RACK)
+    file = Path(path).expanduser().resolve()
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the rack file: {exc.strerror}",
+            where=str(file),
+            hint="check the path, or omit it to use the built-in virtual rack",
+        ) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {exc}", where=str(file)) from exc
+    return parse_rack(data, str(file))
+
+
+# ---------------------------------------------------------------------------- shared scheduler
+
+
+class _Scheduler:
+    """One timer thread for the radio medium (boards have their own threads for their timers)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="rack-clock", daemon=True)
+        self._thread.start()
+
+    def schedule(self, delay: float, func: Callable[[], None]) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (time.monotonic() + max(0.0, delay), next(self._seq), func))
+            self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped:
+                    if self._heap and self._heap[0][0] <= time.monotonic():
+                        break
+                    wait = self._heap[0][0] - time.monotonic() if self._heap else None
+                    self._cond.wait(wait)
+                if self._stopped:
+                    return
+                _, _, func = heapq.heappop(self._heap)
+            with contextlib.suppress(Exception):  # a medium bug must not stop the clock
+                func()
+
+
+# ---------------------------------------------------------------------------- port clients
+
+
+class _Client:
+    """The one client connected to a board's UART, over socket:// or rfc2217://."""
+
+    def __init__(self, sock: socket.socket, board: VirtualBoard, kind: str) -> None:
+        self.sock = sock
+        self.board = board
+        self.kind = kind
+        self._lock = threading.Lock()  # PortManager's own writes and board output share it
+        self._pm: rfc2217.PortManager | None = None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # The timeout bounds sendall() to a client that stopped reading (see board.SINK_TIMEOUT);
+        # recv() just loops on it.
+        sock.settimeout(SINK_TIMEOUT)
+
+    def write_raw(self, data: bytes) -> None:
+        with self._lock:
+            self.sock.sendall(data)
+
+    def write(self, data: bytes) -> None:
+        """OutputSink: the board's TX bytes (telnet-escaped on rfc2217)."""
+        if self._pm is not None:
+            data = data.replace(b"\xff", b"\xff\xff")
+        try:
+            self.write_raw(data)
+        except OSError:
+            # Gone, or stopped reading for SINK_TIMEOUT: drop it so the port becomes free.
+            self.close()
+            raise
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def serve(self) -> None:
+        if self.kind == "rfc2217":
+            self._pm = rfc2217.PortManager(_UartLines(self.board), _RawWriter(self))
+        self.board.attach(self)
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not data:
+                break
+            pm = self._pm
+            if pm is not None:
+                # Fast path: most chunks carry no telnet command, and PortManager.filter() is a
+                # per-byte generator.
+                if pm.mode == rfc2217.M_NORMAL and pm.suboption is None and b"\xff" not in data:
+                    self.board.feed(data)
+                else:
+                    self.board.feed(b"".join(pm.filter(data)))
+            else:
+                self.board.feed(data)
+
+
+class _RawWriter:
+    """The ``connection`` PortManager writes telnet replies to (unescaped, shared lock)."""
+
+    def __init__(self, client: _Client) -> None:
+        self._client = client
+
+    def write(self, data: bytes) -> None:
+        with contextlib.suppress(OSError):
+            self._client.write_raw(data)
+
+
+class _UartLines:
+    """The serial-port object PortManager configures: forwards DTR/RTS to the board.
+
+    Baud/format settings are acknowledged and remembered but do not change the board's UART: the
+    chip sets its own baud (CHANGE_BAUDRATE); a real mismatch would only garble bytes.
+    """
+
+    def __init__(self, board: VirtualBoard) -> None:
+        self._board = board
+        self._dtr = False
+        self._rts = False
+        self.baudrate = 115200
+        self.bytesize = 8
+        self.parity = "N"
+        self.stopbits = 1
+        self.rtscts = False
+        self.xonxoff = False
+        self.break_condition = False
+        # A DevKit's USB-UART leaves the modem-status inputs unconnected.
+        self.cts = False
+        self.dsr = False
+        self.ri = False
+        self.cd = False
+
+    @property
+    def dtr(self) -> bool:
+        return self._dtr
+
+    @dtr.setter
+    def dtr(self, value: bool) -> None:
+        self._dtr = bool(value)
+        self._board.set_client_lines(dtr=self._dtr)
+
+    @property
+    def rts(self) -> bool:
+        return self._rts
+
+    @rts.setter
+    def rts(self, value: bool) -> None:
+        self._rts = bool(value)
+        self._board.set_client_lines(rts=self._rts)
+
+    def reset_input_buffer(self) -> None:
+        """Purge request: the virtual UART has no buffer to purge."""
+
+    def reset_output_buffer(self) -> None:
+        """Purge request: the virtual UART has no buffer to purge."""
+
+
+# ---------------------------------------------------------------------------- the daemon
+
+
+@dataclass
+class _Slot:
+    """A board with its listeners and its (single) client; mutated under Daemon._lock."""
+
+    spec: BoardSpec
+    board: VirtualBoard
+    serial_sock: socket.socket
+    rfc_sock: socket.socket
+    client: _Client | None = None
+    plugged: bool = True
+
+
+class Daemon:
+    """Hosts the boards of one rack. ``start()`` binds and writes daemon.json; ``stop()`` ends."""
+
+    def __init__(
+        self,
+        rack: RackSpec,
+        state_dir: Path | str,
+        *,
+        base_port: int = 0,
+        wire_time: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.rack = rack
+        self.state_dir = Path(state_dir)
+        self._base_port = base_port
+        self._wire_time = wire_time
+        self._seed = seed
+        self._lock = threading.Lock()
+        self._slots: dict[str, _Slot] = {}
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._stop_done = threading.Event()
+        self._lock_file: Any = None
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._control_sock: socket.socket | None = None
+        self._acceptor: threading.Thread | None = None
+        self._scheduler: _Scheduler | None = None
+        self.medium: Any = None
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        """Bind every port, power the boards on, write daemon.json; undone if anything fails."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        self._scheduler = _Scheduler()
+        self.medium = MeshMedium(
+            time.monotonic, random.Random(self._seed), self._scheduler.schedule
+        )
+        self._control_sock = self._listen(self._port(0))
+        for index, spec in enumerate(self.rack.boards):
+            serial_sock = self._listen(self._port(1 + 2 * index))
+            rfc_sock = self._listen(self._port(2 + 2 * index))
+            board = VirtualBoard(
+                spec.id,
+                spec.chip,
+                self.state_dir / f"{spec.id}.flash",
+                spec.flash_size,
+                mac_for(spec.id, spec.chip).hex(":"),
+                # Only boards with a radio join the medium; the app answers "no mesh radio".
+                self.medium if MESH_FEATURE in spec.features else None,
+                position=spec.position,
+                features=spec.features,
+                wire_time=self._wire_time,
+                **self._board_state(spec),
+            )
+            self._slots[spec.id] = _Slot(spec, board, serial_sock, rfc_sock)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._selector.register(self._control_sock, selectors.EVENT_READ, ("control", None))
+        for slot in self._slots.values():
+            self._selector.register(slot.serial_sock, selectors.EVENT_READ, ("socket", slot))
+            self._selector.register(slot.rfc_sock, selectors.EVENT_READ, ("rfc2217", slot))
+        self._acceptor = threading.Thread(target=self._accept_loop, name="acceptor", daemon=True)
+        self._acceptor.start()
+        self._write_daemon_json()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the daemon stops (shutdown op, signal, or :meth:`stop`)."""
+        return self._stopped.wait(timeout)
+
+    def stop(self) -> None:
+        """Stop serving, close boards (flash flushed), remove daemon.json; waits until done."""
+        with self._stop_lock:
+            first = not self._stopped.is_set()
+            self._stopped.set()
+        if not first:
+            self._stop_done.wait(30)  # another thread is stopping: return once it has
+            return
+        try:
+            self._stop_now()
+        finally:
+            self._stop_done.set()
+
+    def _stop_now(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        if self._acceptor is not None:
+            self._acceptor.join(timeout=5)
+        with self._lock:
+            slots = list(self._slots.values())
+        for slot in slots:
+            if slot.client is not None:
+                slot.client.close()
+            for sock in (slot.serial_sock, slot.rfc_sock):
+                with contextlib.suppress(OSError):
+                    sock.close()
+            slot.board.close()
+        if self._control_sock is not None:
+            with contextlib.suppress(OSError):
+                self._control_sock.close()
+        if self._scheduler is not None:
+            self._scheduler.stop()
+        self._selector.close()
+        for sock in (self._wake_r, self._wake_w):
+            sock.close()
+        self._remove_daemon_json()
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    # -- info
+
+    @property
+    def control_address(self) -> str:
+        assert self._control_sock is not None
+        host, port = self._control_sock.getsockname()[:2]
+        return f"{host}:{port}"
+
+    def board_urls(self, slot: _Slot) -> tuple[str, str]:
+        port = slot.serial_sock.getsockname()[1]
+        rfc = slot.rfc_sock.getsockname()[1]
+        return f"socket://{HOST}:{port}", f"rfc2217://{HOST}:{rfc}"
+
+    def info(self) -> dict[str, Any]:
+        """The content of daemon.json."""
+        boards = []
+        for slot in self._slots.values():
+            port, rfc = self.board_urls(slot)
+            boards.append(
+                {
+                    "id": slot.spec.id,
+                    "chip": slot.spec.chip,
+                    "mac": slot.board.mac,
+                    "port": port,
+                    "rfc2217": rfc,
+                    "features": list(slot.spec.features),
+                }
+            )
+        return {
+            "pid": os.getpid(),
+            "control": self.control_address,
+            "rack": self.rack.source,
+            "rack_name": self.rack.name,
+            "rack_digest": self.rack.digest,
+            "state_dir": str(self.state_dir),
+            "boards": boards,
+        }
+
+    # -- internals: setup
+
+    def _port(self, offset: int) -> int:
+        return self._base_port + offset if self._base_port else 0
+
+    def _listen(self, port: int) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError as exc:
+            sock.close()
+            raise UsageError(
+                f"cannot listen on {HOST}:{port}: {exc.strerror}",
+                where="virtual rack daemon",
+                hint="pick another --base-port, or omit it to use free ports",
+            ) from exc
+        sock.listen(64)
+        sock.setblocking(False)
+        return sock
+
+    def _take_lock(self) -> None:
+        # One daemon per state dir: two would write the same flash files.
+        handle = open(self.state_dir / DAEMON_LOCK, "a+")  # noqa: SIM115 - held for our lifetime
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            handle.close()
+            raise UsageError(
+                "another virtual rack daemon is already running on this state dir",
+                where=str(self.state_dir),
+                hint="use `hilfarm sim status`, or `hilfarm sim down` before starting another",
+            ) from exc
+        self._lock_file = handle
+
+    def _board_state(self, spec: BoardSpec) -> dict[str, Any]:
+        # <id>.json keeps per-board facts that are not flash: eFuses and the bootloader's
+        # rollback option. Written once so that a person can edit it between runs.
+        path = self.state_dir / f"{spec.id}.json"
+        state: dict[str, Any] = {"chip": spec.chip, "efuse": None, "rollback_enabled": True}
+        if path.exists():
+            try:
+                loaded = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise ConfigError(
+                    f"board state file is unreadable: {exc}",
+                    where=str(path),
+                    hint="fix or delete it (it is recreated with defaults)",
+                ) from exc
+            if isinstance(loaded, dict):
+                state.update(loaded)
+        else:
+            _atomic_write(path, json.dumps(state, indent=2) + "\n")
+        try:
+            efuse = _efuse_from_json(state.get("efuse"))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(
+                f"bad 'efuse' entry: {exc}",
+                where=str(path),
+                hint=f"use null or an object with keys {', '.join(_EFUSE_KEYS)}",
+            ) from exc
+
+        def store(new: BootEfuse) -> None:
+            # Called on the board's thread when anti-rollback raises the secure version.
+            state["efuse"] = _efuse_to_json(new)
+            _atomic_write(path, json.dumps(state, indent=2) + "\n")
+
+        return {
+            "efuse": efuse,
+            "on_efuse_change": store,
+            "rollback_enabled": bool(state.get("rollback_enabled", True)),
+        }
+
+    def _write_daemon_json(self) -> None:
+        _atomic_write(self.state_dir / DAEMON_JSON, json.dumps(self.info(), indent=2) + "\n")
+
+    def _remove_daemon_json(self) -> None:
+        path = self.state_dir / DAEMON_JSON
+        try:
+            if json.loads(path.read_text()).get("pid") == os.getpid():
+                path.unlink()
+        except (OSError, ValueError):
+            pass
+
+    # -- internals: sockets
+
+    def _accept_loop(self) -> None:
+        while not self._stopped.is_set():
+            for key, _ in self._selector.select():
+                if key.data is None:
+                    return  # woken by stop()
+                kind, slot = key.data
+                try:
+                    sock, _addr = key.fileobj.accept()  # type: ignore[union-attr]
+                except OSError:
+                    continue
+                sock.setblocking(True)
+                if kind == "control":
+                    threading.Thread(
+                        target=self._serve_control, args=(sock,), name="control", daemon=True
+                    ).start()
+                else:
+                    self._admit(slot, sock, kind)
+
+    def _admit(self, slot: _Slot, sock: socket.socket, kind: str) -> None:
+        with self._lock:
+            busy = slot.client is not None or not slot.plugged or self._stopped.is_set()
+            client = None if busy else _Client(sock, slot.board, kind)
+            if client is not None:
+                slot.client = client
+        if client is None:
+            # Busy (or unplugged) port: the way a serial port that is already open elsewhere
+            # refuses a second open, as close to it as TCP allows: accept, then close at once.
+            # The first client is untouched.
+            with contextlib.suppress(OSError):
+                sock.close()
+            return
+        threading.Thread(
+            target=self._serve_client, args=(slot, client), name=f"{kind}-{slot.spec.id}",
+            daemon=True,
+        ).start()
+
+    def _serve_client(self, slot: _Slot, client: _Client) -> None:
+        try:
+            client.serve()
+        finally:
+            slot.board.detach(client)
+            client.close()
+            with self._lock:
+                if slot.client is client:
+                    slot.client = None
+
+    def _serve_control(self, sock: socket.socket) -> None:
+        with sock, sock.makefile("rwb") as stream:
+            while not self._stopped.is_set():
+                try:
+                    line = stream.readline(MAX_CONTROL_LINE)
+                except OSError:
+                    return
+                if not line:
+                    return
+                if not line.strip():
+                    continue
+                response = self.handle_line(line)
+                try:
+                    stream.write(json.dumps(response).encode() + b"\n")
+                    stream.flush()
+                except OSError:
+                    return
+                if response.get("shutdown"):
+                    threading.Thread(target=self.stop, name="shutdown", daemon=True).start()
+                    return
+
+    # -- control protocol
+
+    def handle_line(self, line: bytes) -> dict[str, Any]:
+        """Answer one control request line (JSON) with a response dict; never raises."""
+        try:
+            request = json.loads(line)
+        except ValueError as exc:
+            return _error(f"request is not JSON ({exc}); send one JSON object per line")
+        if not isinstance(request, dict):
+            return _error('request must be a JSON object such as {"op": "status"}')
+        return self.handle(request)
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Answer one control request (docs/virtual-rack.md); never raises."""
+        op = request.get("op")
+        handler = _OPS.get(op) if isinstance(op, str) else None
+        if handler is None:
+            return _error(f"unknown op {op!r}; known ops: {', '.join(sorted(_OPS))}")
+        try:
+            return handler(self, request)
+        except _RequestError as exc:
+            return _error(str(exc))
+        except Exception as exc:  # noqa: BLE001 - the endpoint must answer, whatever happened
+            return _error(f"{op} failed: {exc!r}")
+
+    def _slot(self, request: dict[str, Any]) -> _Slot:
+        board_id = request.get("board")
+        slot = self._slots.get(board_id) if isinstance(board_id, str) else None
+        if slot is None:
+            raise _RequestError(
+                f"unknown board {board_id!r}; this rack has: {', '.join(self._slots)}"
+            )
+        return slot
+
+    def _op_status(self, request: dict[str, Any]) -> dict[str, Any]:
+        boards = []
+        for slot in self._slots.values():
+            st = slot.board.status()
+            port, rfc = self.board_urls(slot)
+            boards.append(
+                {
+                    "id": st.board_id,
+                    "chip": st.chip,
+                    "mac": st.mac,
+                    "port": port,
+                    "rfc2217": rfc,
+                    "powered": st.powered,
+                    "plugged": slot.plugged,
+                    "mode": st.mode,
+                    "flash_size": st.flash_size,
+                    "baud": st.baud,
+                    "app": st.app,
+                    "client": st.client,
+                    "en": st.en,
+                    "io0": st.io0,
+                    "wire_time": st.wire_time,
+                    "rx_bytes": st.rx_bytes,
+                    "tx_bytes": st.tx_bytes,
+                    "wire_seconds": round(st.wire_seconds, 6),
+                    "features": list(slot.spec.features),
+                }
+            )
+        return {"ok": True, "control": self.control_address, "rack": self.rack.source,
+                "boards": boards}
+
+    def _op_power(self, request: dict[str, Any]) -> dict[str, Any]:
+        slot = self._slot(request)
+        on = _flag(request, "on")
+        if on and not slot.plugged:
+            raise _RequestError(f"board {slot.spec.id} is unplugged; plug it in first")
+        slot.board.power(on)
+        return {"ok": True, "board": slot.spec.id, "powered": on}
+
+    def _op_reset(self, request: dict[str, Any]) -> dict[str, Any]:
+        slot = self._slot(request)
+        boot = request.get("boot", "flash")
+        if boot not in ("flash", "download"):
+            raise _RequestError(f"boot must be 'flash' or 'download', not {boot!r}")
+        if not slot.board.status().powered:
+            raise _RequestError(f"board {slot.spec.id} is powered off; power it on first")
+        slot.board.reset(boot)
+        return {"ok": True, "board": slot.spec.id, "mode": slot.board.status().mode}
+
+    def _op_lines(self, request: dict[str, Any]) -> dict[str, Any]:
+        slot = self._slot(request)
+        en = _flag(request, "en") if "en" in request else None
+        io0 = _flag(request, "io0") if "io0" in request else None
+        slot.board.set_lines(en=en, io0=io0)
+        st = slot.board.status()
+        return {"ok": True, "board": slot.spec.id, "en": st.en, "io0": st.io0, "mode": st.mode}
+
+    def _op_unplug(self, request: dict[str, Any]) -> dict[str, Any]:
+        slot = self._slot(request)
+        with self._lock:
+            slot.plugged = False
+            client, slot.client = slot.client, None
+        if client is not None:
+            slot.board.detach(client)
+            client.close()
+        # A DevKit is powered through its USB cable: unplugged means unpowered.
+        slot.board.power(False)
+        return {"ok": True, "board": slot.spec.id, "plugged": False}
+
+    def _op_plug(self, request: dict[str, Any]) -> dict[str, Any]:
+        slot = self._slot(request)
+        with self._lock:
+            slot.plugged = True
+        slot.board.power(True)
+        return {"ok": True, "board": slot.spec.id, "plugged": True}
+
+    def _op_mesh(self, request: dict[str, Any]) -> dict[str, Any]:
+        changes: dict[str, Any] = {}
+        if "loss" in request:
+            loss = request["loss"]
+            if not isinstance(loss, (int, float)) or isinstance(loss, bool) or not 0 <= loss <= 1:
+                raise _RequestError(f"loss must be a number from 0 to 1, not {loss!r}")
+            changes["loss"] = float(loss)
+        if "latency_ms" in request:
+            latency = request["latency_ms"]
+            if not isinstance(latency, (int, float)) or isinstance(latency, bool) or latency < 0:
+                raise _RequestError(f"latency_ms must be a number >= 0, not {latency!r}")
+            changes["latency_ms"] = float(latency)
+        if "partitions" in request:
+            parts = request["partitions"]
+            if not isinstance(parts, list) or not all(
+                isinstance(group, list) and all(isinstance(b, str) for b in group)
+                for group in parts
+            ):
+                raise _RequestError(
+                    'partitions must be a list of lists of board ids, e.g. [["a"], ["b", "c"]]'
+                )
+            unknown = sorted({b for group in parts for b in group} - set(self._slots))
+            if unknown:
+                raise _RequestError(
+                    f"partitions name unknown boards {unknown}; this rack has: "
+                    f"{', '.join(self._slots)}"
+                )
+            changes["partitions"] = [list(group) for group in parts]
+        if changes:
+            self.medium.configure(**changes)
+        return {"ok": True, **_jsonable(self.medium.conditions())}
+
+    def _op_wire_time(self, request: dict[str, Any]) -> dict[str, Any]:
+        enabled = _flag(request, "enabled")
+        slots = [self._slot(request)] if "board" in request else list(self._slots.values())
+        for slot in slots:
+            slot.board.set_wire_time(enabled)
+        return {"ok": True, "wire_time": enabled, "boards": [s.spec.id for s in slots]}
+
+    def _op_shutdown(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, "shutdown": True}
+
+
+class _RequestError(Exception):
+    """A control request that cannot be carried out as asked (answered with ok=false)."""
+
+
+def _error(message: str) -> dict[str, Any]:
+    return {"ok": False, "error": message}
+
+
+def _flag(request: dict[str, Any], key: str) -> bool:
+    value = request.get(key)
+    if not isinstance(value, bool):
+        raise _RequestError(f"{key!r} must be true or false, not {value!r}")
+    return value
+
+
+def _jsonable(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        return {"conditions": value}
+    return dict(json.loads(json.dumps(value, default=list)))
+
+
+_OPS: dict[str, Callable[[Daemon, dict[str, Any]], dict[str, Any]]] = {
+    "status": Daemon._op_status,
+    "power": Daemon._op_power,
+    "reset": Daemon._op_reset,
+    "lines": Daemon._op_lines,
+    "unplug": Daemon._op_unplug,
+    "plug": Daemon._op_plug,
+    "mesh": Daemon._op_mesh,
+    "wire_time": Daemon._op_wire_time,
+    "shutdown": Daemon._op_shutdown,
+}
+
+
+_EFUSE_KEYS = tuple(f.name for f in dataclasses.fields(BootEfuse))
+
+
+def _efuse_from_json(value: Any) -> BootEfuse:
+    if value is None:
+        return BootEfuse()
+    if not isinstance(value, dict):
+        raise TypeError("expected an object")
+    unknown = set(value) - set(_EFUSE_KEYS)
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)}")
+    fields = dict(value)
+    if "key_digests" in fields:
+        fields["key_digests"] = tuple(bytes.fromhex(d) for d in fields["key_digests"])
+    return BootEfuse(**fields)
+
+
+def _efuse_to_json(efuse: BootEfuse) -> dict[str, Any]:
+    data = dataclasses.asdict(efuse)
+    data["key_digests"] = [d.hex() for d in efuse.key_digests]
+    return data
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def running(
+    rack: RackSpec | None = None, state_dir: Path | str | None = None, **kwargs: Any
+) -> Iterator[Daemon]:
+    """Run a daemon in this process for the duration of a ``with`` block (tests, benches)."""
+    daemon = Daemon(rack or load_rack(None), resolve_state_dir(state_dir), **kwargs)
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def serve(
+    rack_path: Path | str | None = None,
+    state_dir: Path | str | None = None,
+    *,
+    base_port: int = 0,
+    wire_time: bool = False,
+    announce: Callable[[str], None] | None = None,
+) -> int:
+    """Run the daemon in the foreground until SIGINT/SIGTERM or a ``shutdown`` request."""
+    daemon = Daemon(
+        load_rack(rack_path), resolve_state_dir(state_dir), base_port=base_port,
+        wire_time=wire_time,
+    )
+    daemon.start()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        # Stop from another thread: the handler runs on the main thread, inside wait().
+        threading.Thread(target=daemon.stop, name="signal-stop", daemon=True).start()
+
+    previous = {
+        sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        if announce is not None:
+            announce(json.dumps(daemon.info(), indent=2))
+        daemon.wait()  # until shutdown op or signal; blocks without polling
+    finally:
+        daemon.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pytest_hilfarm.sim.daemon", description="Serve a virtual rack."
+    )
+    parser.add_argument("rack", nargs="?", help="rack YAML file (default: built-in virtual rack)")
+    parser.add_argument("--state-dir", help="state dir (default: HILFARM_SIM_DIR or XDG state)")
+    parser.add_argument("--base-port", type=int, default=0, help="fixed ports from here (0: any)")
+    parser.add_argument("--wire-time", action="store_true", help="emulate UART wire time")
+    args = parser.parse_args(argv)
+    try:
+        return serve(
+            args.rack, args.state_dir, base_port=args.base_port, wire_time=args.wire_time,
+            announce=lambda text: print(text, flush=True),  # goes to daemon.log under `up`
+        )
+    except (ConfigError, UsageError) as exc:
+        print(f"hilfarm sim daemon: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -165,19 +165,9 @@ class DemoApp:
         self._t0 = self._host.now()
         self._state = _State.BOOTING
         info, faults = self._info, self._info.faults
+        # The boot chain (sim/boot.py) already printed the ESP-IDF startup lines up to
+        # "Calling app_main()"; the app's own output starts here.
         lines = [
-            "I (253) cpu_start: Pro cpu start user code",
-            "I (253) cpu_start: cpu freq: 160000000 Hz",
-            "I (258) app_init: Application information:",
-            f"I (263) app_init: Project name:     {info.project}",
-            f"I (268) app_init: App version:      {info.version}",
-            f"I (273) app_init: Secure version:   {info.secure_version}",
-            f"I (278) app_init: ELF file SHA256:  {info.image_sha256[:16]}...",
-            f"I (283) app_init: ESP-IDF:          {info.idf_ver}",
-            "I (293) heap_init: Initializing. RAM available for dynamic allocation:",
-            "I (300) spi_flash: detected chip: generic",
-            "I (306) main_task: Started on CPU0",
-            f"I ({APP_MAIN_MS}) main_task: Calling app_main()",
             f"I ({APP_MAIN_MS}) {TAG}: running partition {info.partition_label} at "
             f"0x{info.partition_offset:x}, ota_state {self._ota_state or 'none'}",
             f"I ({APP_MAIN_MS}) {TAG}: initializing",

@@ -1,4 +1,4 @@
-"""Root conftest: keep the project's own test runs away from a person's real farm state.
+"""Test-suite conftest: keep the project's own test runs away from a person's real farm state.
 
 Unless HILFARM_TEST_USE_ENV=1, a run gets fresh HILFARM_STATE_DIR and HILFARM_SIM_DIR
 directories (made once by the controller process; xdist workers inherit them), so tests never

@@ -33,7 +33,13 @@ from pytest_hilfarm.errors import (
     PortError,
     UsageError,
 )
-from pytest_hilfarm.flashing import FlashPlan, FlashReport, RegionResult, make_plan
+from pytest_hilfarm.flashing import (
+    FlashPlan,
+    FlashReport,
+    RegionResult,
+    app_identity,
+    make_plan,
+)
 from pytest_hilfarm.flashing import flash as esptool_flash
 from pytest_hilfarm.power import PowerDriver, make_power
 from pytest_hilfarm.rack import BoardSpec, RackSpec, builtin_virtual_rack_path, load_rack
@@ -41,7 +47,7 @@ from pytest_hilfarm.reservation import Lease, Owner, Reserver
 from pytest_hilfarm.reset import ResetDriver, make_reset
 from pytest_hilfarm.settings import ImageSpec
 from pytest_hilfarm.store import BoardHealth, FarmStore, LeaseOutcome
-from pytest_hilfarm.transports import open_port, resolve_usb
+from pytest_hilfarm.transports import find_usb, open_port, resolve_usb
 
 # A boot that printed the ROM banner / bootloader lines but never reached the app is the
 # firmware's fault; a board that printed nothing at all is the rig's.
@@ -355,13 +361,43 @@ class Farm:
         )
         return None if feasible else f"rack {self.rack.name!r}: {feasible.reason}"
 
+    def present(self, board: BoardSpec) -> bool:
+        """Whether a board's adapter is plugged in now (virtual and URL boards always are)."""
+        kind, value = board.port.kind, board.port.value
+        try:
+            if kind == "usb_serial":
+                return find_usb(serial=value) is not None
+            if kind == "usb_path":
+                return find_usb(path=value) is not None
+        except PortError:
+            return True  # ambiguous, not gone: let opening the port say what is wrong
+        if kind == "path":
+            return os.path.exists(value)
+        return True
+
     def reserve(self, count: int = 1, *, chip: str | None = None,
                 features: Iterable[str] = (), timeout: float = 300.0, test_id: str = "",
                 reason: str = "", exclude: Iterable[str] = (),
                 only: Iterable[str] | None = None) -> Lease:
-        """Reserve ``count`` distinct boards exclusively (across threads, processes, CI jobs)."""
-        excluded = set(exclude)
+        """Reserve ``count`` distinct boards exclusively (across threads, processes, CI jobs).
+
+        Boards whose USB adapter is unplugged right now are not offered.
+        """
+        gone = {b.id for b in self.rack.boards if not self.present(b)}
+        excluded = set(exclude) | gone
         allowed = {b.id for b in self.rack.boards} if only is None else set(only)
+        if gone:
+            usable = [b for b in self.rack.boards if b.id in allowed - excluded]
+            feasible = can_ever_satisfy(
+                [BoardInfo.of(b) for b in usable], BoardRequest(count, chip, frozenset(features))
+            )
+            if not feasible:
+                raise PortError(
+                    f"not enough boards plugged in: {', '.join(sorted(gone))} "
+                    f"{'is' if len(gone) == 1 else 'are'} unplugged ({feasible.reason})",
+                    where=str(self.rack.source),
+                    hint="plug the board(s) back in; `hilfarm discover` lists what is attached",
+                )
         request = BoardRequest(
             count, chip, frozenset(features),
             only=frozenset(allowed - excluded) if (excluded or only is not None) else None,
@@ -470,8 +506,11 @@ class Farm:
             if plan is not None and not self._store_says_flashed(board_id, plan):
                 report = device.flash(plan, skip_identical=True, wait=False)
             failure = self._boot(device, plan)
-            if failure and plan is not None and report is None:
-                # The store's digests were stale (someone flashed by hand): check on the device.
+            if plan is not None and report is None and (
+                failure or not self._runs_candidate(device, plan)
+            ):
+                # The store's digests were stale (flashed by hand, an OTA in the last test):
+                # compare on the device, region by region, and write what differs.
                 self.store.forget_flash(board_id)
                 report = device.flash(plan, skip_identical=True, wait=False)
                 failure = self._boot(device, plan)
@@ -486,6 +525,18 @@ class Farm:
         except BaseException:
             device.console.close()
             raise
+
+    @staticmethod
+    def _runs_candidate(device: Device, plan: FlashPlan) -> bool:
+        """Whether the boot log shows the plan's app (project, version, offset) running."""
+        for region in plan.regions:
+            ident = app_identity(region.data) if region.role in ("app", None) else None
+            if ident is not None:
+                info = device.boot_info()
+                return (info.project, info.app_version, info.partition_offset) == (
+                    ident[0], ident[1], region.offset
+                )
+        return True  # no app descriptor to compare (a raw image): trust the digests
 
     def _boot(self, device: Device, plan: FlashPlan | None) -> str | None:
         """Reset into the app; None if it started, else the failure text (firmware's fault)."""

@@ -403,6 +403,26 @@ def image_chip(data: bytes) -> str | None:
     return f"unknown chip id {chip_id}"
 
 
+APP_DESC_MAGIC = 0xABCD5432
+
+
+def app_identity(data: bytes) -> tuple[str, str] | None:
+    """(project_name, version) from an app image's ``esp_app_desc_t``, or None if it has none.
+
+    The descriptor sits at image offset 0x20 (ESP-IDF ``esp_app_desc.h``): magic, secure
+    version, reserved, then version[32] at +16 and project_name[32] at +48.
+    """
+    if image_chip(data) is None or len(data) < 0x20 + 80:
+        return None
+    if struct.unpack_from("<I", data, 0x20)[0] != APP_DESC_MAGIC:
+        return None
+
+    def text(raw: bytes) -> str:
+        return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+    return text(data[0x20 + 48 : 0x20 + 80]), text(data[0x20 + 16 : 0x20 + 48])
+
+
 _SIZE_UNITS = {"KB": 1024, "MB": 1024 * 1024}
 
 

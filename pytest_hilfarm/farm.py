@@ -43,10 +43,10 @@ from pytest_hilfarm.flashing import (
 from pytest_hilfarm.flashing import flash as esptool_flash
 from pytest_hilfarm.power import PowerDriver, make_power
 from pytest_hilfarm.rack import BoardSpec, RackSpec, builtin_virtual_rack_path, load_rack
-from pytest_hilfarm.reservation import Lease, Owner, Reserver
+from pytest_hilfarm.reservation import LeaseProtocol, Owner, ReservationBackend, Reserver
 from pytest_hilfarm.reset import ResetDriver, make_reset
 from pytest_hilfarm.settings import ImageSpec
-from pytest_hilfarm.store import BoardHealth, FarmStore, LeaseOutcome
+from pytest_hilfarm.store import BoardHealth, FarmStore, FarmStoreProtocol, LeaseOutcome
 from pytest_hilfarm.transports import find_usb, open_port, resolve_usb
 
 # A boot that printed the ROM banner / bootloader lines but never reached the app is the
@@ -92,7 +92,7 @@ class HilSession:
     """Boards reserved and prepared for one test (or one CLI command)."""
 
     farm: Farm
-    lease: Lease
+    lease: LeaseProtocol
     boards: list[PreparedBoard]
     test_id: str
     started: float = field(default_factory=time.monotonic)
@@ -182,13 +182,18 @@ class Farm:
     """
 
     def __init__(self, rack: RackSpec, *, log_root: Path | None = None,
-                 store: FarmStore | None = None, reserver: Reserver | None = None,
-                 start_virtual: bool = True, baseline: ImageSpec | None = None) -> None:
+                 store: FarmStoreProtocol | None = None,
+                 reserver: ReservationBackend | None = None,
+                 start_virtual: bool = True, baseline: ImageSpec | None = None,
+                 remote_boards: Sequence[BoardSpec] = ()) -> None:
         self.rack = rack
         self.baseline_override = baseline  # --hil-baseline beats the rack file's baselines
+        # Boards of this rack file, plus (multi-host) boards rig hosts registered elsewhere.
+        self.boards: tuple[BoardSpec, ...] = tuple(rack.boards) + tuple(remote_boards)
+        self._remote = frozenset(b.id for b in remote_boards)
         self.log_root = Path(log_root) if log_root else Path.cwd() / "hilfarm-logs"
         self.store = store or FarmStore(rack.state_dir / "farm.db")
-        self.reserver = reserver or Reserver(rack.boards, rack.lock_dir, self.store)
+        self.reserver = reserver or Reserver(self.boards, rack.lock_dir, self.store)
         self._start_virtual = start_virtual
         self._virtual_info: dict[str, Any] | None = None
         self._virtual_lock = threading.Lock()
@@ -197,10 +202,36 @@ class Farm:
 
     @classmethod
     def open(cls, rack: RackSpec | Path | str | None = None, **kwargs: Any) -> Farm:
-        """Load a rack file (default: the built-in virtual rack) and open its farm."""
+        """Load a rack file (default: the built-in virtual rack) and open its farm.
+
+        A ``backend: postgresql://...`` in the rack file (or ``HILFARM_DATABASE_URL``) puts
+        reservations, health and history in PostgreSQL, shared by every host, and adds the
+        boards that rig hosts (``hilfarm export``) registered there.
+        """
         if not isinstance(rack, RackSpec):
             rack = load_rack(rack or builtin_virtual_rack_path())
+        url = rack.backend or os.environ.get("HILFARM_DATABASE_URL")
+        if url and "store" not in kwargs and "reserver" not in kwargs:
+            from pytest_hilfarm.pg import is_database_url, open_backend
+            from pytest_hilfarm.pg.reservation import PgReserver
+            from pytest_hilfarm.rigclient import remote_board_spec
+
+            if is_database_url(url):
+                store, reserver = open_backend(url, rack)
+                local = {b.id for b in rack.boards}
+                remote = [remote_board_spec(r) for r in store.registered_boards().values()
+                          if r.host and r.board not in local]
+                if remote:
+                    reserver = PgReserver(url, store, boards=(*rack.boards, *remote))
+                kwargs.update(store=store, reserver=reserver, remote_boards=remote)
         return cls(rack, **kwargs)
+
+    def board(self, board_id: str) -> BoardSpec:
+        """A board of this farm by id (with a did-you-mean from the rack file on a typo)."""
+        for b in self.boards:
+            if b.id == board_id:
+                return b
+        return self.rack.board(board_id)
 
     def close(self) -> None:
         self.store.close()
@@ -239,7 +270,7 @@ class Farm:
 
     def _serves_rack(self, info: Mapping[str, Any]) -> bool:
         ids = {b.get("id") for b in info.get("boards", [])}
-        return all(b.id in ids for b in self.rack.boards if b.is_virtual)
+        return all(b.id in ids for b in self.boards if b.is_virtual)
 
     def _start_daemon(self) -> None:
         rack_path = self.rack.path or builtin_virtual_rack_path()
@@ -309,7 +340,9 @@ class Farm:
     def open_device(self, board_id: str, *, log_path: Path | None = None,
                     boot_timeout: float = 15.0) -> Device:
         """A Device for a board the caller holds (its console opened, nothing reset)."""
-        board = self.rack.board(board_id)
+        board = self.board(board_id)
+        if board.id in self._remote:
+            return self._open_remote_device(board, log_path, boot_timeout)
         port = self.port_of(board)
         log_path = log_path or self.log_root / "manual" / f"{board.id}.log"
         console = Console(lambda: open_port(self.port_of(board)), log_path, name=board.id)
@@ -325,17 +358,52 @@ class Farm:
             power=self.power_of(board),
             mac=self._mac_of(board),
             resolve_port=resolver,
-            flasher=self._recording_flasher(board.id),
+            flasher=self._recording_flasher(board.id, esptool_flash),
             boot_timeout=boot_timeout,
             flash_baud=board.flash.baud,
         )
 
-    def _recording_flasher(self, board_id: str) -> Any:
-        """Flash with esptool, keeping the store's per-region digests up to date."""
+    def _open_remote_device(self, board: BoardSpec, log_path: Path | None,
+                            boot_timeout: float) -> Device:
+        """A board on another rig host: console over its RFC 2217 URL, the rest over its API.
+
+        Flashing uses the upload path (the rig host runs esptool next to the board), which is
+        about as fast as local flashing; RFC 2217 carries only the console.
+        """
+        from pytest_hilfarm.rigclient import (
+            RemotePower,
+            RemoteReset,
+            client_for_board,
+            remote_flasher,
+        )
+
+        client = client_for_board(self.store, board.id)  # type: ignore[arg-type]
+        url = board.port.value
+        log_path = log_path or self.log_root / "manual" / f"{board.id}.log"
+
+        def open_console() -> Any:
+            client.attach(board.id)  # RFC 2217 has no authentication of its own
+            return open_port(url)
+
+        console = Console(open_console, log_path, name=board.id)
+        return Device(
+            id=board.id,
+            chip=board.chip,
+            port=url,
+            console=console,
+            reset=RemoteReset(client, board.id),
+            power=RemotePower(client, board.id),
+            flasher=self._recording_flasher(board.id, remote_flasher(client, board.id)),
+            boot_timeout=boot_timeout,
+            flash_baud=board.flash.baud,
+        )
+
+    def _recording_flasher(self, board_id: str, flash_fn: Any) -> Any:
+        """Flash through ``flash_fn``, keeping the store's per-region digests up to date."""
 
         def flasher(port: str, chip: str, plan: FlashPlan, **kwargs: Any) -> FlashReport:
             self.store.forget_flash(board_id)  # a failed flash leaves regions unknown
-            report = esptool_flash(port, chip, plan, **kwargs)
+            report: FlashReport = flash_fn(port, chip, plan, **kwargs)
             for region in report.regions:
                 self.store.record_flash(board_id, region.offset, region.sha256, region.size)
             return report
@@ -345,11 +413,11 @@ class Farm:
     # -- requests -----------------------------------------------------------------------------
 
     def board_infos(self) -> list[BoardInfo]:
-        health = self.store.all_health([b.id for b in self.rack.boards])
+        health = self.store.all_health([b.id for b in self.boards])
         return [
             BoardInfo.of(b, health[b.id].health, health[b.id].failures) if b.id in health
             else BoardInfo.of(b, BoardHealth.UNKNOWN)
-            for b in self.rack.boards
+            for b in self.boards
         ]
 
     def unsatisfiable(self, count: int = 1, *, chip: str | None = None,
@@ -357,7 +425,7 @@ class Farm:
         """Why the rack can never give these boards (None if it can)."""
         request = BoardRequest(count, chip, frozenset(features))
         feasible = can_ever_satisfy(
-            [BoardInfo.of(b) for b in self.rack.boards], request
+            [BoardInfo.of(b) for b in self.boards], request
         )
         return None if feasible else f"rack {self.rack.name!r}: {feasible.reason}"
 
@@ -378,16 +446,16 @@ class Farm:
     def reserve(self, count: int = 1, *, chip: str | None = None,
                 features: Iterable[str] = (), timeout: float = 300.0, test_id: str = "",
                 reason: str = "", exclude: Iterable[str] = (),
-                only: Iterable[str] | None = None) -> Lease:
+                only: Iterable[str] | None = None) -> LeaseProtocol:
         """Reserve ``count`` distinct boards exclusively (across threads, processes, CI jobs).
 
         Boards whose USB adapter is unplugged right now are not offered.
         """
-        gone = {b.id for b in self.rack.boards if not self.present(b)}
+        gone = {b.id for b in self.boards if not self.present(b)}
         excluded = set(exclude) | gone
-        allowed = {b.id for b in self.rack.boards} if only is None else set(only)
+        allowed = {b.id for b in self.boards} if only is None else set(only)
         if gone:
-            usable = [b for b in self.rack.boards if b.id in allowed - excluded]
+            usable = [b for b in self.boards if b.id in allowed - excluded]
             feasible = can_ever_satisfy(
                 [BoardInfo.of(b) for b in usable], BoardRequest(count, chip, frozenset(features))
             )
@@ -422,7 +490,7 @@ class Farm:
 
     def health_check(self, device: Device, *, reason: str = "") -> BoardHealth:
         """Power-cycle, flash the baseline (skipping identical regions), check that it boots."""
-        board = self.rack.board(device.id)
+        board = self.board(device.id)
         before = self.store.health(board.id).health
         try:
             baseline = self.baseline_of(board)
@@ -489,7 +557,7 @@ class Farm:
     def prepare_board(self, board_id: str, *, firmware: object, needs_check: bool,
                       boot_timeout: float, log_path: Path) -> PreparedBoard:
         """Bring one reserved board to a known state and start the candidate firmware."""
-        board = self.rack.board(board_id)
+        board = self.board(board_id)
         try:
             device = self.open_device(board_id, log_path=log_path, boot_timeout=boot_timeout)
         except HilfarmError as exc:
@@ -609,6 +677,10 @@ class Farm:
     def status(self) -> list[dict[str, Any]]:
         """Every board with chip, health, holder and since, last flashed firmware."""
         rows = []
+        hosts: dict[str, Any] = {}
+        host_status = getattr(self.reserver, "host_status", None)
+        if host_status is not None:  # multi-host: which rig host, and is it online
+            hosts = {r.status.board: r for r in host_status()}
         for st in self.reserver.status():
             holder = st.holder.owner.describe() if st.holder else None
             since = st.holder.since if st.holder else None
@@ -625,6 +697,10 @@ class Farm:
                 "since": since,
                 "firmware": fw.digest[:12] if fw else None,
             })
+            remote = hosts.get(st.board)
+            if remote is not None:
+                rows[-1]["host"] = remote.host or "(rack file)"
+                rows[-1]["online"] = remote.online
         return rows
 
 

@@ -454,7 +454,8 @@ def _parse(text: str, source: str, base_dir: Path, environ: Mapping[str, str] | 
             value = _scalar(ctx, value_node, f"settings.{key}", "a single value")
             settings[key] = RackSetting(value, ctx.loc(value_node))
 
-    boards = _parse_boards(ctx, top["boards"][1])
+    # A client of a multi-host farm may own no boards: rig hosts register theirs.
+    boards = _parse_boards(ctx, top["boards"][1], allow_empty=backend is not None)
     return RackSpec(
         name=name, version=RACK_VERSION, path=file, lock_dir=lock_dir, state_dir=state_dir,
         backend=backend, baselines=MappingProxyType(baselines), boards=boards,
@@ -474,11 +475,12 @@ def _default_state_dir(name: str, environ: Mapping[str, str]) -> Path:
     return Path(home) / ".local" / "state" / "hilfarm" / name
 
 
-def _parse_boards(ctx: _Ctx, node: Node) -> tuple[BoardSpec, ...]:
+def _parse_boards(ctx: _Ctx, node: Node, *, allow_empty: bool = False
+                  ) -> tuple[BoardSpec, ...]:
     if not isinstance(node, SequenceNode):
         raise ctx.error(node, "boards", f"expected a list of boards, got {_describe(ctx, node)}",
                         hint="write each board as a list item: '- id: esp32-1'")
-    if not node.value:
+    if not node.value and not allow_empty:
         raise ctx.error(node, "boards", "the rack has no boards",
                         hint="add at least one board with id, chip and port")
     boards: list[BoardSpec] = []

@@ -42,3 +42,26 @@ def pytest_unconfigure(config: pytest.Config) -> None:
                    capture_output=True, timeout=60, check=False)
     shutil.rmtree(root, ignore_errors=True)
     os.environ.pop(_OWNED, None)
+
+
+@pytest.fixture(scope="module")
+def private_virtual_rack(tmp_path_factory: pytest.TempPathFactory):
+    """A virtual rack daemon and farm state of this test module's own (stopped afterwards).
+
+    Modules that unplug boards, hold them or change their health must not meet the tests of
+    another module (maybe on another xdist worker) on the same boards.
+    """
+    root = tmp_path_factory.mktemp("private-rack")
+    saved = {k: os.environ.get(k) for k in ("HILFARM_SIM_DIR", "HILFARM_STATE_DIR")}
+    os.environ["HILFARM_SIM_DIR"] = str(root / "sim")
+    os.environ["HILFARM_STATE_DIR"] = str(root / "state")
+    try:
+        yield root
+    finally:
+        subprocess.run([sys.executable, "-m", "pytest_hilfarm", "sim", "down"],
+                       capture_output=True, timeout=60, check=False)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -44,7 +44,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    headers = ("board", "chip", "health", "holder", "since", "firmware")
+    headers: tuple[str, ...] = ("board", "chip", "health", "holder", "since", "firmware")
+    if any("host" in r for r in rows):
+        headers += ("host", "online")
     table = [[str(r.get(h) if r.get(h) is not None else "-") for h in headers] for r in rows]
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(headers)]
     print("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths)))
@@ -143,7 +145,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     from pytest_hilfarm.errors import HilfarmError
 
     with _farm(args) as farm:
-        boards = [args.board] if args.board else [b.id for b in farm.rack.boards]
+        boards = [args.board] if args.board else [b.id for b in farm.boards]
         failed = 0
         for board_id in boards:
             lease = farm.reserve(1, only=[board_id], timeout=args.timeout,
@@ -163,7 +165,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 def cmd_board(args: argparse.Namespace) -> int:
     with _farm(args) as farm:
-        farm.rack.board(args.board)  # did-you-mean on a typo
+        farm.board(args.board)  # did-you-mean on a typo
         if args.action == "restore":
             health = farm.store.restore(args.board, _person())
             farm.store.forget_flash(args.board)
@@ -175,7 +177,7 @@ def cmd_board(args: argparse.Namespace) -> int:
 
 def cmd_lock(args: argparse.Namespace) -> int:
     with _farm(args) as farm:
-        farm.rack.board(args.board)
+        farm.board(args.board)
         result = farm.reserver.hold(args.board, args.reason, _person())
         # A person may reflash by hand: the farm must not trust its digests afterwards.
         farm.store.forget_flash(args.board)
@@ -188,7 +190,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
 
 def cmd_unlock(args: argparse.Namespace) -> int:
     with _farm(args) as farm:
-        farm.rack.board(args.board)
+        farm.board(args.board)
         removed = farm.reserver.unhold(args.board)
     print(f"{args.board}: " + ("released to the farm" if removed else "was not held"))
     return 0

@@ -46,7 +46,8 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def farm(tmp_path_factory: pytest.TempPathFactory, builds: dict[str, Path]) -> Farm:
+def farm(tmp_path_factory: pytest.TempPathFactory, builds: dict[str, Path],
+         private_virtual_rack: Path) -> Farm:
     root = tmp_path_factory.mktemp("rack")
     rack_file = root / "rack.yaml"
     rack_file.write_text(RACK.replace(

@@ -33,7 +33,7 @@ boards:
 
 
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def rig(tmp_path_factory: pytest.TempPathFactory, private_virtual_rack: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("rig")
     rack = root / "rack.yaml"
     rack.write_text(RACK)

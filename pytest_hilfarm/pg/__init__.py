@@ -1,0 +1,51 @@
+"""The multi-host backend: farm store and reservations on PostgreSQL (issue 8).
+
+Job: give every host of a farm one set of locks and one view of health, history, results, holds,
+rig hosts and their boards, on an existing engine. :func:`open_backend` is what ``Farm.open``
+calls when the rack's ``backend`` (or ``HILFARM_DATABASE_URL``) is a ``postgresql://`` URL.
+
+Must not: import pytest or the virtual rack; talk to hardware; reclaim a lock by its age (only
+the server frees a session advisory lock, when its holder's connection dies).
+
+psycopg (v3) is imported lazily by the submodules' connect helpers, so importing this package
+without the driver installed fails only when a database is actually used, with a clear hint.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pytest_hilfarm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pytest_hilfarm.rack import RackSpec
+
+    from .reservation import PgReserver
+    from .store import PgFarmStore
+
+__all__ = ["is_database_url", "open_backend"]
+
+
+def is_database_url(url: str | None) -> bool:
+    """True for the URLs this backend serves (``postgresql://`` or ``postgres://``)."""
+    return bool(url) and str(url).startswith(("postgresql://", "postgres://"))
+
+
+def open_backend(url: str, rack: RackSpec | None = None) -> tuple[PgFarmStore, PgReserver]:
+    """Open the PostgreSQL store and reserver for ``rack`` (migrating the schema if needed).
+
+    ``rack`` limits allocation to its boards; None means every board a rig host registered.
+    """
+    if not is_database_url(url):
+        raise ConfigError(
+            f"not a PostgreSQL URL: {url!r}",
+            where=rack.source if rack is not None else "HILFARM_DATABASE_URL",
+            hint="use postgresql://USER@HOST:PORT/DBNAME (or leave backend unset for the "
+            "single-host default)",
+        )
+    from .reservation import PgReserver
+    from .store import PgFarmStore
+
+    store = PgFarmStore(url)
+    reserver = PgReserver(url, store, boards=None if rack is None else rack.boards)
+    return store, reserver

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_righost import TOKEN, _start_rig
 
 from pytest_hilfarm.farm import Farm
 from pytest_hilfarm.sim.appbuild import write_build_dir
-from test_righost import TOKEN, _start_rig
 
 pytest.importorskip("psycopg")
 

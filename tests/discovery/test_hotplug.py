@@ -108,3 +108,30 @@ def test_a_replugged_node_is_a_char_device_again(testbed) -> None:
     testbed.plug("cp210x")
     assert stat.S_ISCHR(os.stat("/dev/ttyUSB0").st_mode)
     assert [a.device_node for a in list_adapters()][0] == "/dev/ttyUSB0"
+
+
+def test_farm_skips_an_unplugged_board_and_follows_it_to_its_new_node(testbed, tmp_path) -> None:
+    from pytest_hilfarm.farm import Farm
+    from pytest_hilfarm.rack import parse_rack
+
+    rack = parse_rack(
+        "version: 1\nname: udev\nboards:\n"
+        "  - {id: cp, chip: esp32, usb_serial: '3c0e5a1f6b2aec11b2f0a1b2c3d4e5f6', power: none}\n"
+        "  - {id: ft, chip: esp32, usb_path: '1-1.4', power: none}\n",
+        "udev.yaml", environ={"HILFARM_STATE_DIR": str(tmp_path)},
+    )
+    with Farm(rack, log_root=tmp_path / "logs") as farm:
+        cp = farm.board("cp")
+        assert farm.present(cp) and farm.port_of(cp) == "/dev/ttyUSB0"
+        assert farm.port_of(farm.board("ft")) == "/dev/ttyUSB3"
+
+        testbed.unplug("cp210x")
+        assert not farm.present(cp)
+        with farm.reserve(1, timeout=2) as lease:
+            assert lease.boards == ("ft",)  # the unplugged board is never offered
+
+        testbed.plug("cp210x-reenumerated")
+        assert farm.present(cp)
+        assert farm.port_of(cp) == "/dev/ttyUSB1"  # re-resolved by its USB serial
+        with farm.reserve(2, timeout=2) as lease:
+            assert set(lease.boards) == {"cp", "ft"}

@@ -31,6 +31,12 @@ def build(root: Path, name: str, chip: str, **kwargs: object) -> Path:
 
 
 @pytest.fixture(scope="session")
+def candidate() -> dict[str, str]:
+    """What the candidate firmware says it is (its esp_app_desc_t)."""
+    return {"project": PROJECT, "version": VERSION}
+
+
+@pytest.fixture(scope="session")
 def firmware_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.getbasetemp() / "example-firmware"
 

@@ -2,16 +2,14 @@
 
 import pytest
 
-from conftest import PROJECT, VERSION
-
 
 @pytest.mark.hil(count=1)
-def test_boots_candidate(hil_device):
+def test_boots_candidate(hil_device, candidate):
     info = hil_device.boot_info()
-    assert info.project == PROJECT
-    assert info.app_version == VERSION
+    assert info.project == candidate["project"]
+    assert info.app_version == candidate["version"]
     reply = hil_device.command("version")
-    assert f"version: {VERSION}" in reply
+    assert f"version: {candidate['version']}" in reply
 
 
 @pytest.mark.hil(count=1)
@@ -22,6 +20,6 @@ def test_console_answers_status(hil_device):
 
 
 @pytest.mark.hil(count=1)
-def test_reset_reboots_same_firmware(hil_device):
+def test_reset_reboots_same_firmware(hil_device, candidate):
     info = hil_device.reset()
-    assert info is not None and info.app_version == VERSION
+    assert info is not None and info.app_version == candidate["version"]

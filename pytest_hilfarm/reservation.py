@@ -74,6 +74,7 @@ from .store import (
     FarmStoreProtocol,
     HoldRecord,
     LeaseOutcome,
+    outcome_of,
     parse_outcome,
 )
 
@@ -408,17 +409,7 @@ class Lease:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        # Fail closed: a rig fault or an interruption leaves the boards in an unknown state; an
-        # ordinary exception is the test's business and says nothing about the hardware.
-        if exc is None:
-            outcome = LeaseOutcome.OK
-        elif isinstance(exc, InfrastructureError):
-            outcome = LeaseOutcome.INFRA_ERROR
-        elif not isinstance(exc, Exception):
-            outcome = LeaseOutcome.ABORTED
-        else:
-            outcome = LeaseOutcome.FAILED
-        self.release(default=outcome)
+        self.release(default=outcome_of(exc))
 
 
 # -- the reserver -------------------------------------------------------------------------------

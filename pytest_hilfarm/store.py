@@ -25,7 +25,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import UsageError
+from .errors import InfrastructureError, UsageError
 
 # Why 3: DESIGN.md "Board lifecycle": three failed health checks in a row quarantine a board.
 QUARANTINE_AFTER = 3
@@ -59,6 +59,21 @@ class LeaseOutcome(str, Enum):
 OUTCOMES_NEEDING_CHECK = frozenset(
     {LeaseOutcome.INFRA_ERROR, LeaseOutcome.ABORTED, LeaseOutcome.HOLDER_DIED}
 )
+
+
+def outcome_of(exc: BaseException | None) -> LeaseOutcome:
+    """How a lease used as a context manager ended, from the exception that ended it.
+
+    Fail closed: a rig fault or an interruption leaves the boards in an unknown state; an
+    ordinary exception is the test's business and says nothing about the hardware.
+    """
+    if exc is None:
+        return LeaseOutcome.OK
+    if isinstance(exc, InfrastructureError):
+        return LeaseOutcome.INFRA_ERROR
+    if not isinstance(exc, Exception):
+        return LeaseOutcome.ABORTED
+    return LeaseOutcome.FAILED
 
 
 def parse_outcome(value: str | LeaseOutcome, *, where: str) -> LeaseOutcome:

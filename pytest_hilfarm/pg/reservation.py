@@ -55,6 +55,7 @@ from pytest_hilfarm.store import (
     BoardHealth,
     HoldRecord,
     LeaseOutcome,
+    outcome_of,
     parse_outcome,
 )
 
@@ -261,15 +262,7 @@ class PgLease:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc is None:
-            outcome = LeaseOutcome.OK
-        elif isinstance(exc, InfrastructureError):
-            outcome = LeaseOutcome.INFRA_ERROR
-        elif not isinstance(exc, Exception):
-            outcome = LeaseOutcome.ABORTED
-        else:
-            outcome = LeaseOutcome.FAILED
-        self.release(default=outcome)
+        self.release(default=outcome_of(exc))
 
 
 class PgReserver:

@@ -7,6 +7,7 @@ Every command takes ``--rack`` (default: the built-in virtual rack) and goes thr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import os
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pytest_hilfarm.errors import UsageError
+from pytest_hilfarm.errors import HilfarmError, UsageError
 
 
 def _farm(args: argparse.Namespace) -> Any:
@@ -129,9 +130,13 @@ def cmd_console(args: argparse.Namespace) -> int:
             reader.start()
             try:
                 if args.reset:
-                    dev.reset(wait=False)
+                    dev.reset(wait=True)
+                    # Apps drop input typed before their first prompt: wait for one briefly.
+                    with contextlib.suppress(HilfarmError):
+                        dev.console.expect(r"(?m)^> ", timeout=3)
                 for line in sys.stdin:
                     dev.write(line)
+                time.sleep(args.linger)  # let the last reply arrive when stdin was a pipe
             except KeyboardInterrupt:
                 pass
             finally:
@@ -142,8 +147,6 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from pytest_hilfarm.errors import HilfarmError
-
     with _farm(args) as farm:
         boards = [args.board] if args.board else [b.id for b in farm.boards]
         failed = 0
@@ -219,6 +222,8 @@ def register(sub: Any) -> None:
     _add_rack(p)
     p.add_argument("board")
     p.add_argument("--reset", action="store_true", help="reset the board after attaching")
+    p.add_argument("--linger", type=float, default=1.0,
+                   help="seconds to keep showing output after the input ends (default 1)")
     p.add_argument("--timeout", type=float, default=60.0)
     p.set_defaults(handler=cmd_console)
 

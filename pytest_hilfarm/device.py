@@ -5,6 +5,11 @@ rack records and makes no reservation decisions. Infrastructure trouble surfaces
 FlashError / PortError (InfrastructureError), so the plugin reports a setup error and marks the
 board UNKNOWN instead of failing the test. It must not open ports itself: the console owns the
 port, and flashing borrows it through ``pause()``/``resume()``.
+
+``ota_update`` drives an over-the-air update through the app's console (``ota <url>``, the
+demo app's protocol in ``sim/app.py``, which firmware under test is expected to mirror) and
+reads the outcome from the log; it serves a local image through an
+:class:`~pytest_hilfarm.ota.server.OtaServer` on 127.0.0.1 when given a path or bytes.
 """
 
 from __future__ import annotations
@@ -35,14 +40,64 @@ APP_STARTED = re.compile(
     r"(?:app_init|cpu_start): ESP-IDF:[^\n]*\n|main_task: Calling app_main\(\)"
 )
 # Signs that the boot will not reach the app: fail at once instead of waiting for the timeout.
+# A slot that is "not bootable", and "ota data partition invalid, falling back to factory", are
+# not among them: the bootloader goes on to the next slot (an OTA rollback, a refused signature;
+# bootloader_utility.c), and "No bootable app partitions" follows when none is left.
 BOOT_FAILED = re.compile(
     r"Guru Meditation Error[^\n]*|abort\(\) was called[^\n]*|"
-    r"E \(\d+\) boot: (?:No bootable app partitions|Factory app partition is not bootable|"
-    r"OTA app partition slot \d+ is not bootable|.*[Ii]nvalid)[^\n]*|"
-    r"ets_main\.c \d+[^\n]*|invalid header: 0x[0-9a-f]+"
+    r"E \(\d+\) boot: (?:No bootable app partitions|(?!ota data partition invalid).*[Ii]nvalid)"
+    r"[^\n]*|ets_main\.c \d+[^\n]*|invalid header: 0x[0-9a-f]+"
 )
 
 Flasher = Callable[..., FlashReport]
+
+# The app's OTA result lines (sim/app.py documents them) and what rolls an update back.
+_OTA_RESULT = re.compile(
+    r"hilfarm-demo: OTA (succeeded|failed): ([^\r\n]*)"
+)
+_OTA_NEW = re.compile(r"OTA succeeded: (\S+) (\S+) in (\S+), rebooting")
+_ROLLBACK_REASON = re.compile(
+    r"self-test failed[^\r\n]*|Guru Meditation Error[^\r\n]*|task_wdt:[^\r\n]*|"
+    r"OTA app partition slot \d+ is not bootable[^\r\n]*"
+)
+_ROM_RESET = re.compile(r"rst:0x[0-9a-f]+")
+_REPLY_FIELD = re.compile(r"^(\w+): (.*)$", re.M)
+OTA_OUTCOMES = ("confirmed", "rolled_back", "rejected")
+
+
+@dataclass(frozen=True)
+class OtaOutcome:
+    """How an over-the-air update ended (:meth:`Device.ota_update`).
+
+    ``result``: "confirmed" (the new version runs and its slot is VALID, or UNDEFINED on a
+    bootloader without rollback), "rolled_back" (it
+    booted but failed its self-test, crashed or was reset before confirming; the old version
+    runs again) or "rejected" (download or verification failed; the old version never stopped).
+    ``before``/``after`` are the boot information before and after; ``running`` the ``version``
+    / ``status`` fields of the app running at the end; ``reason`` the line that decided it;
+    ``log`` the console from the ``ota`` command on.
+    """
+
+    result: str
+    url: str
+    before: BootInfo
+    after: BootInfo
+    running: dict[str, str]
+    reason: str | None
+    log: str
+    seconds: float
+
+    @property
+    def confirmed(self) -> bool:
+        return self.result == "confirmed"
+
+    @property
+    def rolled_back(self) -> bool:
+        return self.result == "rolled_back"
+
+    @property
+    def rejected(self) -> bool:
+        return self.result == "rejected"
 
 
 @dataclass(frozen=True)
@@ -322,3 +377,134 @@ class Device:
         if wait:
             self.reset(timeout=timeout)
         return report
+
+    # -- over the air -----------------------------------------------------------------------------
+
+    def app_fields(self, timeout: float = 5.0) -> dict[str, str]:
+        """The running app's ``version`` and ``status`` replies as one dict (key: value lines)."""
+        fields: dict[str, str] = {}
+        for cmd in ("version", "status"):
+            reply = self.command(cmd, timeout=timeout).replace("\r", "")
+            for match in _REPLY_FIELD.finditer(reply):
+                fields.setdefault(match.group(1), match.group(2).strip())
+        return fields
+
+    def ota_update(
+        self,
+        image: str | Path | bytes,
+        *,
+        server: Any = None,
+        timeout: float = 120.0,
+        retries: int | None = None,
+    ) -> OtaOutcome:
+        """Update the running app over the air and wait for the outcome (see :class:`OtaOutcome`).
+
+        ``image`` is an ``http://`` URL the board can reach (127.0.0.1 on the virtual rack), or
+        an image file / bytes that is published on ``server`` (an ``OtaServer``; a temporary one
+        when None). ``retries`` limits the app's download retries (the app's default: 8).
+        A new app that neither confirms nor rolls back within ``timeout`` (it hangs at boot)
+        raises :class:`ConsoleTimeout`.
+        """
+        started = time.monotonic()
+        own_server = None
+        if isinstance(image, str) and image.startswith(("http://", "https://")):
+            url = image
+        else:
+            if server is None:
+                from pytest_hilfarm.ota.server import OtaServer
+
+                own_server = server = OtaServer().start()
+            if isinstance(image, bytes):
+                name = f"{self.id}-update.bin"
+                url = server.publish(name, image)
+            else:
+                path = Path(image)
+                if not path.is_file():
+                    raise UsageError(f"no image file at {path}", where=f"OTA update of {self.id}",
+                                     hint="pass an app .bin, its bytes, or an http:// URL")
+                url = server.publish(f"{self.id}-{path.name}", path)
+        try:
+            return self._ota_run(url, started, timeout, retries)
+        finally:
+            if own_server is not None:
+                own_server.stop()
+
+    def _ota_run(self, url: str, started: float, timeout: float,
+                 retries: int | None) -> OtaOutcome:
+        before = self.boot_info()
+        deadline = started + timeout
+        where = f"OTA update of board {self.id}"
+        mark = self.console.mark()
+        cmd = f"ota {url}" + (f" {retries}" if retries is not None else "")
+        reply = self.command(cmd, timeout=min(10.0, timeout))
+        if reply.strip().startswith("error:"):
+            raise UsageError(f"the app refused the update: {reply.strip()}", where=where,
+                             hint="wait for the previous update to end, and check the URL")
+        result = self._ota_wait(_OTA_RESULT, mark, deadline, where)
+        if result.group(1) == "failed":
+            self.console.seek(result.end() + self.console.window(mark)[0])
+            running = self.app_fields()
+            return OtaOutcome("rejected", url, before, before, running, result.group(2).strip(),
+                              self.console.text_since(mark), time.monotonic() - started)
+        new = _OTA_NEW.search(result.group(0))
+        new_version = new.group(2) if new else None
+        new_slot = new.group(3) if new else None
+        boot_start, prompt_end = self._ota_settle(mark, deadline, where)
+        # What follows belongs to the boot that stayed up: boot_info() and commands start there.
+        self._boot_mark = boot_start
+        self.console.seek(prompt_end)
+        self._prompt_seen = True
+        after = self.boot_info()
+        running = self.app_fields()
+        log = self.console.text_since(mark)
+        # VALID after the self-test; UNDEFINED when the bootloader has no rollback option
+        # (esp_ota_set_boot_partition then writes no NEW state and nothing is confirmed).
+        ok = (running.get("version") == new_version and running.get("partition") == new_slot
+              and running.get("ota_state") in ("VALID", "UNDEFINED"))
+        reason_match = None if ok else _ROLLBACK_REASON.search(log)
+        reason = reason_match.group(0).strip() if reason_match else None
+        return OtaOutcome("confirmed" if ok else "rolled_back", url, before, after, running,
+                          reason, log, time.monotonic() - started)
+
+    def _ota_wait(self, regex: re.Pattern[str], mark: int, deadline: float,
+                  where: str) -> re.Match[str]:
+        while True:
+            _, text = self.console.window(mark)
+            match = regex.search(text)
+            if match is not None:
+                return match
+            if time.monotonic() >= deadline:
+                raise ConsoleTimeout(
+                    f"no OTA result line ({regex.pattern!r}) before the timeout\n{self._tail()}",
+                    where=where, hint="the download may be stuck: check the server's request log "
+                    f"and the board log {self.log_path}")
+            time.sleep(0.05)
+
+    def _ota_settle(self, mark: int, deadline: float, where: str) -> tuple[int, int]:
+        """Wait until an app that booted after the update shows its prompt and stays up.
+
+        Returns (absolute start of that boot's log, absolute end of its first prompt). A new
+        app that fails its self-test or crashes reboots *before* its prompt, so the first boot
+        with a prompt is the one that stays (the new app confirmed, or the old one after the
+        rollback).
+        """
+        prompt = re.compile(DEFAULT_PROMPT)
+        while True:
+            base, text = self.console.window(mark)
+            result = _OTA_RESULT.search(text)
+            after = result.end() if result else 0
+            boots = list(APP_STARTED.finditer(text, after))
+            if boots:
+                last = boots[-1]
+                shown = prompt.search(text, last.end())
+                if shown is not None:
+                    resets = [m.start() for m in _ROM_RESET.finditer(text, after, last.start())]
+                    first_line = text.rfind("\n", 0, resets[-1]) + 1 if resets else last.start()
+                    return base + first_line, base + shown.end()
+            if time.monotonic() >= deadline:
+                raise ConsoleTimeout(
+                    "the update was written and the board rebooted, but no app reached its "
+                    f"console prompt before the timeout\n{self._tail()}", where=where,
+                    hint="the new app may hang at boot without confirming itself: a reset "
+                    "rolls it back (ABORTED); full log: " + str(self.log_path))
+            time.sleep(0.05)

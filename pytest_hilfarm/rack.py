@@ -54,8 +54,10 @@ _URL_SCHEMES = ("rfc2217", "socket")
 # test asks for network conditions; the rack loader only admits the key.
 _TOP_KEYS = ("version", "name", "lock_dir", "state_dir", "backend", "baseline", "settings",
              "network_profiles", "boards")
+# sim: the virtual board's eFuse / secure boot settings, read and checked by the virtual rack
+# daemon (docs/virtual-rack.md); the rack loader only checks it is a mapping on a virtual board.
 _BOARD_KEYS = ("id", "chip", "port", "usb_serial", "usb_path", "reset", "power", "flash",
-               "features", "baseline", "interface")
+               "features", "baseline", "interface", "sim")
 _PORT_KEYS = ("port", "usb_serial", "usb_path")
 _FLASH_KEYS = ("baud", "mode", "size", "freq")
 _POWER_KEYS = {
@@ -574,6 +576,16 @@ def _parse_board(ctx: _Ctx, node: Node, path: str) -> BoardSpec:
         interface = _string(ctx, entries["interface"][1], f"{path}.interface",
                             "a network interface name (up to 15 characters)", _IFACE_RE,
                             hint="e.g. interface: enx00e04c680001")
+
+    if "sim" in entries:
+        sim_node = entries["sim"][1]
+        if not isinstance(sim_node, MappingNode):
+            raise ctx.error(sim_node, f"{path}.sim",
+                            f"expected a mapping, got {_describe(ctx, sim_node)}",
+                            hint="e.g. sim: {secure_boot: true, key_digests: [...]}")
+        if port.kind != "virtual":
+            raise ctx.error(sim_node, f"{path}.sim", "sim: applies to virtual boards only",
+                            hint="remove it, or use port: virtual")
 
     return BoardSpec(id=board_id, chip=chip, port=port, reset=reset, power=power, flash=flash,
                      features=features, baseline=baseline, where=ctx.loc(node),

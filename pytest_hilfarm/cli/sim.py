@@ -1,4 +1,5 @@
-"""``hilfarm sim``: run and drive the virtual rack (serve, up, down, status, power, reset, mesh).
+"""``hilfarm sim``: run and drive the virtual rack (serve, up, down, status, power, reset, mesh,
+efuse).
 
 Each subcommand is a thin wrapper over :mod:`pytest_hilfarm.sim.manager` (background daemon and
 control endpoint) or :mod:`pytest_hilfarm.sim.daemon` (foreground ``serve``). It must not
@@ -66,6 +67,31 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--heal", action="store_true", help="lift all partitions")
     p.set_defaults(handler=_mesh)
+
+    p = sim_sub.add_parser(
+        "efuse", parents=[common],
+        help="show or burn a virtual board's eFuses (Secure Boot, key digests, secure version)",
+        description="Without an action: show the board's virtual eFuses. Burning is one-way, as "
+        "on a chip: bits only go from 0 to 1 (a digest fills a free key block, the secure "
+        "version only rises).")
+    p.add_argument("board")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    actions = p.add_subparsers(dest="efuse_action", metavar="ACTION")
+    a = actions.add_parser("burn-key-digest", help="burn a Secure Boot V2 key digest")
+    src = a.add_mutually_exclusive_group(required=True)
+    src.add_argument("digest", nargs="?", help="64 hex digits (`hilfarm ota digest KEY`)")
+    src.add_argument("--key", help="an RSA-3072 key file (public or private PEM)")
+    a = actions.add_parser("burn-secure-version", help="raise the anti-rollback counter")
+    a.add_argument("version", type=int)
+    actions.add_parser("enable-secure-boot", help="burn SECURE_BOOT_EN (needs a key digest)")
+    actions.add_parser("enable-anti-rollback",
+                       help="turn on the bootloader's anti-rollback check (one-way)")
+    actions.add_parser("enable-signed-apps",
+                       help="turn on signed apps without hardware Secure Boot (one-way)")
+    actions.add_parser("new-chip",
+                       help="simulator only: replace the chip (eFuses as the rack file burns "
+                       "them at start)")
+    p.set_defaults(handler=_efuse)
 
     try:
         sim_build = importlib.import_module("pytest_hilfarm.cli.sim_build")
@@ -197,4 +223,45 @@ def _mesh(args: argparse.Namespace) -> int:
     parts = answer.get("partitions") or []
     print(f"loss {answer.get('loss')}, latency {answer.get('latency_ms')} ms, partitions "
           + (" | ".join(",".join(g) for g in parts) if parts else "none"))
+    return 0
+
+
+def _efuse(args: argparse.Namespace) -> int:
+    request: dict[str, Any] = {"op": "efuse", "board": args.board}
+    action = args.efuse_action
+    if action == "burn-key-digest":
+        if args.key:
+            from pytest_hilfarm.ota.keys import key_digest
+
+            digest = key_digest(args.key).hex()
+        else:
+            from pytest_hilfarm.ota.keys import parse_digest
+
+            digest = parse_digest(args.digest).hex()
+        request["burn"] = {"key_digest": digest}
+    elif action == "burn-secure-version":
+        request["burn"] = {"secure_version": args.version}
+    elif action == "enable-secure-boot":
+        request["burn"] = {"secure_boot": True}
+    elif action == "enable-anti-rollback":
+        request["burn"] = {"anti_rollback": True}
+    elif action == "enable-signed-apps":
+        request["burn"] = {"signed_apps": True}
+    elif action == "new-chip":
+        request["new_chip"] = True
+    answer = _request(args, request)
+    if args.json:
+        print(json.dumps({k: v for k, v in answer.items() if k != "ok"}, indent=2))
+        return 0
+    efuse = answer["efuse"]
+    digests = efuse.get("key_digests") or []
+    print(f"{answer['board']} ({answer['chip']}) virtual eFuses:")
+    print(f"  secure boot         : {'enabled' if efuse['secure_boot_enabled'] else 'disabled'}")
+    print(f"  key digests         : {len(digests)} of {answer['key_digest_slots']} burned")
+    for i, d in enumerate(digests):
+        print(f"    SECURE_BOOT_DIGEST{i}: {d}")
+    print(f"  secure_version      : {efuse['secure_version']} "
+          f"(of {answer['secure_version_bits']})")
+    print(f"  anti-rollback check : {'on' if efuse['anti_rollback'] else 'off'}")
+    print(f"  signed apps (no SB) : {'on' if efuse['signed_apps_no_secure_boot'] else 'off'}")
     return 0

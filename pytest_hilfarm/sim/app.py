@@ -1,8 +1,9 @@
 """The demo app a virtual board runs once its boot chain started an image, and its console.
 
 :class:`DemoApp` prints the rest of an ESP-IDF app start, applies the image's faults (crash, hang,
-slow boot, failing OTA self-test, mesh drops), joins the rack's :class:`MeshMedium` and answers a
-line console. It acts on the board only through its :class:`AppHost`; it does no I/O, never
+slow boot, failing OTA self-test, mesh drops), joins the rack's :class:`MeshMedium`, answers a
+line console and installs OTA updates (``ota <url>``). It acts on the board only through its
+:class:`AppHost` (an OTA download runs on the host's fetch thread); it does no I/O, never
 sleeps (every delay goes through ``host.call_later``) and is confined to the board's thread
 (mesh deliveries are handed over with ``host.call_later(0, ...)``).
 
@@ -65,6 +66,44 @@ Commands and exact replies (``<f1>`` = one decimal place, etc.):
     ...
     cleared: <count>                 (for "mesh inbox clear")
 
+``ota <url> [retries]`` (an HTTP URL on 127.0.0.1; the download runs in the background and
+the prompt comes back at once; ``retries`` defaults to 8)::
+
+    ota: downloading <url>
+
+then asynchronous log lines (``<ms>`` as above, one line each, in this order where they apply)::
+
+    I (<ms>) esp_https_ota: Starting OTA...
+    I (<ms>) hilfarm-demo: Running firmware version: <version>
+    I (<ms>) esp_https_ota: Writing to <<label>> partition at offset 0x<hex>
+    I (<ms>) hilfarm-demo: OTA image size: <bytes> bytes        ("unknown" without Content-Length)
+    I (<ms>) hilfarm-demo: New firmware version: <version>
+    I (<ms>) hilfarm-demo: OTA progress: <written>/<total> bytes (<pct>%)   (every 10 %)
+    W (<ms>) esp_https_ota: download interrupted at byte <n>: <reason>; retry <k>/<max> in <s> s
+    I (<ms>) esp_https_ota: resuming at byte <n> (HTTP Range)
+    I (<ms>) hilfarm-demo: OTA image verified: <project> <version> secure_version <n> sha256
+        <16 hex> key <16 hex | unchecked>                                  (one line)
+    I (<ms>) hilfarm-demo: OTA succeeded: <project> <version> in <label>, rebooting
+    I (<ms>) hilfarm-demo: Prepare to restart system!
+
+and a reboot into the new slot (otadata NEW -> PENDING_VERIFY -> self-test). A failure prints
+the ESP-IDF component's own error line(s) (for example ``E (<ms>) esp_https_ota: Mismatch chip
+id, expected 5, found 0``, ``E (<ms>) esp_image: Image hash failed - image is corrupt``,
+``E (<ms>) esp_image: Secure boot signature verification failed``), then::
+
+    E (<ms>) hilfarm-demo: OTA failed: <ESP_ERR_NAME>: <what went wrong>
+    I (<ms>) hilfarm-demo: still running <label> (<project> <version>)
+
+and the app keeps running the old slot; otadata is untouched. Wording: "Starting OTA...",
+"Writing to <%s> partition at offset 0x%x" and "Mismatch chip id, expected %d, found %d" are
+esp_https_ota.c's; "OTA image has invalid magic byte" esp_ota_ops.c's; "Running/New firmware
+version" and "Prepare to restart system!" those of ESP-IDF's advanced_https_ota example; the
+retry/resume lines and the other ``hilfarm-demo`` lines are this project's. Network errors (dropped
+connection, no data for 5 s) are retried up to ``retries`` times with a back-off of 1, 2, 4, 4... s,
+resuming with an HTTP ``Range`` request (a server that ignores Range sends the whole file again
+and the bytes already written are skipped). Errors: ``error: usage: ota <url> [retries]``,
+``error: OTA already in progress``.
+
 ``help``: one line per command, ``<usage> - <what it does>``.
 
 ``reboot``: log ``I (<ms>) hilfarm-demo: restart requested from console``, then
@@ -93,8 +132,9 @@ from collections import deque
 from collections.abc import Callable
 from functools import partial
 
+from pytest_hilfarm.ota.image import HEADER_SIZE, chip_id_of
 from pytest_hilfarm.sim.mesh import BROADCAST, MeshMedium, Packet
-from pytest_hilfarm.sim.model import AppHost, AppInfo
+from pytest_hilfarm.sim.model import AppHost, AppInfo, FetchHandle, OtaError
 
 TAG = "hilfarm-demo"
 MESH_TAG = "hilfarm-mesh"
@@ -115,11 +155,17 @@ HELP = (
     "mesh nodes - mesh peers reachable from this board",
     "mesh send <node-id|all> <text> - send a mesh message",
     "mesh inbox [clear] - received mesh messages",
+    "ota <url> [retries] - download and install a firmware update over HTTP",
     "reboot - restart the board",
     "crash - crash the app (panic and reset)",
     "help - this list",
 )
 MESH_USAGE = "mesh nodes | mesh send <node-id|all> <text> | mesh inbox [clear]"
+OTA_TAG = "esp_https_ota"
+OTA_MAX_RETRIES = 8
+OTA_BACKOFF_S = (1.0, 2.0, 4.0)  # then 4 s for every further retry
+# esp_app_desc_t sits at 0x20 (notes §1.2); its version string is at +16, 32 bytes.
+_DESC_VERSION = slice(0x20 + 16, 0x20 + 48)
 
 
 class _State(enum.Enum):
@@ -155,6 +201,7 @@ class DemoApp:
         self._in_mesh = False
         self._prompt_shown = False
         self._inbox: deque[Packet] = deque(maxlen=INBOX_SIZE)
+        self._ota: _OtaJob | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -188,6 +235,9 @@ class DemoApp:
     def stop(self) -> None:
         """The board reset or lost power: leave the mesh, ignore any later input or timer."""
         self._state = _State.DEAD
+        if self._ota is not None:
+            self._ota.cancel()
+            self._ota = None
         if self._in_mesh and self._medium is not None:
             self._in_mesh = False
             self._medium.leave(self._host.board_id)
@@ -261,6 +311,7 @@ class DemoApp:
             "help": self._cmd_help,
             "reboot": self._cmd_reboot,
             "crash": self._cmd_crash,
+            "ota": self._cmd_ota,
         }
         handler = handlers.get(words[0])
         if handler is None:
@@ -323,6 +374,21 @@ class DemoApp:
         self.stop()
         self._host.panic(panic_text(self._host.chip, self._info.image_sha256, store=True))
         return None
+
+    def _cmd_ota(self, words: list[str], line: str) -> list[str]:
+        if len(words) not in (2, 3) or (len(words) == 3 and not words[2].isdigit()):
+            return ["error: usage: ota <url> [retries]"]
+        if self._ota is not None:
+            return ["error: OTA already in progress"]
+        retries = int(words[2]) if len(words) == 3 else OTA_MAX_RETRIES
+        self._ota = _OtaJob(self, words[1], retries)
+        # Started after the reply: its first log lines belong after the prompt.
+        self._host.call_later(0.0, self._ota.start)
+        return [f"ota: downloading {words[1]}"]
+
+    def _ota_finished(self, job: _OtaJob) -> None:
+        if self._ota is job:
+            self._ota = None
 
     def _cmd_mesh(self, words: list[str], line: str) -> list[str]:
         sub = words[1] if len(words) > 1 else ""
@@ -388,6 +454,189 @@ class DemoApp:
         lead = EOL if self._prompt_shown else ""
         self._prompt_shown = False
         self._host.emit(f"{lead}{level} ({ms}) {tag}: {text}{EOL}")
+
+
+class _OtaJob:
+    """One ``ota <url>``: esp_https_ota's begin/perform/finish on the app's side.
+
+    Runs on the board's thread only; the bytes come from :meth:`AppHost.fetch`. Every failure
+    goes through :meth:`_fail`, which aborts the write and leaves otadata alone, so the running
+    slot stays the one that boots.
+    """
+
+    def __init__(self, app: DemoApp, url: str, max_retries: int = OTA_MAX_RETRIES) -> None:
+        self._app = app
+        self._max_retries = max_retries
+        self._host = app._host
+        self._url = url
+        self._fetch: FetchHandle | None = None
+        self._total: int | None = None
+        self._written = 0
+        self._skip = 0  # bytes of a full resend that were already written
+        self._begun = False
+        self._head = bytearray()
+        self._checked_header = False
+        self._next_pct = 10
+        self._retries = 0
+        self._done = False
+
+    def start(self) -> None:
+        if self._done:
+            return
+        info = self._app._info
+        self._app._log("I", OTA_TAG, "Starting OTA...")
+        self._app._log("I", TAG, f"Running firmware version: {info.version}")
+        self._request()
+
+    def cancel(self) -> None:
+        self._done = True
+        if self._fetch is not None:
+            self._fetch.cancel()
+
+    def _live(self) -> bool:
+        return not self._done and self._app._state is _State.READY
+
+    def _request(self) -> None:
+        self._fetch = self._host.fetch(self._url, offset=self._written,
+                                       on_response=self._on_response, on_data=self._on_data,
+                                       on_done=self._on_done)
+
+    def _on_response(self, status: int, start: int, total: int | None) -> None:
+        if not self._live():
+            return
+        if status not in (200, 206):
+            return  # on_done reports the status
+        if status == 200:
+            start = 0
+            self._skip = self._written  # the server ignored Range: drop what we already have
+        elif start != self._written:
+            self._fail("ESP_FAIL", f"server resumed at byte {start}, expected {self._written}")
+            return
+        if self._total is None:
+            self._total = total
+        if self._begun:
+            return
+        try:
+            label, offset = self._host.ota_begin(self._total or 0)
+        except OtaError as exc:
+            self._fail_ota(exc)
+            return
+        self._begun = True
+        self._app._log("I", OTA_TAG, f"Writing to <{label}> partition at offset 0x{offset:x}")
+        size = f"{self._total} bytes" if self._total is not None else "unknown"
+        self._app._log("I", TAG, f"OTA image size: {size}")
+
+    def _on_data(self, chunk: bytes) -> None:
+        if not self._live() or not self._begun:
+            return
+        if self._skip:
+            drop = min(self._skip, len(chunk))
+            self._skip -= drop
+            chunk = chunk[drop:]
+            if not chunk:
+                return
+        if not self._checked_header:
+            self._head += chunk[: max(0, 0x20 + 256 - len(self._head))]
+            if len(self._head) >= HEADER_SIZE and self._head[0] == 0xE9:
+                found = int.from_bytes(self._head[12:14], "little")
+                expected = chip_id_of(self._host.chip)
+                if found != expected:
+                    # esp_https_ota.c esp_ota_verify_chip_id(), before anything is written.
+                    self._app._log("E", OTA_TAG, f"Mismatch chip id, expected {expected}, "
+                                                 f"found {found}")
+                    self._fail("ESP_ERR_INVALID_VERSION",
+                               f"the image is for chip id {found}, this board is "
+                               f"{self._host.chip} (chip id {expected})")
+                    return
+            if len(self._head) >= _DESC_VERSION.stop or self._head[:1] != b"\xe9":
+                self._checked_header = True
+                if self._head[:1] == b"\xe9":
+                    version = bytes(self._head[_DESC_VERSION]).split(b"\0", 1)[0]
+                    self._app._log("I", TAG, "New firmware version: "
+                                             f"{version.decode('utf-8', 'replace')}")
+        try:
+            self._host.ota_write(chunk)
+        except OtaError as exc:
+            self._fail_ota(exc)
+            return
+        self._written += len(chunk)
+        total = self._total
+        if total:
+            pct = self._written * 100 // total
+            if pct >= self._next_pct:
+                self._app._log("I", TAG, f"OTA progress: {self._written}/{total} bytes "
+                                         f"({pct}%)")
+                self._next_pct = (pct // 10 + 1) * 10
+
+    def _on_done(self, error: str | None) -> None:
+        if not self._live():
+            return
+        self._fetch = None
+        if error is None and self._total is not None and self._written < self._total:
+            error = f"connection closed after {self._written} of {self._total} bytes"
+        if error is not None:
+            if error.startswith("HTTP status"):
+                self._fail("ESP_FAIL", f"server answered {error[12:]} for {self._url}")
+                return
+            if error.startswith("cannot fetch") or self._retries >= self._max_retries:
+                tries = f" after {self._retries + 1} attempts" if self._retries else ""
+                self._fail("ESP_FAIL", f"download failed{tries}: {error}")
+                return
+            self._retries += 1
+            delay = OTA_BACKOFF_S[min(self._retries, len(OTA_BACKOFF_S)) - 1]
+            self._app._log("W", OTA_TAG, f"download interrupted at byte {self._written}: "
+                                         f"{error}; retry {self._retries}/{self._max_retries} "
+                                         f"in {delay:g} s")
+            self._host.call_later(delay, self._resume)
+            return
+        if not self._begun:
+            self._fail("ESP_FAIL", "the server sent no image")
+            return
+        self._finish()
+
+    def _resume(self) -> None:
+        if not self._live():
+            return
+        self._app._log("I", OTA_TAG, f"resuming at byte {self._written} (HTTP Range)")
+        self._request()
+
+    def _finish(self) -> None:
+        try:
+            result = self._host.ota_end()
+            self._host.ota_set_boot_partition()
+        except OtaError as exc:
+            self._fail_ota(exc)
+            return
+        key = result.signed_by[:16] if result.signed_by else "unchecked"
+        self._app._log("I", TAG, f"OTA image verified: {result.project} {result.version} "
+                                 f"secure_version {result.secure_version} sha256 "
+                                 f"{result.sha256[:16]} key {key}")
+        self._app._log("I", TAG, f"OTA succeeded: {result.project} {result.version} in "
+                                 f"{result.partition_label}, rebooting")
+        self._app._log("I", TAG, "Prepare to restart system!")
+        self._done = True
+        self._app._ota_finished(self)
+        self._app.stop()
+        self._host.reboot("OTA update")
+
+    def _fail_ota(self, exc: OtaError) -> None:
+        for level, tag, text in exc.lines:
+            self._app._log(level, tag, text)
+        self._fail(exc.code, exc.message)
+
+    def _fail(self, code: str, message: str) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self._fetch is not None:
+            self._fetch.cancel()
+            self._fetch = None
+        self._host.ota_abort()
+        info = self._app._info
+        self._app._log("E", TAG, f"OTA failed: {code}: {message}")
+        self._app._log("I", TAG, f"still running {info.partition_label} ({info.project} "
+                                 f"{info.version})")
+        self._app._ota_finished(self)
 
 
 def sensor_values(mac: str, now: float) -> tuple[float, float, float]:

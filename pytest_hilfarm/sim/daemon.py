@@ -42,7 +42,8 @@ import yaml
 from serial import rfc2217
 
 from pytest_hilfarm.errors import ConfigError, UsageError
-from pytest_hilfarm.sim.board import SINK_TIMEOUT, VirtualBoard
+from pytest_hilfarm.ota.signing import max_signature_blocks
+from pytest_hilfarm.sim.board import SINK_TIMEOUT, VirtualBoard, burn_efuse, secure_version_bits
 from pytest_hilfarm.sim.boot import BootEfuse
 from pytest_hilfarm.sim.chips import mac_for
 from pytest_hilfarm.sim.mesh import MeshMedium
@@ -74,6 +75,41 @@ FALLBACK_RACK: dict[str, Any] = {
 # ---------------------------------------------------------------------------- rack & state dir
 
 
+# The board key that carries a virtual board's security set-up in the rack file (one key, so
+# the farm's strict rack schema needs to accept only this one):
+#   sim: {secure_boot: bool, key_digests: [64 hex digits, ...], secure_version: int,
+#         anti_rollback: bool, signed_apps: bool, rollback: bool}
+SIM_KEY = "sim"
+_SIM_FIELDS = ("secure_boot", "key_digests", "secure_version", "anti_rollback", "signed_apps",
+               "rollback")
+
+
+# How long a new connection waits for the previous client's hang-up to be noticed before it is
+# refused as busy (a real tty is free the moment close() returns; TCP needs the EOF read).
+HANDOVER_GRACE = 0.5
+
+
+@dataclass(frozen=True)
+class BoardSecurity:
+    """A board's ``sim:`` mapping: eFuses to burn at start, and the bootloader's options.
+
+    ``None`` = not given. eFuse values are *burned* onto the board's stored eFuses when the
+    daemon starts (bits only go up: a lower value in the file does not lower a burned one);
+    ``rollback`` (``CONFIG_BOOTLOADER_APP_ROLLBACK_ENABLE``) replaces the stored option.
+    """
+
+    secure_boot: bool | None = None
+    key_digests: tuple[bytes, ...] = ()
+    secure_version: int | None = None
+    anti_rollback: bool | None = None
+    signed_apps: bool | None = None
+    rollback: bool | None = None
+
+    def canonical(self) -> list[Any]:
+        return [self.secure_boot, [d.hex() for d in self.key_digests], self.secure_version,
+                self.anti_rollback, self.signed_apps, self.rollback]
+
+
 @dataclass(frozen=True)
 class BoardSpec:
     """One virtual board of the rack file (only the keys the simulator needs)."""
@@ -83,6 +119,7 @@ class BoardSpec:
     flash_size: int
     features: tuple[str, ...] = ()
     position: int = 0
+    security: BoardSecurity | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +169,51 @@ def _parse_size(value: Any, where: str) -> int:
     return size
 
 
+def _parse_security(raw: Any, where: str) -> BoardSecurity | None:
+    if raw is None:
+        return None
+    where = f"{where}: {SIM_KEY}"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'{SIM_KEY}:' must be a mapping", where=where,
+                          hint=f"keys: {', '.join(_SIM_FIELDS)} (docs/virtual-rack.md)")
+    unknown = sorted(set(raw) - set(_SIM_FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(map(str, unknown))}", where=where,
+                          hint=f"use {', '.join(_SIM_FIELDS)}")
+    flags: dict[str, bool | None] = {}
+    for key in ("secure_boot", "anti_rollback", "signed_apps", "rollback"):
+        value = raw.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, not {value!r}", where=where)
+        flags[key] = value
+    version = raw.get("secure_version")
+    if version is not None and (not isinstance(version, int) or isinstance(version, bool)
+                                or version < 0):
+        raise ConfigError(f"secure_version must be a whole number >= 0, not {version!r}",
+                          where=where)
+    digests_raw = raw.get("key_digests") or []
+    if not isinstance(digests_raw, list):
+        raise ConfigError("key_digests must be a list of 64-hex-digit key digests", where=where,
+                          hint="get one with `hilfarm ota digest KEY`")
+    digests: list[bytes] = []
+    for item in digests_raw:
+        text = str(item).replace(":", "").replace(" ", "").lower()
+        try:
+            digest = bytes.fromhex(text)
+        except ValueError:
+            digest = b""
+        if len(digest) != 32:
+            raise ConfigError(f"key digest {item!r} is not 64 hex digits", where=where,
+                              hint="get one with `hilfarm ota digest KEY`")
+        digests.append(digest)
+    if flags["secure_boot"] and not digests:
+        raise ConfigError("secure_boot: true needs at least one key digest (nothing would "
+                          "boot)", where=where, hint="add key_digests: [HEX]")
+    return BoardSecurity(secure_boot=flags["secure_boot"], key_digests=tuple(digests),
+                         secure_version=version, anti_rollback=flags["anti_rollback"],
+                         signed_apps=flags["signed_apps"], rollback=flags["rollback"])
+
+
 def parse_rack(data: Any, source: str) -> RackSpec:
     """Read the virtual boards out of a loaded rack YAML document (other keys are ignored)."""
     if not isinstance(data, dict) or not isinstance(data.get("boards"), list):
@@ -174,6 +256,7 @@ def parse_rack(data: Any, source: str) -> RackSpec:
                 flash_size=_parse_size(size_value, where),
                 features=tuple(str(f) for f in features),
                 position=len(boards),
+                security=_parse_security(raw.get(SIM_KEY), where),
             )
         )
     if not boards:
@@ -182,7 +265,10 @@ def parse_rack(data: Any, source: str) -> RackSpec:
             where=source,
             hint="add boards with 'port: virtual' or pass another rack file",
         )
-    canonical = json.dumps([[b.id, b.chip, b.flash_size, list(b.features)] for b in boards])
+    # A board's security set-up counts only when given, so racks without it keep their digest.
+    canonical = json.dumps([[b.id, b.chip, b.flash_size, list(b.features)]
+                            + ([b.security.canonical()] if b.security else [])
+                            for b in boards])
     return RackSpec(
         name=str(data.get("name") or Path(source).stem),
         source=source,
@@ -412,6 +498,9 @@ class Daemon:
         self._seed = seed
         self._lock = threading.Lock()
         self._slots: dict[str, _Slot] = {}
+        # What each board's eFuses are when its chip is new (the rack's ``sim:`` burned onto
+        # blank eFuses): the state ``efuse new_chip`` returns a board to.
+        self._fresh_efuse: dict[str, BootEfuse] = {}
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
         self._stop_done = threading.Event()
@@ -611,11 +700,29 @@ class Daemon:
                 hint=f"use null or an object with keys {', '.join(_EFUSE_KEYS)}",
             ) from exc
 
-        def store(new: BootEfuse) -> None:
-            # Called on the board's thread when anti-rollback raises the secure version.
-            state["efuse"] = _efuse_to_json(new)
-            _atomic_write(path, json.dumps(state, indent=2) + "\n")
+        lock = threading.Lock()
 
+        def store(new: BootEfuse) -> None:
+            # Called on the board's thread (anti-rollback raise, a burn): written at once, as
+            # an eFuse burn is immediate and survives a crash of the daemon.
+            with lock:
+                state["efuse"] = _efuse_to_json(new)
+                _atomic_write(path, json.dumps(state, indent=2) + "\n")
+
+        security = spec.security
+        if security is not None:
+            try:
+                burned = _burn_security(efuse, spec.chip, security)
+            except UsageError as exc:
+                raise ConfigError(f"the rack's '{SIM_KEY}:' cannot be burned: {exc.what}",
+                                  where=f"board {spec.id}", hint=exc.hint) from None
+            if security.rollback is not None:
+                state["rollback_enabled"] = security.rollback
+            if burned != efuse or security.rollback is not None:
+                efuse = burned
+                store(efuse)
+        self._fresh_efuse[spec.id] = _burn_security(BootEfuse(), spec.chip, security) \
+            if security is not None else BootEfuse()
         return {
             "efuse": efuse,
             "on_efuse_change": store,
@@ -653,12 +760,21 @@ class Daemon:
                 else:
                     self._admit(slot, sock, kind)
 
-    def _admit(self, slot: _Slot, sock: socket.socket, kind: str) -> None:
+    def _admit(self, slot: _Slot, sock: socket.socket, kind: str, *, waited: bool = False
+               ) -> None:
         with self._lock:
-            busy = slot.client is not None or not slot.plugged or self._stopped.is_set()
+            held = slot.client is not None
+            busy = held or not slot.plugged or self._stopped.is_set()
             client = None if busy else _Client(sock, slot.board, kind)
             if client is not None:
                 slot.client = client
+        if client is None and held and not waited and slot.plugged:
+            # The previous client may have just hung up (esptool handing the port back to a
+            # console) while its thread has not read the EOF yet: give it a moment, off the
+            # accept thread, before refusing the way a busy port does.
+            threading.Thread(target=self._admit_after_handover, args=(slot, sock, kind),
+                             name=f"handover-{slot.spec.id}", daemon=True).start()
+            return
         if client is None:
             # Busy (or unplugged) port: the way a serial port that is already open elsewhere
             # refuses a second open, as close to it as TCP allows: accept, then close at once.
@@ -670,6 +786,15 @@ class Daemon:
             target=self._serve_client, args=(slot, client), name=f"{kind}-{slot.spec.id}",
             daemon=True,
         ).start()
+
+    def _admit_after_handover(self, slot: _Slot, sock: socket.socket, kind: str) -> None:
+        deadline = time.monotonic() + HANDOVER_GRACE
+        while time.monotonic() < deadline and not self._stopped.is_set():
+            with self._lock:
+                if slot.client is None:
+                    break
+            time.sleep(0.005)
+        self._admit(slot, sock, kind, waited=True)
 
     def _serve_client(self, slot: _Slot, client: _Client) -> None:
         try:
@@ -851,6 +976,54 @@ class Daemon:
             slot.board.set_wire_time(enabled)
         return {"ok": True, "wire_time": enabled, "boards": [s.spec.id for s in slots]}
 
+    def _op_efuse(self, request: dict[str, Any]) -> dict[str, Any]:
+        slot = self._slot(request)
+        board = slot.board
+        burn = request.get("burn")
+        if request.get("new_chip") is True:
+            # Simulator only: a board with a fresh chip (a replaced module), eFuses as the rack
+            # file burns them at start. Real eFuses cannot be reset; this is how a shared
+            # virtual rack gets a board back after a test burned its eFuses.
+            board.replace_chip(self._fresh_efuse.get(slot.spec.id, BootEfuse()))
+        elif burn is not None:
+            if not isinstance(burn, dict) or not burn:
+                raise _RequestError(
+                    'burn must be an object such as {"key_digest": HEX}, {"secure_version": N}, '
+                    '{"secure_boot": true}, {"anti_rollback": true} or {"signed_apps": true}')
+            unknown = sorted(set(burn) - set(_BURN_KEYS))
+            if unknown:
+                raise _RequestError(f"cannot burn {unknown}; burnable: {', '.join(_BURN_KEYS)}")
+            kwargs: dict[str, Any] = {}
+            if "key_digest" in burn:
+                text = str(burn["key_digest"]).replace(":", "").replace(" ", "").lower()
+                try:
+                    digest = bytes.fromhex(text)
+                except ValueError:
+                    digest = b""
+                if len(digest) != 32:
+                    raise _RequestError(
+                        f"key_digest {burn['key_digest']!r} is not 64 hex digits "
+                        "(get one with `hilfarm ota digest KEY`)")
+                kwargs["key_digest"] = digest
+            if "secure_version" in burn:
+                version = burn["secure_version"]
+                if not isinstance(version, int) or isinstance(version, bool):
+                    raise _RequestError(f"secure_version must be a whole number, not {version!r}")
+                kwargs["secure_version"] = version
+            for key, arg in (("secure_boot", "secure_boot"), ("anti_rollback", "anti_rollback"),
+                             ("signed_apps", "signed_apps")):
+                if key in burn:
+                    if burn[key] is not True:
+                        raise _RequestError(
+                            f"{key} can only be burned to true (eFuse bits only go from 0 to 1)")
+                    kwargs[arg] = True
+            try:
+                board.burn_efuse(**kwargs)
+            except UsageError as exc:
+                raise _RequestError(f"board {slot.spec.id}: {exc.what}"
+                                    + (f" ({exc.hint})" if exc.hint else "")) from None
+        return {"ok": True, "board": slot.spec.id, **efuse_report(board.efuse, slot.spec.chip)}
+
     def _op_shutdown(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, "shutdown": True}
 
@@ -885,8 +1058,32 @@ _OPS: dict[str, Callable[[Daemon, dict[str, Any]], dict[str, Any]]] = {
     "plug": Daemon._op_plug,
     "mesh": Daemon._op_mesh,
     "wire_time": Daemon._op_wire_time,
+    "efuse": Daemon._op_efuse,
     "shutdown": Daemon._op_shutdown,
 }
+_BURN_KEYS = ("key_digest", "secure_version", "secure_boot", "anti_rollback", "signed_apps")
+
+
+def efuse_report(efuse: BootEfuse, chip: str) -> dict[str, Any]:
+    """The ``efuse`` op's answer: the eFuse record plus the chip's limits."""
+    return {
+        "chip": chip,
+        "efuse": _efuse_to_json(efuse),
+        "key_digest_slots": max_signature_blocks(chip),
+        "secure_version_bits": secure_version_bits(chip),
+    }
+
+
+def _burn_security(efuse: BootEfuse, chip: str, security: BoardSecurity) -> BootEfuse:
+    """Burn a rack file's ``sim:`` onto ``efuse`` (only upwards; what is burned stays)."""
+    out = efuse
+    for digest in security.key_digests:
+        out = burn_efuse(out, chip, key_digest=digest)
+    if security.secure_version is not None and security.secure_version > out.secure_version:
+        out = burn_efuse(out, chip, secure_version=security.secure_version)
+    return burn_efuse(out, chip, secure_boot=bool(security.secure_boot),
+                      anti_rollback=bool(security.anti_rollback),
+                      signed_apps=bool(security.signed_apps))
 
 
 _EFUSE_KEYS = tuple(f.name for f in dataclasses.fields(BootEfuse))

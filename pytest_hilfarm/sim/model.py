@@ -2,7 +2,8 @@
 
 ``boot.py`` produces a :class:`BootOutcome` from a board's flash; ``board.py`` then runs the
 :class:`~pytest_hilfarm.sim.app.DemoApp` it names, giving it an :class:`AppHost` to act on the
-board (reboot, panic, confirm the OTA slot, reach the radio medium). Nothing here does I/O.
+board (reboot, panic, confirm the OTA slot, write an OTA update, download over HTTP, reach the
+radio medium). Nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -65,6 +66,41 @@ class BootOutcome:
     error: str | None = None
 
 
+class OtaError(Exception):
+    """An OTA step the board refused, with the ``esp_err_t`` name ESP-IDF returns for it.
+
+    ``code`` is e.g. ``ESP_ERR_OTA_VALIDATE_FAILED``; ``lines`` are the log lines (``(level,
+    tag, text)``) the ESP-IDF component would have printed before returning it.
+    """
+
+    def __init__(self, code: str, message: str,
+                 lines: tuple[tuple[str, str, str], ...] = ()) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.lines = lines
+
+
+@dataclass(frozen=True)
+class OtaResult:
+    """What ``ota_end`` verified: the new image's identity and the key that accepted it."""
+
+    partition_label: str
+    project: str
+    version: str
+    secure_version: int
+    size: int
+    sha256: str
+    signed_by: str | None  # hex key digest of the accepting signature block; None if unchecked
+
+
+class FetchHandle(Protocol):
+    """A download started by :meth:`AppHost.fetch`."""
+
+    def cancel(self) -> None:
+        """Stop the download; no further callbacks are made."""
+
+
 class AppHost(Protocol):
     """What a running demo app may do to the board that runs it."""
 
@@ -92,3 +128,44 @@ class AppHost(Protocol):
 
     def call_later(self, delay: float, func: Callable[[], None]) -> None:
         """Run ``func`` after ``delay`` seconds on the board's own thread, if still running."""
+
+    # --- OTA (esp_ota_ops / esp_https_ota on the board; all run on the board's thread) ----------
+
+    def ota_begin(self, image_size: int) -> tuple[str, int]:
+        """``esp_ota_begin`` on the next update slot: erase it, return its label and offset.
+
+        Raises :class:`OtaError` (ESP_ERR_OTA_ROLLBACK_INVALID_STATE, ESP_ERR_INVALID_SIZE,
+        ESP_ERR_NOT_FOUND).
+        """
+
+    def ota_write(self, data: bytes) -> None:
+        """``esp_ota_write``: append to the slot being written (raises :class:`OtaError`)."""
+
+    def ota_end(self) -> OtaResult:
+        """``esp_ota_end`` + ``esp_image_verify``: chip, checksum, SHA-256 and, with Secure Boot
+        or signed apps, the signature against the trusted key digests. Raises :class:`OtaError`.
+        """
+
+    def ota_set_boot_partition(self) -> None:
+        """``esp_ota_set_boot_partition`` for the slot just verified (otadata NEW); raises
+        :class:`OtaError` (ESP_ERR_OTA_SMALL_SEC_VER with anti-rollback).
+        """
+
+    def ota_abort(self) -> None:
+        """``esp_ota_abort``: forget the slot being written (otadata is untouched)."""
+
+    def fetch(
+        self,
+        url: str,
+        *,
+        offset: int,
+        on_response: Callable[[int, int, int | None], None],
+        on_data: Callable[[bytes], None],
+        on_done: Callable[[str | None], None],
+    ) -> FetchHandle:
+        """HTTP GET ``url`` (127.0.0.1 only) from byte ``offset`` (a Range request when > 0) on a
+        background thread; the callbacks run on the board's thread, in order:
+        ``on_response(status, start, total_size)`` (``start`` = the body's first byte in the
+        file, from Content-Range), ``on_data(chunk)`` per chunk, then
+        ``on_done(error)`` (None when the whole body arrived). Nothing is called after a reset.
+        """

@@ -88,6 +88,10 @@ _SIM_FIELDS = ("secure_boot", "key_digests", "secure_version", "anti_rollback", 
 # refused as busy (a real tty is free the moment close() returns; TCP needs the EOF read).
 HANDOVER_GRACE = 0.5
 
+# What the virtual rack's baseline (health-check) firmware calls itself.
+BASELINE_PROJECT = "hilfarm-baseline"
+BASELINE_VERSION = "1.0.0"
+
 
 @dataclass(frozen=True)
 class BoardSecurity:
@@ -554,7 +558,27 @@ class Daemon:
             self._selector.register(slot.rfc_sock, selectors.EVENT_READ, ("rfc2217", slot))
         self._acceptor = threading.Thread(target=self._accept_loop, name="acceptor", daemon=True)
         self._acceptor.start()
+        self._baselines = self._build_baselines()
         self._write_daemon_json()
+
+    def _build_baselines(self) -> dict[str, str]:
+        """A known-good build per chip, offered to the farm for health checks.
+
+        A physical rack's owner keeps a golden image for each board type; the virtual rack
+        keeps its own (the demo app, factory layout) so health checks on it flash and boot a
+        baseline like on real hardware. Built once per state dir.
+        """
+        from pytest_hilfarm.sim.appbuild import write_build_dir
+
+        out: dict[str, str] = {}
+        for chip in sorted({spec.chip for spec in self.rack.boards}):
+            smallest = min(s.flash_size for s in self.rack.boards if s.chip == chip)
+            path = self.state_dir / "baselines" / chip
+            if not (path / "flasher_args.json").exists():
+                write_build_dir(path, chip, BASELINE_PROJECT, BASELINE_VERSION,
+                                flash_size=f"{max(2, smallest // (1024 * 1024))}MB")
+            out[chip] = str(path)
+        return out
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the daemon stops (shutdown op, signal, or :meth:`stop`)."""
@@ -636,6 +660,7 @@ class Daemon:
             "rack_digest": self.rack.digest,
             "state_dir": str(self.state_dir),
             "boards": boards,
+            "baselines": dict(getattr(self, "_baselines", {})),
         }
 
     # -- internals: setup

@@ -74,8 +74,8 @@ from .store import (
     FarmStoreProtocol,
     HoldRecord,
     LeaseOutcome,
+    board_outcomes,
     outcome_of,
-    parse_outcome,
 )
 
 # CI systems and the variable that names the running job, checked in this order.
@@ -385,15 +385,7 @@ class Lease:
         not named get ``default``. ``infra_error`` and ``aborted`` mark the board UNKNOWN.
         """
         where = f"release of lease {self._id[:8]} ({', '.join(self._boards)})"
-        per_board = {b: parse_outcome(default, where=where) for b in self._boards}
-        for board, outcome in (outcomes or {}).items():
-            if board not in per_board:
-                raise UsageError(
-                    f"outcome given for board {board!r}, which this lease does not hold",
-                    where=where,
-                    hint=f"name only the lease's boards: {', '.join(self._boards)}",
-                )
-            per_board[board] = parse_outcome(outcome, where=where)
+        per_board = board_outcomes(self._boards, outcomes, default, where=where)
         with self._mutex:
             if self._released:
                 return

@@ -76,6 +76,21 @@ def outcome_of(exc: BaseException | None) -> LeaseOutcome:
     return LeaseOutcome.FAILED
 
 
+def board_outcomes(boards: Sequence[str], outcomes: Mapping[str, str | LeaseOutcome] | None,
+                   default: str | LeaseOutcome, *, where: str) -> dict[str, LeaseOutcome]:
+    """Each of a lease's boards with its outcome: the named ones, ``default`` for the rest."""
+    per_board = {b: parse_outcome(default, where=where) for b in boards}
+    for board, outcome in (outcomes or {}).items():
+        if board not in per_board:
+            raise UsageError(
+                f"outcome given for board {board!r}, which this lease does not hold",
+                where=where,
+                hint=f"name only the lease's boards: {', '.join(boards)}",
+            )
+        per_board[board] = parse_outcome(outcome, where=where)
+    return per_board
+
+
 def parse_outcome(value: str | LeaseOutcome, *, where: str) -> LeaseOutcome:
     """Turn ``"ok"`` (or a :class:`LeaseOutcome`) into a :class:`LeaseOutcome`, or explain."""
     try:

@@ -55,8 +55,8 @@ from pytest_hilfarm.store import (
     BoardHealth,
     HoldRecord,
     LeaseOutcome,
+    board_outcomes,
     outcome_of,
-    parse_outcome,
 )
 
 from .migrations import NS_BOARD, NS_SCHED, NS_TICKET
@@ -233,15 +233,7 @@ class PgLease:
         the database dropped): results obtained on these boards are then not trustworthy.
         """
         where = f"release of lease {self.id[:8]} ({', '.join(self.boards)})"
-        per_board = {b: parse_outcome(default, where=where) for b in self.boards}
-        for board, outcome in (outcomes or {}).items():
-            if board not in per_board:
-                raise UsageError(
-                    f"outcome given for board {board!r}, which this lease does not hold",
-                    where=where,
-                    hint=f"name only the lease's boards: {', '.join(self.boards)}",
-                )
-            per_board[board] = parse_outcome(outcome, where=where)
+        per_board = board_outcomes(self.boards, outcomes, default, where=where)
         with self._mutex:
             if self._released:
                 return

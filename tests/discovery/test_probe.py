@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,21 +89,12 @@ def test_a_failed_probe_still_resets_and_closes() -> None:
 
 
 @pytest.fixture(scope="module")
-def virtual_rack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def virtual_rack(private_virtual_rack: Path) -> Path:
+    """The module's own virtual rack (tests/conftest.py), started; its sim state dir."""
     from pytest_hilfarm.sim import manager
 
-    path = tmp_path_factory.mktemp("virtual-rack")
-    old = os.environ.get("HILFARM_SIM_DIR")
-    os.environ["HILFARM_SIM_DIR"] = str(path)
     manager.up()
-    try:
-        yield path
-    finally:
-        manager.down()
-        if old is None:
-            os.environ.pop("HILFARM_SIM_DIR", None)
-        else:
-            os.environ["HILFARM_SIM_DIR"] = old
+    return Path(os.environ["HILFARM_SIM_DIR"])
 
 
 def test_real_esptool_probe_of_a_virtual_esp32c3(virtual_rack: Path) -> None:

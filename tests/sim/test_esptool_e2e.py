@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,19 +21,10 @@ ESPTOOL_NAMES = {"esp32": "ESP32", "esp32s2": "ESP32-S2", "esp32c3": "ESP32-C3"}
 
 
 @pytest.fixture(scope="module")
-def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    path = tmp_path_factory.mktemp("virtual-rack")
-    old = os.environ.get("HILFARM_SIM_DIR")
-    os.environ["HILFARM_SIM_DIR"] = str(path)
+def state_dir(private_virtual_rack: Path) -> Path:
+    """The module's own virtual rack (tests/conftest.py), started; its sim state dir."""
     manager.up()
-    try:
-        yield path
-    finally:
-        manager.down()
-        if old is None:
-            os.environ.pop("HILFARM_SIM_DIR", None)
-        else:
-            os.environ["HILFARM_SIM_DIR"] = old
+    return Path(os.environ["HILFARM_SIM_DIR"])
 
 
 def url(board_id: str, kind: str = "port") -> str:

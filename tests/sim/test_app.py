@@ -2,52 +2,19 @@
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import random
 import re
-import threading
 from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
+from simfakes import FakeClock, FakeScheduler
 
 from pytest_hilfarm.sim.app import DemoApp, battery_values, panic_text, sensor_values
 from pytest_hilfarm.sim.mesh import MeshMedium
 from pytest_hilfarm.sim.model import AppInfo, Faults
 
 LOG_LINE = re.compile(r"^[IWE] \(\d+\) [\w-]+: ")
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-class FakeScheduler:
-    def __init__(self, clock: FakeClock) -> None:
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._heap: list[tuple[float, int, Callable[[], None]]] = []
-        self._seq = itertools.count()
-
-    def __call__(self, delay: float, func: Callable[[], None]) -> None:
-        with self._lock:
-            heapq.heappush(self._heap, (self.clock.t + delay, next(self._seq), func))
-
-    def advance(self, dt: float) -> None:
-        end = self.clock.t + dt
-        while True:
-            with self._lock:
-                if not self._heap or self._heap[0][0] > end:
-                    break
-                due, _, func = heapq.heappop(self._heap)
-            self.clock.t = max(self.clock.t, due)
-            func()
-        self.clock.t = end
 
 
 class FakeHost:
@@ -108,7 +75,7 @@ def info(**kwargs: object) -> AppInfo:
 def boot(
     app_info: AppInfo | None = None, medium: MeshMedium | None = None, **host_kw: str
 ) -> tuple[DemoApp, FakeHost]:
-    sched = FakeScheduler(FakeClock())
+    sched = FakeScheduler(FakeClock(1000.0))
     host = FakeHost(sched, **host_kw)
     app = DemoApp(host, app_info or info(), medium)
     app.start()
@@ -381,7 +348,7 @@ def test_mesh_without_radio() -> None:
 
 def rack(n: int = 3, faults: Faults | None = None) -> tuple[list[DemoApp], list[FakeHost]]:
     """n apps on one medium, sharing one clock/scheduler (the fake daemon)."""
-    sched = FakeScheduler(FakeClock())
+    sched = FakeScheduler(FakeClock(1000.0))
     medium = MeshMedium(sched.clock, random.Random(0), sched)
     apps, hosts = [], []
     for i in range(1, n + 1):
@@ -470,7 +437,7 @@ def test_reboot_leaves_mesh() -> None:
 
 
 def test_position_from_kwarg_host_or_board_id() -> None:
-    sched = FakeScheduler(FakeClock())
+    sched = FakeScheduler(FakeClock(1000.0))
     medium = MeshMedium(sched.clock, None, sched)
     host = FakeHost(sched, board_id="esp32c3-7")
     DemoApp(host, info(), medium).start()

@@ -61,6 +61,15 @@ def _cmd_start(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan)
     text = Path(args.plan).read_text(encoding="utf-8")
     manifest = load_manifest(args.manifest) if args.manifest else plan.load_manifest()
+    if args.release_pubkey:
+        # Refuse an unsigned, tampered, expired or foreign-key manifest before any ring starts.
+        from pytest_hilfarm.ota.manifest import verify_release
+
+        path = args.manifest or plan.manifest_path
+        if path is None:
+            raise UsageError("--release-pubkey needs a manifest", where="command line",
+                             hint="pass --manifest or set artifact.manifest in the plan")
+        verify_release(path, None, args.release_pubkey)
     if args.hil_junit and args.hil_results:
         raise UsageError("give --hil-junit or --hil-results, not both", where="command line")
     hil = (read_junit(args.hil_junit) if args.hil_junit else
@@ -274,6 +283,9 @@ def register(subparsers: Any) -> None:
     p = rs.add_parser("start", help="create a rollout from a plan and deploy its first ring")
     p.add_argument("--plan", required=True)
     p.add_argument("--manifest", help="signed release manifest JSON (default: plan's artifact)")
+    p.add_argument("--release-pubkey", metavar="PEM",
+                   help="verify the manifest's signature and expiry with this release public key "
+                        "(from `hilfarm ota pubkey`) before starting")
     p.add_argument("--hil-junit", help="JUnit XML written by pytest --junitxml")
     p.add_argument("--hil-results", help="JSON HIL results file (counts or a tests list)")
     p.add_argument("--staging-since", help="ISO time the release entered staging (when the "

@@ -64,7 +64,8 @@ def manifest_from_dict(data: Any, where: str) -> Manifest:
     missing = [k for k in required if k not in data]
     if missing:
         raise ConfigError(f"release manifest lacks {', '.join(missing)}", where=where,
-                          hint="the OTA module's `hilfarm ota manifest` writes every field")
+                          hint="`hilfarm ota release IMAGE --key KEY --url URL -o MANIFEST` "
+                               "writes every field")
     url = data["url"]
     if not isinstance(url, str) or not url.startswith(("https://", "http://")):
         raise ConfigError(f"manifest url {url!r} is not an http(s) URL", where=f"{where}: url",

@@ -171,3 +171,31 @@ def test_ci_examples_run_the_stages_in_order(name):
              "espsecure sign-data", "hilfarm rollout start --plan", "--hil-junit hil.xml"]
     positions = [text.find(s) for s in steps]
     assert -1 not in positions and positions == sorted(positions), positions
+
+
+def test_start_verifies_a_signed_release_manifest(tmp_path, db, junit, capsys):
+    from pytest_hilfarm.ota.keys import generate_signing_key, write_public_key
+    from pytest_hilfarm.sim.appbuild import build_app
+
+    image = tmp_path / "app.bin"
+    image.write_bytes(build_app("esp32", "thermostat", "2.4.0"))
+    key = generate_signing_key(tmp_path / "release.pem", "ed25519")
+    pub = tmp_path / "release.pub.pem"
+    write_public_key(key, pub)
+    manifest = tmp_path / "manifest.json"
+    assert main(["ota", "release", str(image), "--key", str(key), "--url",
+                 "https://fw.example.invalid/app.bin", "-o", str(manifest)]) == 0
+    capsys.readouterr()
+    assert main(["rollout", "start", "--plan", str(EXAMPLE_PLAN), "--manifest", str(manifest),
+                 "--release-pubkey", str(pub), "--hil-junit", junit, "--db", db,
+                 "--id", "signed"]) == 0
+    assert "started: signed" in capsys.readouterr().out
+
+    tampered = tmp_path / "tampered.json"
+    data = json.loads(manifest.read_text())
+    data["secure_version"] = int(data["secure_version"]) + 1
+    tampered.write_text(json.dumps(data))
+    assert main(["rollout", "start", "--plan", str(EXAMPLE_PLAN), "--manifest", str(tampered),
+                 "--release-pubkey", str(pub), "--hil-junit", junit, "--db", db,
+                 "--id", "tampered"]) == 1
+    assert "signature" in capsys.readouterr().err.lower()

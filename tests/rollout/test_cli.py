@@ -168,7 +168,8 @@ def test_cli_examples_in_the_docs_parse():
 def test_ci_examples_run_the_stages_in_order(name):
     text = (CI / name).read_text()
     steps = ["pytest tests/", "pytest examples/ --hil-rack rack.yaml -n 3", "--junitxml=hil.xml",
-             "espsecure sign-data", "hilfarm rollout start --plan", "--hil-junit hil.xml"]
+             "hilfarm ota sign", "hilfarm ota release", "hilfarm rollout start --plan",
+             "--release-pubkey release.pub.pem", "--hil-junit hil.xml"]
     positions = [text.find(s) for s in steps]
     assert -1 not in positions and positions == sorted(positions), positions
 

@@ -714,7 +714,10 @@ class Farm:
 
 def flash_boards(farm: Farm, board_ids: Sequence[str], plan: object, *,
                  timeout: float = 60.0, progress: Any = None) -> list[FlashReport]:
-    """Reserve the named boards, flash ``plan`` on each (in parallel) and release them."""
+    """Reserve the named boards, flash ``plan`` on each (in parallel) and release them.
+
+    ``progress`` is one callback for every board, or a mapping of board id to callback.
+    """
     lease = farm.reserve(len(board_ids), only=board_ids, timeout=timeout,
                          reason="hilfarm flash")
     reports: list[FlashReport] = []
@@ -725,7 +728,9 @@ def flash_boards(farm: Farm, board_ids: Sequence[str], plan: object, *,
             try:
                 chip_plan = farm._firmware_plan(plan, dev.chip)
                 assert chip_plan is not None
-                return dev.flash(chip_plan, progress=progress, skip_identical=True)
+                board_progress = progress.get(board_id) if isinstance(progress, Mapping) \
+                    else progress
+                return dev.flash(chip_plan, progress=board_progress, skip_identical=True)
             finally:
                 dev.console.close()
 

@@ -94,16 +94,19 @@ def cmd_flash(args: argparse.Namespace) -> int:
                                  hint="e.g. 0x1000@bootloader.bin 0x8000@pt.bin 0x10000@app.bin")
             pairs.append((offset, Path(path)))
         plan = pairs
+    boards = [b for b in args.board.split(",") if b]
     with _farm(args) as farm:
+        for board in boards:
+            farm.board(board)  # a typo gets its did-you-mean before anything is reserved
         started = time.monotonic()
-        reports = flash_boards(farm, [args.board], plan, timeout=args.timeout,
-                               progress=_Progress(args.board))
-    for rep in reports:
+        progress = {b: _Progress(b) for b in boards}
+        reports = flash_boards(farm, boards, plan, timeout=args.timeout, progress=progress)
+    for board, rep in zip(boards, reports):
         for region in rep.regions:
             state = "written" if region.written else "identical, skipped"
-            print(f"{args.board}: 0x{region.offset:x} {region.size} bytes {state} "
+            print(f"{board}: 0x{region.offset:x} {region.size} bytes {state} "
                   f"({region.seconds:.2f} s)")
-    print(f"{args.board}: done in {time.monotonic() - started:.2f} s")
+    print(f"{', '.join(boards)}: done in {time.monotonic() - started:.2f} s")
     return 0
 
 
@@ -210,9 +213,9 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_status)
 
-    p = sub.add_parser("flash", help="reserve a board and flash images onto it")
+    p = sub.add_parser("flash", help="reserve boards and flash images onto them (in parallel)")
     _add_rack(p)
-    p.add_argument("board")
+    p.add_argument("board", help="board id, or several separated by commas (flashed in parallel)")
     p.add_argument("image", nargs="+",
                    help="app image, ESP-IDF build dir, flasher_args.json, or OFFSET@FILE ...")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the board")

@@ -18,6 +18,7 @@ version: 1
 name: cli-test
 boards:
   - {id: esp32-1, chip: esp32, port: virtual, reset: virtual, power: virtual}
+  - {id: esp32-2, chip: esp32, port: virtual, reset: virtual, power: virtual}
   - {id: esp32c3-1, chip: esp32c3, port: virtual, reset: virtual, power: virtual}
 """
 
@@ -41,7 +42,7 @@ def status(rack: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, dict]:
 
 def test_status_lists_boards(rack: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rows = status(rack, capsys)
-    assert set(rows) == {"esp32-1", "esp32c3-1"}
+    assert set(rows) == {"esp32-1", "esp32-2", "esp32c3-1"}
     assert rows["esp32c3-1"]["chip"] == "esp32c3"
     assert main(["status", "--rack", str(rack)]) == 0
     table = capsys.readouterr().out
@@ -60,6 +61,17 @@ def test_flash_writes_then_skips_identical(rack: Path, build: Path,
     assert status(rack, capsys)["esp32-1"]["firmware"]
 
 
+def test_flash_several_boards_in_parallel(rack: Path, build: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["flash", "--rack", str(rack), "esp32-1,esp32-2", str(build)]) == 0
+    out = capsys.readouterr().out
+    for board in ("esp32-1", "esp32-2"):
+        assert f"{board}: 0x10000 " in out
+    assert "esp32-1, esp32-2: done in" in out
+    rows = status(rack, capsys)
+    assert rows["esp32-1"]["firmware"] == rows["esp32-2"]["firmware"] is not None
+
+
 def test_flash_wrong_chip_is_refused_with_a_clear_error(
         rack: Path, build: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["flash", "--rack", str(rack), "esp32c3-1", str(build)]) == 1
@@ -68,8 +80,8 @@ def test_flash_wrong_chip_is_refused_with_a_clear_error(
 
 
 def test_unknown_board_gets_did_you_mean(rack: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["board", "quarantine", "--rack", str(rack), "esp32-l"]) == 1
-    assert "esp32-1" in capsys.readouterr().err
+    assert main(["board", "quarantine", "--rack", str(rack), "esp32c3-l"]) == 1
+    assert "esp32c3-1" in capsys.readouterr().err
 
 
 def test_quarantine_and_restore(rack: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -72,6 +72,7 @@ class PreparedBoard:
     firmware_sha256: str | None
     firmware_failure: str | None = None
     health_checked: bool = False
+    lost_at_start: int = 0  # the console's lost_count when the test got the board
 
     @property
     def seconds(self) -> float:
@@ -109,6 +110,13 @@ class HilSession:
             for b in self.boards
         ]
 
+    def port_lost(self, board_id: str) -> bool:
+        """Whether the board's console port vanished since the board was handed out."""
+        for prepared in self.boards:
+            if prepared.device.id == board_id:
+                return prepared.device.console.lost_count > prepared.lost_at_start
+        return False
+
     @property
     def firmware_failure(self) -> str | None:
         failures = [b.firmware_failure for b in self.boards if b.firmware_failure]
@@ -126,6 +134,9 @@ class HilSession:
             dev = prepared.device
             per_board = (board_outcomes or {}).get(dev.id, outcome)
             lease_outcomes[dev.id] = _lease_outcome(per_board)
+            if self.port_lost(dev.id):
+                # The port vanished during the test: a rig fault, whatever the test made of it.
+                lease_outcomes[dev.id] = LeaseOutcome.INFRA_ERROR.value
             try:
                 dev.console.close()
             except Exception:  # noqa: BLE001 - closing must not hide the test's own result
@@ -590,7 +601,8 @@ class Farm:
                 self.store.forget_flash(board_id)
                 report = device.flash(plan, skip_identical=True, wait=False)
                 failure = self._boot(device, plan)
-            return PreparedBoard(device, report, digest, failure, checked)
+            return PreparedBoard(device, report, digest, failure, checked,
+                                 device.console.lost_count)
         except BoardFault:
             device.console.close()
             raise

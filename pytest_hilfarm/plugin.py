@@ -108,10 +108,19 @@ def pytest_runtest_makereport(
     if logs and report.when == "call" and report.failed:
         for board_id, path in logs.items():
             report.sections.append((f"hil device log {board_id}", _tail(path)))
+        session = item.stash.get(_session_key, None)
+        lost = [b for b in logs if session is not None and session.port_lost(b)]
+        if lost:
+            report.sections.append((
+                "hilfarm",
+                f"the port of {', '.join(lost)} vanished during the test: a rig fault; "
+                "the board is marked UNKNOWN and gets a health check before its next use",
+            ))
     return report
 
 
 _logs_key = pytest.StashKey[dict[str, Path]]()
+_session_key = pytest.StashKey[Any]()
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -234,6 +243,7 @@ def hil_devices(
             session.finish("failed")
             pytest.fail(session.firmware_failure, pytrace=False)
         item.stash[_firmware_failure_key] = session.firmware_failure
+    item.stash[_session_key] = session
     try:
         yield list(session.devices)
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,26 @@ def test_status_lists_every_board_with_holder(farm: Farm) -> None:
         assert rows["esp32c3-1"]["holder"] and "status test" in rows["esp32c3-1"]["holder"]
     rows = {r["board"]: r for r in farm.status()}
     assert rows["esp32c3-1"]["holder"] is None
+
+
+def test_port_lost_during_a_test_marks_the_board_unknown(farm: Farm,
+                                                        builds: dict[str, Path]) -> None:
+    control = farm.control()
+    s = farm.start_session(1, chip="esp32", firmware=builds["v1"])
+    board = s.devices[0].id
+    try:
+        assert not s.port_lost(board)
+        control.unplug(board)
+        deadline = time.monotonic() + 10
+        while not s.port_lost(board):
+            assert time.monotonic() < deadline, "the console never noticed the port vanish"
+            time.sleep(0.05)
+    finally:
+        control.plug(board)
+        s.finish("failed")  # the test failed, but the rig is to blame
+    assert farm.store.health(board).health == BoardHealth.UNKNOWN
+    # The next user gets it health-checked first, and then it works again.
+    with farm.session(1, chip="esp32", firmware=builds["v1"], exclude=[
+            b for b in ("esp32-1", "esp32-2") if b != board]) as again:
+        assert again.boards[0].health_checked
+        assert farm.store.health(board).health == BoardHealth.GOOD

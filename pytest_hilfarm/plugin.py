@@ -67,6 +67,12 @@ _report_key = pytest.StashKey[dict[str, pytest.TestReport]]()
 _firmware_failure_key = pytest.StashKey[str]()
 
 
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from pytest_hilfarm import hookspecs
+
+    pluginmanager.add_hookspecs(hookspecs)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("hilfarm", "hardware-in-the-loop farm (pytest-hilfarm)")
     for opt in hs.OPTIONS:
@@ -214,8 +220,11 @@ def hil_devices(
             break
         except InfrastructureError as exc:
             stats.infra_errors += 1
-            failed = getattr(exc, "board_ids", ())
+            failed = tuple(getattr(exc, "board_ids", ()))
             excluded.update(failed)
+            request.config.hook.pytest_hilfarm_infra_error(
+                item=item, error=exc, board_ids=failed, will_retry=attempt + 1 < attempts
+            )
             if attempt + 1 >= attempts:
                 raise
             item.add_report_section(
@@ -244,8 +253,14 @@ def hil_devices(
             pytest.fail(session.firmware_failure, pytrace=False)
         item.stash[_firmware_failure_key] = session.firmware_failure
     item.stash[_session_key] = session
+    devices = list(session.devices)
     try:
-        yield list(session.devices)
+        request.config.hook.pytest_hilfarm_devices_ready(item=item, devices=devices)
+    except BaseException:
+        session.finish("not_run")
+        raise
+    try:
+        yield devices
     finally:
         reports = item.stash.get(_report_key, {})
         call = reports.get("call")

@@ -247,13 +247,38 @@ def test_infra_fault_is_a_setup_error_and_retried_elsewhere(pytester: pytest.Pyt
             def test_any(hil_device):
                 assert hil_device.id == "esp32-2"
         """)
+        events = pytester.path / "infra-events.txt"
+        pytester.makeconftest(f"""
+            def pytest_hilfarm_infra_error(item, error, board_ids, will_retry):
+                with open({str(events)!r}, "a") as f:
+                    f.write(f"{{item.name}} {{','.join(board_ids)}} {{will_retry}}\\n")
+        """)
         res = run_pytest(pytester, rig, "--hil-infra-retries", "0", "--hil-lock-timeout", "20")
         res.assert_outcomes(errors=1)  # a setup error, not a failure
         assert farm.store.health("esp32-1").health != BoardHealth.GOOD
         res = run_pytest(pytester, rig, "--hil-infra-retries", "1", "-rA")
         res.assert_outcomes(passed=1)
         res.stdout.fnmatch_lines(["*retrying on another board*esp32-1*"])
+        # The hook saw both faults: the first run's (no retry left), the second's (retried).
+        assert events.read_text().splitlines() == ["test_any esp32-1 False",
+                                                   "test_any esp32-1 True"]
     finally:
         control.plug("esp32-1")
         farm.reserver.unhold("esp32-3")
         farm.close()
+
+
+def test_devices_ready_hook_runs_before_the_test(pytester: pytest.Pytester,
+                                                 rig: dict[str, Path]) -> None:
+    pytester.makeconftest("""
+        def pytest_hilfarm_devices_ready(item, devices):
+            for dev in devices:
+                dev.provisioned = dev.command("mesh inbox clear")
+    """)
+    pytester.makepyfile("""
+        import pytest
+        @pytest.mark.hil(count=2)
+        def test_provisioned(hil_devices):
+            assert all(d.provisioned.startswith("cleared:") for d in hil_devices)
+    """)
+    run_pytest(pytester, rig).assert_outcomes(passed=1)

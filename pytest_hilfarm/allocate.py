@@ -13,6 +13,7 @@ This module must not lock, sleep, read files or the store: it is a function of i
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from collections.abc import Collection, Iterable
@@ -123,9 +124,11 @@ class Feasibility:
 _HEALTH_RANK = {BoardHealth.GOOD: 0, BoardHealth.UNKNOWN: 1, BoardHealth.BAD: 2}
 
 
+@functools.lru_cache(maxsize=8192)
 def _natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
     # "esp32-2" before "esp32-10": people number boards, and a stable human order makes the
-    # choice easy to predict from `hilfarm status`.
+    # choice easy to predict from `hilfarm status`. Cached: ranking runs under the rack-wide
+    # scheduling lock on every reservation attempt, over the same few board ids.
     return tuple(
         (0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", text) if part
     )

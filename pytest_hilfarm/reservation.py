@@ -454,6 +454,7 @@ class Reserver:
         self._boards = {b.id: BoardInfo.of(b) for b in boards}
         self._order = natural_sorted(self._boards)
         self.lock_dir = Path(lock_dir)
+        self._lock_paths: dict[str, Path] = {}
         self.store = store
         self.stagger_step = stagger_step
         self.recheck_interval = recheck_interval
@@ -474,7 +475,11 @@ class Reserver:
     # -- paths and small file helpers ---------------------------------------------------------
 
     def _lock_path(self, board: str) -> Path:
-        return self.lock_dir / f"{board}.lock"
+        # Built once per board: every attempt probes every lock under the scheduling lock.
+        path = self._lock_paths.get(board)
+        if path is None:
+            path = self._lock_paths[board] = self.lock_dir / f"{board}.lock"
+        return path
 
     def _owner_path(self, board: str) -> Path:
         return self.lock_dir / f"{board}.owner.json"

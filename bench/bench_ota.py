@@ -11,18 +11,19 @@ checked by the board at ``esp_ota_end`` and by the bootloader at the next boot).
 from __future__ import annotations
 
 import argparse
+import functools
 import re
-import socket
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+from pytest_hilfarm.console import Console
 from pytest_hilfarm.ota.keys import generate_signing_key, key_digest
 from pytest_hilfarm.ota.server import OtaServer
 from pytest_hilfarm.ota.signing import load_signing_keys, sign_image
 from pytest_hilfarm.sim import daemon as sim_daemon
 from pytest_hilfarm.sim.appbuild import build_app, build_flash_layout
+from pytest_hilfarm.transports import open_port
 
 CHIP = "esp32c3"
 FLASH = 4 << 20
@@ -30,45 +31,6 @@ MB = 1 << 20
 READY = re.compile(r"running partition ota_0 at 0x110000, ota_state PENDING_VERIFY\r\n"
                    r"(?:.*\r\n)*?.*self-test passed, marking app valid\r\n(?:.*\r\n)*?"
                    r".*ota-bench 2\.0\.0 ready")
-
-
-class Console:
-    """A board's socket:// console: collects text, waits for a regex."""
-
-    def __init__(self, url: str) -> None:
-        host, port = url.split("//")[1].split(":")
-        self.sock = socket.create_connection((host, int(port)), timeout=3)
-        self.sock.settimeout(0.2)
-        self.text = ""
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        while not self.stop.is_set():
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            if not data:
-                return
-            with self.lock:
-                self.text += data.decode("utf-8", "replace")
-
-    def wait(self, regex: re.Pattern[str], start: int, timeout: float) -> float:
-        deadline = time.perf_counter() + timeout
-        while time.perf_counter() < deadline:
-            with self.lock:
-                if regex.search(self.text, start):
-                    return time.perf_counter()
-            time.sleep(0.005)
-        raise TimeoutError(f"{regex.pattern!r} not seen; tail: {self.text[-1500:]}")
-
-    def close(self) -> None:
-        self.stop.set()
-        self.sock.close()
 
 
 def run(boards: int, secure: bool, tmp: Path, signer: object, digest: str,
@@ -87,18 +49,30 @@ def run(boards: int, secure: bool, tmp: Path, signer: object, digest: str,
     spec = sim_daemon.parse_rack({"name": "bench", "boards": entries}, "bench.yaml")
     with sim_daemon.running(spec, state) as daemon, OtaServer() as server:
         url = server.publish("app.bin", image)
-        consoles = []
-        for slot in daemon._slots.values():
-            consoles.append(Console(daemon.board_urls(slot)[0]))
+        # The project's own console (reader thread, log file, expect buffer), as the farm uses.
+        consoles = [
+            Console(functools.partial(open_port, daemon.board_urls(slot)[0]),
+                    state / f"{slot.spec.id}.log", name=slot.spec.id)
+            for slot in daemon._slots.values()
+        ]
         time.sleep(0.05)
         for slot, con in zip(daemon._slots.values(), consoles):
             daemon.handle({"op": "reset", "board": slot.spec.id, "boot": "flash"})
-            con.wait(re.compile(r"ota-bench 1\.0\.0 ready\r\n> "), 0, 10)
-        marks = [len(c.text) for c in consoles]
+            con.expect(r"ota-bench 1\.0\.0 ready\r\n> ", timeout=10)
+        marks = [con.mark() for con in consoles]
         t0 = time.perf_counter()
         for con in consoles:
-            con.sock.sendall(f"ota {url}\n".encode())
-        done = [c.wait(READY, m, 60) - t0 for c, m in zip(consoles, marks)]
+            con.write(f"ota {url}\n")
+        # Poll every board so each one's own finishing time is taken, whichever ends first.
+        finished: dict[int, float] = {}
+        while len(finished) < len(consoles):
+            if time.perf_counter() - t0 > 60:
+                raise TimeoutError(f"OTA not confirmed on every board; tail: {consoles[0].tail()}")
+            for i, (con, mark) in enumerate(zip(consoles, marks)):
+                if i not in finished and READY.search(con.text_since(mark)):
+                    finished[i] = time.perf_counter() - t0
+            time.sleep(0.005)
+        done = list(finished.values())
         for con in consoles:
             con.close()
         served = server.bytes_served("app.bin")

@@ -423,14 +423,6 @@ class Farm:
 
     # -- requests -----------------------------------------------------------------------------
 
-    def board_infos(self) -> list[BoardInfo]:
-        health = self.store.all_health([b.id for b in self.boards])
-        return [
-            BoardInfo.of(b, health[b.id].health, health[b.id].failures) if b.id in health
-            else BoardInfo.of(b, BoardHealth.UNKNOWN)
-            for b in self.boards
-        ]
-
     def unsatisfiable(self, count: int = 1, *, chip: str | None = None,
                       features: Iterable[str] = ()) -> str | None:
         """Why the rack can never give these boards (None if it can)."""
@@ -755,6 +747,3 @@ def flash_boards(farm: Farm, board_ids: Sequence[str], plan: object, *,
         lease.release(default=outcome)
     return reports
 
-
-def default_log_root() -> Path:
-    return Path(os.environ.get("HILFARM_LOG_DIR", Path.cwd() / "hilfarm-logs"))

@@ -16,9 +16,9 @@ from __future__ import annotations
 import functools
 import re
 from collections import Counter
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from .errors import UsageError
 from .store import QUARANTINE_AFTER, BoardHealth
@@ -61,13 +61,16 @@ class BoardRequest:
     """What a test asks for: ``count`` distinct boards of ``chip`` having all ``features``.
 
     ``only`` restricts the choice to the named boards (``hilfarm flash BOARD`` reserves exactly
-    one board by id).
+    one board by id). ``chips``, when given, is the set of chips the candidate firmware exists
+    for: a request without ``chip`` then takes only boards of those chips (a build for one chip
+    must not be handed a board it cannot run on).
     """
 
     count: int = 1
     chip: str | None = None
     features: frozenset[str] = field(default_factory=frozenset)
     only: frozenset[str] | None = None
+    chips: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 1:
@@ -83,10 +86,37 @@ class BoardRequest:
         if self.only is not None:
             only = {self.only} if isinstance(self.only, str) else self.only
             object.__setattr__(self, "only", frozenset(only))
+        if self.chips is not None:
+            chips = {self.chips} if isinstance(self.chips, str) else self.chips
+            object.__setattr__(self, "chips", frozenset(chips))
+
+    def to_json(self) -> dict[str, object]:
+        """The request as JSON-ready data (queue tickets of both reservation backends)."""
+        return {"count": self.count, "chip": self.chip, "features": sorted(self.features),
+                "only": None if self.only is None else sorted(self.only),
+                "chips": None if self.chips is None else sorted(self.chips)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> BoardRequest:
+        """Inverse of :meth:`to_json` (a ticket written before ``chips`` existed reads as None)."""
+        chips = data.get("chips")
+        return cls(count=int(data["count"]), chip=data["chip"],
+                   features=frozenset(data["features"]),
+                   only=None if data["only"] is None else frozenset(data["only"]),
+                   chips=None if chips is None else frozenset(chips))
+
+    @property
+    def chip_words(self) -> str:
+        """The chip part of :meth:`describe`: ``esp32``, ``esp32|esp32c3`` or ``any-chip``."""
+        if self.chip is not None:
+            return self.chip
+        if self.chips is not None:
+            return "|".join(sorted(self.chips)) or "no-chip"
+        return "any-chip"
 
     def describe(self) -> str:
         """Human words for the request: ``2 x esp32 board(s) with features {mesh-radio}``."""
-        text = f"{self.count} x {self.chip or 'any-chip'} board(s)"
+        text = f"{self.count} x {self.chip_words} board(s)"
         if self.features:
             text += f" with features {{{', '.join(sorted(self.features))}}}"
         if self.only is not None:
@@ -97,6 +127,7 @@ class BoardRequest:
         """Whether the board has the right chip and features (health aside)."""
         return (
             (self.chip is None or board.chip == self.chip)
+            and (self.chips is None or board.chip in self.chips)
             and self.features <= board.features
             and (self.only is None or board.id in self.only)
         )
@@ -192,14 +223,19 @@ def can_ever_satisfy(all_boards: Iterable[BoardInfo], request: BoardRequest) -> 
                 f"(boards: {', '.join(natural_sorted(b.id for b in boards))})",
             )
     chips = Counter(b.chip for b in boards)
+    have = ", ".join(f"{c} x{n}" for c, n in sorted(chips.items()))
     if request.chip is not None and request.chip not in chips:
-        have = ", ".join(f"{c} x{n}" for c, n in sorted(chips.items()))
         return Feasibility(False, f"the rack has no {request.chip} board (it has: {have})")
-    of_chip = [b for b in boards if request.chip is None or b.chip == request.chip]
+    if request.chips is not None and not request.chips & set(chips):
+        return Feasibility(
+            False, f"the rack has no {' or '.join(sorted(request.chips)) or 'such'} board "
+            f"(it has: {have})")
+    of_chip = [b for b in boards if (request.chip is None or b.chip == request.chip)
+               and (request.chips is None or b.chip in request.chips)]
     known = frozenset().union(*(b.features for b in of_chip))
     missing = request.features - known
     if missing:
-        where = f"no {request.chip} board" if request.chip else "no board"
+        where = f"no {request.chip_words} board" if request.chip or request.chips else "no board"
         return Feasibility(
             False,
             f"{where} has feature(s) {{{', '.join(sorted(missing))}}} "

@@ -175,6 +175,9 @@ class Device:
         self.flash_baud = flash_baud
         self._boot_mark: int | None = None
         self._prompt_seen = False
+        # Why the last boot that was waited for did not reach the app (None: it did, or none
+        # was waited for): the farm leaves such a board for a health check when it is released.
+        self.boot_failure: str | None = None
 
     def __repr__(self) -> str:
         return f"<Device {self.id} {self.chip} on {self.port}>"
@@ -220,6 +223,7 @@ class Device:
             while regex.search(text := self.console.window(mark)[1]) is None:
                 crashed = BOOT_FAILED.search(text)
                 if crashed is not None:
+                    self.boot_failure = crashed.group(0).strip()
                     # No prompt will come: say why now instead of after the timeout.
                     raise ConsoleTimeout(
                         f"the app crashed before its console prompt, so {cmd!r} was not sent: "
@@ -260,6 +264,7 @@ class Device:
             started = APP_STARTED.search(text)
             failed = BOOT_FAILED.search(text)
             if failed is not None and (started is None or failed.start() < started.start()):
+                self.boot_failure = failed.group(0).strip()
                 raise BootError(
                     f"the board failed to boot: {failed.group(0).strip()}\n"
                     f"{self._tail()}",
@@ -269,6 +274,7 @@ class Device:
                 )
             if started is not None:
                 # Everything up to the banner belongs to this boot; later expects start after it.
+                self.boot_failure = None
                 self.console.seek(start + started.end())
                 return parse_boot_info(text[: started.end()])
             left = deadline - time.monotonic()
@@ -278,6 +284,7 @@ class Device:
                 self.console.expect(APP_STARTED, min(left, 0.25))
             except ConsoleTimeout:
                 continue
+        self.boot_failure = f"no app start banner within {timeout:g} s"
         raise BootError(
             f"no app start banner within {timeout:g} s\n{self._tail()}",
             where=f"board {self.id} ({self.chip})",

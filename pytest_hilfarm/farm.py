@@ -8,7 +8,6 @@ port URL and the control endpoint, and the daemon is started as a separate proce
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import subprocess
@@ -24,11 +23,13 @@ from typing import Any
 
 from pytest_hilfarm import simclient
 from pytest_hilfarm.allocate import BoardInfo, BoardRequest, can_ever_satisfy
+from pytest_hilfarm.candidate import Candidate, plan_digest, resolve_candidate
 from pytest_hilfarm.console import Console
 from pytest_hilfarm.device import Device
 from pytest_hilfarm.errors import (
     BootError,
     HilfarmError,
+    ImageError,
     InfrastructureError,
     PortError,
     UsageError,
@@ -38,7 +39,6 @@ from pytest_hilfarm.flashing import (
     FlashReport,
     RegionResult,
     app_identity,
-    make_plan,
 )
 from pytest_hilfarm.flashing import flash as esptool_flash
 from pytest_hilfarm.power import PowerDriver, make_power
@@ -46,7 +46,13 @@ from pytest_hilfarm.rack import BoardSpec, RackSpec, builtin_virtual_rack_path, 
 from pytest_hilfarm.reservation import LeaseProtocol, Owner, ReservationBackend, Reserver
 from pytest_hilfarm.reset import ResetDriver, make_reset
 from pytest_hilfarm.settings import ImageSpec
-from pytest_hilfarm.store import BoardHealth, FarmStore, FarmStoreProtocol, LeaseOutcome
+from pytest_hilfarm.store import (
+    BoardHealth,
+    FarmStore,
+    FarmStoreProtocol,
+    LeaseOutcome,
+    check_due_reason,
+)
 from pytest_hilfarm.transports import find_usb, open_port, resolve_usb
 
 # A boot that printed the ROM banner / bootloader lines but never reached the app is the
@@ -98,6 +104,7 @@ class HilSession:
     test_id: str
     started: float = field(default_factory=time.monotonic)
     _finished: bool = False
+    candidate: Candidate | None = None
 
     @property
     def devices(self) -> list[Device]:
@@ -122,18 +129,30 @@ class HilSession:
         failures = [b.firmware_failure for b in self.boards if b.firmware_failure]
         return "\n\n".join(failures) if failures else None
 
-    def finish(self, outcome: str = "passed", board_outcomes: Mapping[str, str] | None = None
-               ) -> None:
-        """Close consoles, record results and release the boards (idempotent)."""
+    def finish(self, outcome: str = "passed", board_outcomes: Mapping[str, str] | None = None,
+               *, note: str = "") -> None:
+        """Close consoles, record results and release the boards (idempotent).
+
+        ``outcome`` is the test's: passed, failed, skipped, not_run, infra_error or aborted
+        (interrupted; ``note`` says by what, e.g. "SIGINT"). A board whose firmware did not
+        start (the candidate, or an image the test flashed) is left for a health check whatever
+        the test's outcome, so nobody else gets a board that boots into a crash.
+        """
         if self._finished:
             return
         self._finished = True
         duration = time.monotonic() - self.started
         lease_outcomes: dict[str, str] = {}
+        notes: list[str] = [note] if note else []
         for prepared in self.boards:
             dev = prepared.device
             per_board = (board_outcomes or {}).get(dev.id, outcome)
             lease_outcomes[dev.id] = _lease_outcome(per_board)
+            broken = prepared.firmware_failure or dev.boot_failure
+            if broken and lease_outcomes[dev.id] != LeaseOutcome.ABORTED.value:
+                lease_outcomes[dev.id] = LeaseOutcome.BROKEN_APP.value
+                first = broken.strip().splitlines()[0] if broken.strip() else "no boot"
+                notes.append(f"{dev.id}: {first}"[:200])
             if self.port_lost(dev.id):
                 # The port vanished during the test: a rig fault, whatever the test made of it.
                 lease_outcomes[dev.id] = LeaseOutcome.INFRA_ERROR.value
@@ -145,7 +164,7 @@ class HilSession:
                 self.farm.store.record_result(
                     dev.id, self.test_id, per_board, duration, prepared.firmware_sha256 or ""
                 )
-        self.lease.release(lease_outcomes)
+        self.lease.release(lease_outcomes, note="; ".join(notes))
 
     def __enter__(self) -> HilSession:
         return self
@@ -158,7 +177,17 @@ class HilSession:
         elif isinstance(exc, Exception):
             self.finish("failed")
         else:
-            self.finish("aborted")
+            self.finish("aborted", note=interruption_note(exc))
+
+
+def interruption_note(exc: BaseException) -> str:
+    """How an interruption reads in a board's health reason: ``SIGINT (Ctrl-C)``, ``SIGTERM``."""
+    signal_name = getattr(exc, "signal_name", None)
+    if signal_name:
+        return str(signal_name)
+    if isinstance(exc, KeyboardInterrupt):
+        return "SIGINT (Ctrl-C)"
+    return type(exc).__name__
 
 
 def _lease_outcome(test_outcome: str) -> str:
@@ -169,20 +198,17 @@ def _lease_outcome(test_outcome: str) -> str:
         "not_run": LeaseOutcome.OK.value,
         "infra_error": LeaseOutcome.INFRA_ERROR.value,
         "aborted": LeaseOutcome.ABORTED.value,
+        "broken_app": LeaseOutcome.BROKEN_APP.value,
     }.get(test_outcome, LeaseOutcome.FAILED.value)
+
+
+def _chips_words(chips: Iterable[str]) -> str:
+    names = sorted(chips)
+    return names[0] + " only" if len(names) == 1 else ", ".join(names)
 
 
 def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:150] or "session"
-
-
-def plan_digest(plan: FlashPlan) -> str:
-    """One SHA-256 over a plan's regions (offset + content), for reports and results."""
-    h = hashlib.sha256()
-    for region in plan.regions:
-        h.update(region.offset.to_bytes(4, "little"))
-        h.update(bytes.fromhex(region.sha256))
-    return h.hexdigest()
 
 
 class Farm:
@@ -413,8 +439,14 @@ class Farm:
         """Flash through ``flash_fn``, keeping the store's per-region digests up to date."""
 
         def flasher(port: str, chip: str, plan: FlashPlan, **kwargs: Any) -> FlashReport:
-            self.store.forget_flash(board_id)  # a failed flash leaves regions unknown
-            report: FlashReport = flash_fn(port, chip, plan, **kwargs)
+            try:
+                report: FlashReport = flash_fn(port, chip, plan, **kwargs)
+            except ImageError:
+                raise  # refused before anything was written: the board holds what it held
+            except BaseException:
+                self.store.forget_flash(board_id)  # a failed flash leaves regions unknown
+                raise
+            self.store.forget_flash(board_id)  # the digests below are the whole known state
             for region in report.regions:
                 self.store.record_flash(board_id, region.offset, region.sha256, region.size)
             return report
@@ -424,13 +456,43 @@ class Farm:
     # -- requests -----------------------------------------------------------------------------
 
     def unsatisfiable(self, count: int = 1, *, chip: str | None = None,
-                      features: Iterable[str] = ()) -> str | None:
-        """Why the rack can never give these boards (None if it can)."""
-        request = BoardRequest(count, chip, frozenset(features))
-        feasible = can_ever_satisfy(
-            [BoardInfo.of(b) for b in self.boards], request
-        )
-        return None if feasible else f"rack {self.rack.name!r}: {feasible.reason}"
+                      features: Iterable[str] = (),
+                      candidate: Candidate | None = None) -> str | None:
+        """Why the rack can never give these boards (None if it can).
+
+        With a ``candidate``, only boards of the chips it was built for count: a request that
+        names no chip means "any chip the candidate firmware exists for".
+        """
+        boards = [BoardInfo.of(b) for b in self.boards]
+        if candidate is not None and chip is not None and chip not in candidate.chips:
+            return (f"this test asks for {chip} boards, but the candidate firmware "
+                    f"({candidate.source}) is built for {_chips_words(candidate.chips)}")
+        request = self.request_for(count, chip=chip, features=features, candidate=candidate)
+        feasible = can_ever_satisfy(boards, request)
+        if feasible:
+            return None
+        reason = f"rack {self.rack.name!r}: {feasible.reason}"
+        if candidate is not None and chip is None and can_ever_satisfy(
+            boards, BoardRequest(count, None, frozenset(features))
+        ):
+            have = ", ".join(sorted({b.chip for b in self.boards}))
+            reason = (f"rack {self.rack.name!r}: the candidate firmware ({candidate.source}) is "
+                      f"built for {_chips_words(candidate.chips)}, and the rack has no board it "
+                      f"can run on for {request.describe()} (the rack's chips: {have})")
+        return reason
+
+    def request_for(self, count: int = 1, *, chip: str | None = None,
+                    features: Iterable[str] = (), candidate: Candidate | None = None,
+                    only: Iterable[str] | None = None) -> BoardRequest:
+        """The board request for a test: a chip, else the chips the candidate was built for."""
+        chips = candidate.chips if candidate is not None and chip is None else None
+        return BoardRequest(count, chip, frozenset(features),
+                            only=None if only is None else frozenset(only), chips=chips)
+
+    def candidate(self, firmware: object, *, source: str = "firmware argument"
+                  ) -> Candidate | None:
+        """Resolve and check candidate firmware once (see :mod:`pytest_hilfarm.candidate`)."""
+        return resolve_candidate(firmware, source=source)
 
     def present(self, board: BoardSpec) -> bool:
         """Whether a board's adapter is plugged in now (virtual and URL boards always are)."""
@@ -449,31 +511,50 @@ class Farm:
     def reserve(self, count: int = 1, *, chip: str | None = None,
                 features: Iterable[str] = (), timeout: float = 300.0, test_id: str = "",
                 reason: str = "", exclude: Iterable[str] = (),
-                only: Iterable[str] | None = None) -> LeaseProtocol:
+                only: Iterable[str] | None = None,
+                chips: Iterable[str] | None = None) -> LeaseProtocol:
         """Reserve ``count`` distinct boards exclusively (across threads, processes, CI jobs).
 
-        Boards whose USB adapter is unplugged right now are not offered.
+        ``chips`` limits a request without ``chip`` to those chips (the chips the candidate
+        firmware was built for). Boards whose USB adapter is unplugged right now are not offered.
         """
         gone = {b.id for b in self.boards if not self.present(b)}
         excluded = set(exclude) | gone
         allowed = {b.id for b in self.boards} if only is None else set(only)
+        chip_set = None if chips is None else frozenset(chips)
         if gone:
+            wanted = BoardRequest(count, chip, frozenset(features), chips=chip_set)
             usable = [b for b in self.boards if b.id in allowed - excluded]
-            feasible = can_ever_satisfy(
-                [BoardInfo.of(b) for b in usable], BoardRequest(count, chip, frozenset(features))
-            )
-            if not feasible:
+            if not can_ever_satisfy([BoardInfo.of(b) for b in usable], wanted):
+                matching = [b for b in self.boards
+                            if b.id in allowed and wanted.matches(BoardInfo.of(b))]
+                ready = [b.id for b in matching if b.id not in excluded]
+                unplugged = [f"{b.id} is unplugged (no port {self._port_words(b)})"
+                             for b in matching if b.id in gone]
+                left = (f"only {', '.join(ready)} {'is' if len(ready) == 1 else 'are'} left"
+                        if ready else "no other such board is plugged in")
                 raise PortError(
-                    f"not enough boards plugged in: {', '.join(sorted(gone))} "
-                    f"{'is' if len(gone) == 1 else 'are'} unplugged ({feasible.reason})",
+                    f"not enough boards plugged in for {wanted.describe()}: "
+                    + "; ".join(unplugged or [f"{', '.join(sorted(gone))} unplugged"])
+                    + f"; {left}",
                     where=str(self.rack.source),
                     hint="plug the board(s) back in; `hilfarm discover` lists what is attached",
                 )
         request = BoardRequest(
             count, chip, frozenset(features),
             only=frozenset(allowed - excluded) if (excluded or only is not None) else None,
+            chips=chip_set,
         )
         return self.reserver.reserve(request, Owner.current(test_id, reason), timeout)
+
+    @staticmethod
+    def _port_words(board: BoardSpec) -> str:
+        kind, value = board.port.kind, board.port.value
+        if kind == "usb_serial":
+            return f"with USB serial {value}"
+        if kind == "usb_path":
+            return f"at USB path {value}"
+        return value
 
     # -- preparation --------------------------------------------------------------------------
 
@@ -531,24 +612,11 @@ class Farm:
         with self._changes_lock:
             return list(self._health_changes)
 
-    def _firmware_plan(self, firmware: object, chip: str) -> FlashPlan | None:
-        if firmware is None:
+    @staticmethod
+    def _firmware_plan(candidate: Candidate | None, board: BoardSpec) -> FlashPlan | None:
+        if candidate is None:
             return None
-        if isinstance(firmware, ImageSpec):
-            path = firmware.for_chip(chip)
-            if path is None:
-                raise UsageError(
-                    f"no firmware given for chip {chip}",
-                    where="--hil-firmware",
-                    hint=f"add {chip}=PATH, or one image for every chip",
-                )
-            return make_plan(path)
-        if isinstance(firmware, Mapping):
-            if chip not in firmware:
-                raise UsageError(f"no firmware given for chip {chip}", where="firmware",
-                                 hint=f"add an entry for {chip}")
-            return make_plan(firmware[chip])
-        return make_plan(firmware)  # type: ignore[arg-type]
+        return candidate.require(board.chip, where=f"board {board.id}")
 
     def _store_says_flashed(self, board_id: str, plan: FlashPlan) -> bool:
         """Whether the store's digests alone may stand for the device's flash.
@@ -567,8 +635,12 @@ class Farm:
 
     def prepare_board(self, board_id: str, *, firmware: object, needs_check: bool,
                       boot_timeout: float, log_path: Path) -> PreparedBoard:
-        """Bring one reserved board to a known state and start the candidate firmware."""
+        """Bring one reserved board to a known state and start the candidate firmware.
+
+        ``firmware`` is a :class:`Candidate` (or anything :meth:`candidate` resolves).
+        """
         board = self.board(board_id)
+        candidate = self.candidate(firmware)
         try:
             device = self.open_device(board_id, log_path=log_path, boot_timeout=boot_timeout)
         except HilfarmError as exc:
@@ -579,7 +651,7 @@ class Farm:
             if needs_check or health != BoardHealth.GOOD:
                 self.health_check(device)
                 checked = True
-            plan = self._firmware_plan(firmware, board.chip)
+            plan = self._firmware_plan(candidate, board)
             report: FlashReport | None = None
             digest = plan_digest(plan) if plan else None
             if plan is not None and not self._store_says_flashed(board_id, plan):
@@ -598,6 +670,14 @@ class Farm:
         except BoardFault:
             device.console.close()
             raise
+        except ImageError as exc:
+            # The image does not fit this board (its chip revision, its flash): nothing was
+            # written and the board is as healthy as before; say where the image came from.
+            device.console.close()
+            source = f" (candidate from {candidate.source})" if candidate is not None else ""
+            if source and candidate is not None and candidate.source in (exc.where or ""):
+                source = ""
+            raise ImageError(exc.what, where=f"{exc.where}{source}", hint=exc.hint) from None
         except InfrastructureError as exc:
             device.console.close()
             self.store.set_health(board_id, BoardHealth.UNKNOWN, str(exc).splitlines()[0])
@@ -637,9 +717,19 @@ class Farm:
                       features: Iterable[str] = (), firmware: object = None,
                       timeout: float = 300.0, boot_timeout: float = 15.0, test_id: str = "",
                       exclude: Iterable[str] = ()) -> HilSession:
-        """Reserve, prepare (in parallel) and return the session; release with ``finish``."""
+        """Reserve, prepare (in parallel) and return the session; release with ``finish``.
+
+        ``firmware`` is a :class:`Candidate` or anything :meth:`candidate` resolves (an image,
+        a build directory, ``{chip: path}``...). Without ``chip`` only boards of the chips the
+        candidate was built for are reserved.
+        """
+        candidate = self.candidate(firmware)
+        if candidate is not None and chip is not None and chip not in candidate.chips:
+            candidate.require(chip, where=f"request for {count} x {chip} board(s)")
         lease = self.reserve(count, chip=chip, features=features, timeout=timeout,
-                             test_id=test_id, exclude=exclude)
+                             test_id=test_id, exclude=exclude,
+                             chips=candidate.chips if candidate is not None and chip is None
+                             else None)
         log_dir = self.log_root / _safe_name(test_id or lease.id)
         prepared: list[PreparedBoard] = []
         errors: list[BaseException] = []
@@ -647,7 +737,7 @@ class Farm:
             with ThreadPoolExecutor(max_workers=len(lease.boards)) as pool:
                 futures = [
                     pool.submit(
-                        self.prepare_board, board_id, firmware=firmware,
+                        self.prepare_board, board_id, firmware=candidate,
                         needs_check=board_id in lease.needs_check, boot_timeout=boot_timeout,
                         log_path=log_dir / f"{board_id}.log",
                     )
@@ -675,7 +765,7 @@ class Farm:
                     board_ids=sorted(faulty),
                 ) from first
             raise first
-        return HilSession(self, lease, prepared, test_id)
+        return HilSession(self, lease, prepared, test_id, candidate=candidate)
 
     @contextmanager
     def session(self, count: int = 1, **kwargs: Any) -> Iterator[HilSession]:
@@ -687,7 +777,12 @@ class Farm:
     # -- status -------------------------------------------------------------------------------
 
     def status(self) -> list[dict[str, Any]]:
-        """Every board with chip, health, holder and since, last flashed firmware."""
+        """Every board with chip, health, holder and since, last flashed firmware.
+
+        ``check_due`` is True for a board that gets a health check before its next use (not
+        GOOD, or left by a holder that was killed: the kernel freed its lock but the next
+        reserver has not seen it yet); ``reason`` says why, who held it and when.
+        """
         rows = []
         hosts: dict[str, Any] = {}
         host_status = getattr(self.reserver, "host_status", None)
@@ -700,11 +795,22 @@ class Farm:
                 holder = f"{st.hold.person} (bench hold: {st.hold.reason})"
                 since = getattr(st.hold, "since", None)
             fw = self.store.flashed_digest(st.board, 0x10000)
+            health = st.health.health
+            reason = st.health.reason
+            if st.stale_owner is not None and st.holder is None:
+                # Killed (SIGKILL, OOM, power loss): nobody released it, so whatever the store
+                # last said, the board waits for a health check.
+                health = BoardHealth.UNKNOWN if health is BoardHealth.GOOD else health
+                reason = check_due_reason(
+                    LeaseOutcome.HOLDER_DIED, holder=st.stale_owner.owner.describe(),
+                    since=st.stale_owner.since)
             rows.append({
                 "board": st.board,
                 "chip": st.chip,
-                "health": st.health.health.value,
+                "health": health.value,
+                "check_due": health in (BoardHealth.UNKNOWN, BoardHealth.BAD),
                 "failures": st.health.failures,
+                "reason": reason,
                 "holder": holder,
                 "since": since,
                 "firmware": fw.digest[:12] if fw else None,
@@ -722,6 +828,12 @@ def flash_boards(farm: Farm, board_ids: Sequence[str], plan: object, *,
 
     ``progress`` is one callback for every board, or a mapping of board id to callback.
     """
+    boards = [farm.board(b) for b in board_ids]
+    chips = {b.chip for b in boards}
+    candidate = resolve_candidate(plan, source="the command line",
+                                  default_chip=chips.pop() if len(chips) == 1 else None)
+    for board in boards:  # refuse before reserving anything: nothing is written on a mismatch
+        farm._firmware_plan(candidate, board)
     lease = farm.reserve(len(board_ids), only=board_ids, timeout=timeout,
                          reason="hilfarm flash")
     reports: list[FlashReport] = []
@@ -730,7 +842,7 @@ def flash_boards(farm: Farm, board_ids: Sequence[str], plan: object, *,
         def one(board_id: str) -> FlashReport:
             dev = farm.open_device(board_id)
             try:
-                chip_plan = farm._firmware_plan(plan, dev.chip)
+                chip_plan = farm._firmware_plan(candidate, farm.board(board_id))
                 assert chip_plan is not None
                 board_progress = progress.get(board_id) if isinstance(progress, Mapping) \
                     else progress

@@ -498,6 +498,44 @@ def check_plan(
                 )
 
 
+def check_chip_revision(esp: Any, plan: FlashPlan, *, board: str | None = None) -> None:
+    """Refuse images that need another revision of the connected chip (ImageError).
+
+    esptool itself only refuses the bootloader (and only notes the app), but ESP-IDF's
+    bootloader will not start an app outside its revision range either, so a farm refuses both:
+    flashing it could only leave an unbootable board. Uses esptool's own rules and words.
+    """
+    from esptool import cmds
+    from esptool.bin_image import LoadFirmwareImage
+    from esptool.util import FatalError
+
+    incompatibility = getattr(cmds, "_get_image_incompatibility", None)
+    for region in plan.regions:
+        if region.data[:1] != bytes([IMAGE_MAGIC]) or region.role in ("otadata",):
+            continue
+        try:
+            image = LoadFirmwareImage(esp.CHIP_NAME, region.data)
+        except (FatalError, struct.error, RuntimeError, KeyError):
+            continue  # not an image of this chip: check_plan says so
+        if incompatibility is not None:
+            problem = incompatibility(esp, image, region.name)
+        else:  # pragma: no cover - esptool 5.x has it; compare the full revisions ourselves
+            rev = esp.get_chip_revision()
+            low, high = image.min_rev_full, image.max_rev_full or 0xFFFF
+            problem = None if low <= rev <= high else (
+                f"'{region.name}' requires chip revision v{low // 100}.{low % 100} - "
+                f"v{high // 100}.{high % 100} (this chip is revision v{rev // 100}.{rev % 100})")
+        if problem:
+            where = f"board {board}" if board else esp.CHIP_NAME
+            raise ImageError(
+                f"{problem}; nothing was written",
+                where=f"{where}, image at {region.offset:#x}",
+                hint="build for this chip revision (ESP-IDF: the chip's minimum/maximum revision "
+                "options), or use a board of a revision the image supports; the board itself "
+                "is fine",
+            )
+
+
 # -- esptool output routing -----------------------------------------------------------------------
 
 
@@ -770,6 +808,9 @@ def _flash_once(
 
     esp = _connect(port_url, chip, before, attempts)
     try:
+        # Before anything else (even the skip check): an image this very chip cannot run is
+        # the image's fault, never something to retry at a lower baud or blame on the cable.
+        check_chip_revision(esp, plan, board=board)
         cmds.attach_flash(esp)
         detected = flash_size_bytes(cmds.detect_flash_size(esp))
         check_plan(plan, chip, flash_size=detected, board=board)

@@ -9,6 +9,8 @@ Settings are resolved once per test through :mod:`pytest_hilfarm.settings` and k
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +22,17 @@ from pytest_hilfarm import settings as hs
 from pytest_hilfarm.errors import HilfarmError, InfrastructureError, UsageError
 
 if TYPE_CHECKING:
+    from pytest_hilfarm.candidate import Candidate
     from pytest_hilfarm.device import Device
     from pytest_hilfarm.farm import Farm
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cancelled CI job) turned into an orderly interruption: fixtures tear down and
+    the boards that were held are left for a health check instead of being dropped mid-use.
+    """
+
+    signal_name = "SIGTERM (job cancelled)"
 
 
 
@@ -63,6 +74,10 @@ def hil_settings(config: pytest.Config) -> hs.Settings:
     return config.stash[_settings_key]
 
 _stats_key = pytest.StashKey[_RunStats]()
+_candidate_key = pytest.StashKey["Candidate | None"]()
+_marker_candidates_key = pytest.StashKey[dict[str, "Candidate | None"]]()
+_interrupted_key = pytest.StashKey[str]()
+_sigterm_key = pytest.StashKey[Any]()
 _report_key = pytest.StashKey[dict[str, pytest.TestReport]]()
 _firmware_failure_key = pytest.StashKey[str]()
 
@@ -83,25 +98,114 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", hs.HIL_MARKER_HELP)
     config.stash[_stats_key] = _RunStats()
+    config.stash[_marker_candidates_key] = {}
     try:
-        config.stash[_settings_key] = hs.resolve_session(
+        settings = hs.resolve_session(
             option_values={o.dest: getattr(config.option, o.dest, None) for o in hs.OPTIONS},
             getini=config.getini,
             environ=os.environ,
             rootdir=Path(str(config.rootpath)),
         )
+        config.stash[_settings_key] = settings
+        # The candidate is read and checked once, here: a path that does not exist, a file
+        # that is not an image or a build for a chip it is not given for is one usage error
+        # naming its source, before any board is touched.
+        config.stash[_candidate_key] = _resolve(settings.firmware, settings, "firmware",
+                                                skip=settings.no_flash)
     except HilfarmError as exc:
-        raise pytest.UsageError(str(exc)) from exc
+        raise pytest.UsageError(str(exc)) from None
+    _install_sigterm(config)
+    config.pluginmanager.register(_InterruptWatch(config), "hilfarm-interrupt-watch")
+
+
+def _resolve(firmware: object, settings: hs.Settings, key: str, *, skip: bool = False,
+             where: str | None = None) -> Candidate | None:
+    if firmware is None or skip:
+        return None
+    from pytest_hilfarm.candidate import resolve_candidate
+
+    source = where or str(settings.source_of(key))
+    return resolve_candidate(firmware, source=source)
+
+
+def _install_sigterm(config: pytest.Config) -> None:
+    """Turn SIGTERM into an orderly interruption (Python's default ends the process at once).
+
+    Only in the main thread and only where nobody set a handler before us; restored at exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    config.stash[_sigterm_key] = signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    previous = config.stash.get(_sigterm_key, None)
+    if previous is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _InterruptWatch:
+    """Remembers an interruption in ``config.stash``: the fixtures pytest tears down after it
+    leave their boards for a health check (``pytest_keyboard_interrupt`` gets no config).
+    """
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+
+    def pytest_keyboard_interrupt(self, excinfo: pytest.ExceptionInfo[BaseException]) -> None:
+        from pytest_hilfarm.farm import interruption_note
+
+        self.config.stash[_interrupted_key] = interruption_note(excinfo.value)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """The rack, the log directory and the candidate, at the top of the run."""
+    settings = config.stash.get(_settings_key, None)
+    if settings is None:
+        return []
+    lines = [f"hilfarm: rack {settings.rack} ({settings.source_of('rack')})",
+             f"hilfarm: device logs in {_log_base(config)}"]
+    candidate = config.stash.get(_candidate_key, None)
+    if candidate is not None:
+        lines.append(f"hilfarm: candidate {candidate.describe()} from {candidate.source}")
+    elif settings.no_flash:
+        lines.append("hilfarm: --hil-no-flash: boards run what they have")
+    else:
+        lines.append("hilfarm: no candidate firmware given (a conftest may provide one; "
+                     "otherwise boards run what they have)")
+    return lines
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Validate every ``hil`` marker up front: a typo is a usage error, not 40 test errors."""
+    """Validate every ``hil`` marker up front: a typo or a bad firmware path is one usage
+    error, not 40 test errors.
+    """
+    settings = config.stash.get(_settings_key, None)
     for item in items:
         for mark in item.iter_markers("hil"):
             try:
-                hs.parse_hil_marker(mark.args, mark.kwargs, where=item.nodeid)
+                values = hs.parse_hil_marker(mark.args, mark.kwargs, where=item.nodeid)
+                if "firmware" in values and settings is not None:
+                    _marker_candidate(config, settings, values["firmware"], item.nodeid)
             except HilfarmError as exc:
-                raise pytest.UsageError(str(exc)) from exc
+                raise pytest.UsageError(str(exc)) from None
+
+
+def _marker_candidate(config: pytest.Config, settings: hs.Settings, firmware: object,
+                      nodeid: str) -> Candidate | None:
+    """A marker's firmware, resolved once per distinct value (many tests share one build)."""
+    cache = config.stash[_marker_candidates_key]
+    key = repr(firmware)
+    if key not in cache:
+        cache[key] = _resolve(firmware, settings, "firmware", skip=settings.no_flash,
+                              where=f"marker @pytest.mark.hil(firmware=...) on {nodeid}")
+    return cache[key]
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -174,16 +278,25 @@ def hil_farm(pytestconfig: pytest.Config) -> Iterator[Farm]:
     farm.close()
 
 
+def _log_base(config: pytest.Config) -> Path:
+    """``--hil-log-dir``, else hilfarm-logs/ where pytest was started (not pytest's rootdir,
+    which a path given as an option value can move to / or /tmp).
+    """
+    settings = config.stash.get(_settings_key, None)
+    if settings is not None and settings.log_dir is not None:
+        return settings.log_dir.absolute()
+    return Path(config.invocation_params.dir) / "hilfarm-logs"
+
+
 def _log_root(config: pytest.Config) -> Path:
-    base = Path(str(config.rootpath)) / "hilfarm-logs"
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    return base / worker
+    return _log_base(config) / worker
 
 
 @pytest.fixture(scope="session")
-def hil_firmware(pytestconfig: pytest.Config) -> object:
+def hil_firmware(pytestconfig: pytest.Config) -> Candidate | None:
     """The candidate firmware from --hil-firmware / hil_firmware / HILFARM_FIRMWARE (or None)."""
-    return pytestconfig.stash[_settings_key].firmware
+    return pytestconfig.stash[_candidate_key]
 
 
 @pytest.fixture
@@ -196,9 +309,17 @@ def hil_devices(
     per_test = hs.parse_hil_marker(
         marker.args if marker else (), marker.kwargs if marker else {}, where=item.nodeid
     )
-    cfg = request.config.stash[_settings_key].for_test(per_test, where=item.nodeid)
-    firmware = cfg.firmware if "firmware" in per_test else hil_firmware
-    reason = hil_farm.unsatisfiable(cfg.count, chip=cfg.chip, features=cfg.features)
+    settings = request.config.stash[_settings_key]
+    cfg = settings.for_test(per_test, where=item.nodeid)
+    if cfg.no_flash:
+        candidate = None
+    elif "firmware" in per_test:
+        candidate = _marker_candidate(request.config, settings, per_test["firmware"],
+                                      item.nodeid)
+    else:
+        candidate = _fixture_candidate(request.config, settings, hil_firmware)
+    reason = hil_farm.unsatisfiable(cfg.count, chip=cfg.chip, features=cfg.features,
+                                    candidate=candidate)
     if reason:
         pytest.skip(reason)
     stats = request.config.stash[_stats_key]
@@ -211,7 +332,7 @@ def hil_devices(
                 count=cfg.count,
                 chip=cfg.chip,
                 features=cfg.features,
-                firmware=None if cfg.no_flash else firmware,
+                firmware=candidate,
                 timeout=cfg.lock_timeout,
                 boot_timeout=cfg.boot_timeout,
                 test_id=item.nodeid,
@@ -265,9 +386,32 @@ def hil_devices(
         reports = item.stash.get(_report_key, {})
         call = reports.get("call")
         outcome = "passed" if call is not None and call.passed else "failed"
-        if call is None:
+        note = ""
+        interrupted = request.config.stash.get(_interrupted_key, "")
+        if interrupted:
+            # Ctrl-C or SIGTERM while the boards were held: nobody knows their state.
+            outcome, note = "aborted", interrupted
+        elif call is None:
             outcome = "not_run"
-        session.finish(outcome)
+        session.finish(outcome, note=note)
+
+
+def _fixture_candidate(config: pytest.Config, settings: hs.Settings, value: object
+                       ) -> Candidate | None:
+    """The ``hil_firmware`` fixture's value as a Candidate (a conftest may return a path)."""
+    from pytest_hilfarm.candidate import Candidate
+
+    if value is None or isinstance(value, Candidate):
+        return value
+    cache = config.stash[_marker_candidates_key]
+    key = "fixture:" + repr(value)
+    if key not in cache:
+        try:
+            cache[key] = _resolve(value, settings, "firmware",
+                                  where="the hil_firmware fixture (conftest)")
+        except HilfarmError as exc:
+            raise UsageError(exc.what, where=exc.where, hint=exc.hint) from None
+    return cache[key]
 
 
 @pytest.fixture

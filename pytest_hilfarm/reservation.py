@@ -75,7 +75,9 @@ from .store import (
     HoldRecord,
     LeaseOutcome,
     board_outcomes,
+    check_due_reason,
     outcome_of,
+    overall_outcome,
 )
 
 # CI systems and the variable that names the running job, checked in this order.
@@ -214,6 +216,7 @@ class LeaseProtocol(Protocol):
         outcomes: Mapping[str, str | LeaseOutcome] | None = None,
         *,
         default: str | LeaseOutcome = LeaseOutcome.OK,
+        note: str = "",
     ) -> None: ...
     def __enter__(self) -> LeaseProtocol: ...
     def __exit__(
@@ -378,11 +381,14 @@ class Lease:
         outcomes: Mapping[str, str | LeaseOutcome] | None = None,
         *,
         default: str | LeaseOutcome = LeaseOutcome.OK,
+        note: str = "",
     ) -> None:
         """Record history and health changes, then unlock. Calling it again does nothing.
 
         ``outcomes`` maps board ids to ``"ok"``, ``"failed"``, ``"infra_error"``, ...; boards
-        not named get ``default``. ``infra_error`` and ``aborted`` mark the board UNKNOWN.
+        not named get ``default``. ``infra_error``, ``aborted`` and ``broken_app`` mark the board
+        UNKNOWN ("health check due"), with ``note`` (e.g. the signal that interrupted the holder)
+        in the reason ``hilfarm status`` shows.
         """
         where = f"release of lease {self._id[:8]} ({', '.join(self._boards)})"
         per_board = board_outcomes(self._boards, outcomes, default, where=where)
@@ -390,7 +396,7 @@ class Lease:
             if self._released:
                 return
             self._released = True
-            self._reserver._finish(self, per_board, self._locks)
+            self._reserver._finish(self, per_board, self._locks, note)
 
     def __enter__(self) -> Lease:
         return self
@@ -406,16 +412,6 @@ class Lease:
 
 # -- the reserver -------------------------------------------------------------------------------
 
-
-_SEVERITY = {
-    LeaseOutcome.HOLDER_DIED: 5,
-    LeaseOutcome.INFRA_ERROR: 4,
-    LeaseOutcome.ABORTED: 3,
-    LeaseOutcome.FAILED: 2,
-    LeaseOutcome.SKIPPED: 1,
-    LeaseOutcome.OK: 0,
-    LeaseOutcome.TIMEOUT: 0,
-}
 
 
 class Reserver:
@@ -593,12 +589,7 @@ class Reserver:
                 continue
             try:
                 data = json.loads(path.read_text())
-                request = BoardRequest(
-                    count=int(data["count"]),
-                    chip=data["chip"],
-                    features=frozenset(data["features"]),
-                    only=None if data["only"] is None else frozenset(data["only"]),
-                )
+                request = BoardRequest.from_json(data)
                 tickets.append(
                     _Ticket(int(data["seq"]), path, request, frozenset(data["boards"]),
                             str(data["owner"]))
@@ -636,10 +627,8 @@ class Reserver:
             )
         path.write_text(
             json.dumps(
-                {"seq": seq, "count": request.count, "chip": request.chip,
-                 "features": sorted(request.features),
-                 "only": None if request.only is None else sorted(request.only),
-                 "boards": self._order, "owner": owner.describe()}
+                {"seq": seq, **request.to_json(), "boards": self._order,
+                 "owner": owner.describe()}
             )
         )
         state.ticket = _Ticket(seq, path, request, frozenset(self._order), owner.describe())
@@ -854,8 +843,8 @@ class Reserver:
                     )
                 self.store.set_health(
                     board, BoardHealth.UNKNOWN,
-                    f"previous holder died without releasing: {dead.owner.describe()}"
-                    f" since {dead.since}",
+                    check_due_reason(LeaseOutcome.HOLDER_DIED, holder=dead.owner.describe(),
+                                     since=dead.since),
                 )
                 self.store.forget_flash(board)
             self.store.record_reservation(
@@ -920,9 +909,10 @@ class Reserver:
         )
 
     def _finish(
-        self, lease: Lease, per_board: Mapping[str, LeaseOutcome], locks: Mapping[str, _Flock]
+        self, lease: Lease, per_board: Mapping[str, LeaseOutcome], locks: Mapping[str, _Flock],
+        note: str = "",
     ) -> None:
-        overall = max(per_board.values(), key=lambda o: _SEVERITY[o])
+        overall = overall_outcome(per_board)
         recorded = False
         try:
             self.store.record_release(
@@ -932,8 +922,8 @@ class Reserver:
                 if outcome in OUTCOMES_NEEDING_CHECK:
                     self.store.set_health(
                         board, BoardHealth.UNKNOWN,
-                        f"lease ended with {outcome.value}"
-                        + (f" in {lease.owner.test_id}" if lease.owner.test_id else ""),
+                        check_due_reason(outcome, holder=lease.owner.describe(),
+                                         since=_utc_iso(lease.granted_at), note=note),
                     )
                     self.store.forget_flash(board)
             recorded = True

@@ -184,6 +184,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
           "fault (default 0)", "retries", "N"),
     _spec("boot_timeout", "seconds from reset to the boot banner (default 15)", "seconds",
           "SECONDS"),
+    _spec("log_dir", "where device logs go (default: hilfarm-logs/ in the directory pytest was "
+          "started from)", "path", "DIR"),
 )
 _OPTIONS_BY_KEY: Mapping[str, OptionSpec] = MappingProxyType({o.key: o for o in OPTIONS})
 
@@ -206,6 +208,7 @@ _KEYS: Mapping[str, _Key] = MappingProxyType({
     "no_flash": _Key("bool", False, farm_wide=True),
     "infra_retries": _Key("retries", 0, farm_wide=True),
     "boot_timeout": _Key("seconds", 15.0),
+    "log_dir": _Key("path", None, farm_wide=True),  # None: <invocation dir>/hilfarm-logs
     "count": _Key("count", 1, marker_only=True),
     "chip": _Key("chip", None, marker_only=True),
     "features": _Key("features", frozenset(), marker_only=True),
@@ -249,6 +252,7 @@ class Settings:
     no_flash: bool
     infra_retries: int
     boot_timeout: float
+    log_dir: Path | None
     count: int
     chip: str | None
     features: frozenset[str]

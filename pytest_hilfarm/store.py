@@ -53,12 +53,62 @@ class LeaseOutcome(str, Enum):
     ABORTED = "aborted"  # interrupted mid-use (Ctrl-C): the board's state is unknown -> UNKNOWN
     HOLDER_DIED = "holder_died"  # the holder was killed; found by the next reserver -> UNKNOWN
     TIMEOUT = "timeout"  # the request was never granted
+    # The firmware on the board did not start (a candidate that panics or boot-loops): the next
+    # user must not get a board that only boots into a crash -> UNKNOWN, and the health check
+    # flashes the baseline back.
+    BROKEN_APP = "broken_app"
 
 
 # Outcomes after which nobody knows what state the board is in (fail closed).
 OUTCOMES_NEEDING_CHECK = frozenset(
-    {LeaseOutcome.INFRA_ERROR, LeaseOutcome.ABORTED, LeaseOutcome.HOLDER_DIED}
+    {LeaseOutcome.INFRA_ERROR, LeaseOutcome.ABORTED, LeaseOutcome.HOLDER_DIED,
+     LeaseOutcome.BROKEN_APP}
 )
+
+# Which per-board outcome names a whole lease (the worst one); the same for every backend.
+SEVERITY: Mapping[LeaseOutcome, int] = {
+    LeaseOutcome.HOLDER_DIED: 6,
+    LeaseOutcome.INFRA_ERROR: 5,
+    LeaseOutcome.ABORTED: 4,
+    LeaseOutcome.BROKEN_APP: 3,
+    LeaseOutcome.FAILED: 2,
+    LeaseOutcome.SKIPPED: 1,
+    LeaseOutcome.OK: 0,
+    LeaseOutcome.TIMEOUT: 0,
+}
+
+# The words `hilfarm status` starts a health reason with when a board waits for its check.
+CHECK_DUE = "health check due"
+_WHY_CHECK = {
+    LeaseOutcome.INFRA_ERROR: "a rig fault",
+    LeaseOutcome.ABORTED: "interrupted",
+    LeaseOutcome.HOLDER_DIED: "its holder died without releasing it",
+    LeaseOutcome.BROKEN_APP: "the firmware on it did not start",
+}
+
+
+def overall_outcome(per_board: Mapping[str, LeaseOutcome]) -> LeaseOutcome:
+    """The outcome recorded for a whole lease: its worst board's."""
+    return max(per_board.values(), key=lambda o: SEVERITY[o])
+
+
+def check_due_reason(outcome: LeaseOutcome, *, holder: str, since: str = "",
+                     at: float | None = None, note: str = "") -> str:
+    """The health reason of a board a lease left for a health check: why, who, when.
+
+    ``holder`` describes the owner (pid, host, user, test, CI job); ``note`` adds detail (the
+    signal that interrupted it, the first line of a rig fault).
+    """
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if at is None else at))
+    why = _WHY_CHECK.get(outcome, f"lease ended with {outcome.value}")
+    text = f"{CHECK_DUE}: {why}"
+    if note:
+        text += f" ({note})"
+    text += f"; held by {holder}"
+    if since:
+        text += f" since {since}"
+    verb = "found" if outcome is LeaseOutcome.HOLDER_DIED else "released"
+    return text + f", {verb} at {when}"
 
 
 def outcome_of(exc: BaseException | None) -> LeaseOutcome:

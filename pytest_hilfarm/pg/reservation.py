@@ -56,7 +56,9 @@ from pytest_hilfarm.store import (
     HoldRecord,
     LeaseOutcome,
     board_outcomes,
+    check_due_reason,
     outcome_of,
+    overall_outcome,
 )
 
 from .migrations import NS_BOARD, NS_SCHED, NS_TICKET
@@ -88,17 +90,6 @@ STAGGER_STEP = 0.002
 CHANNEL = "hilfarm_release"
 _TICKET_KEYS = 2**31 - 1  # ticket sequence -> int4 lock key
 IDLE_CONNECTIONS = 4  # released lease connections kept per reserver for reuse
-
-_SEVERITY = {
-    LeaseOutcome.HOLDER_DIED: 5,
-    LeaseOutcome.INFRA_ERROR: 4,
-    LeaseOutcome.ABORTED: 3,
-    LeaseOutcome.FAILED: 2,
-    LeaseOutcome.SKIPPED: 1,
-    LeaseOutcome.OK: 0,
-    LeaseOutcome.TIMEOUT: 0,
-}
-
 
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds")
@@ -144,19 +135,6 @@ class _WaitState:
 
 class _LockLost(Exception):
     """Internal: a lease found it no longer holds what it was granted."""
-
-
-def _request_to_json(request: BoardRequest) -> dict[str, Any]:
-    return {"count": request.count, "chip": request.chip,
-            "features": sorted(request.features),
-            "only": None if request.only is None else sorted(request.only)}
-
-
-def _request_from_json(data: Mapping[str, Any]) -> BoardRequest:
-    return BoardRequest(
-        count=int(data["count"]), chip=data["chip"], features=frozenset(data["features"]),
-        only=None if data["only"] is None else frozenset(data["only"]),
-    )
 
 
 class PgLease:
@@ -226,8 +204,9 @@ class PgLease:
         outcomes: Mapping[str, str | LeaseOutcome] | None = None,
         *,
         default: str | LeaseOutcome = LeaseOutcome.OK,
+        note: str = "",
     ) -> None:
-        """Record history and health, then unlock; again does nothing.
+        """Record history and health, then unlock; again does nothing (``note``: see Lease).
 
         Raises :class:`InfrastructureError` if the lease had lost its locks (the connection to
         the database dropped): results obtained on these boards are then not trustworthy.
@@ -239,7 +218,7 @@ class PgLease:
                 return
             self._released = True
             try:
-                self._reserver._finish(self, per_board)
+                self._reserver._finish(self, per_board, note)
             except _LockLost as exc:
                 self._lost = True
                 self._reserver._settle_lost(self)
@@ -399,7 +378,7 @@ class PgReserver:
                 dead.append(seq)  # its waiter's connection is gone
                 continue
             try:
-                tickets.append(_Ticket(seq, _request_from_json(request), frozenset(boards),
+                tickets.append(_Ticket(seq, BoardRequest.from_json(request), frozenset(boards),
                                        str(owner_text)))
             except (KeyError, TypeError, ValueError, UsageError):
                 continue  # written by another version: not ours to interpret
@@ -504,8 +483,9 @@ class PgReserver:
             sql_record_release(conn, dead_lease, granted_at, LeaseOutcome.HOLDER_DIED.value)
             sql_set_health(
                 conn, board, BoardHealth.UNKNOWN,
-                f"previous holder died or lost its database connection: {owner_text}"
-                f" since {_iso(float(since))}",
+                check_due_reason(LeaseOutcome.HOLDER_DIED, holder=owner_text,
+                                 since=_iso(float(since)),
+                                 note="or lost its database connection"),
             )
             sql_forget_flash(conn, board)
         return frozenset(r[0] for r in rows)
@@ -516,7 +496,7 @@ class PgReserver:
         seq = int(conn.execute(
             "INSERT INTO waiters (request, boards, owner_text, created_at)"
             " VALUES (%s, %s, %s, extract(epoch from clock_timestamp())) RETURNING seq",
-            (_json(_request_to_json(request)), boards, owner.describe()),
+            (_json(request.to_json()), boards, owner.describe()),
         ).fetchone()[0])
         # Session-level: survives this transaction, dies with the waiter's connection.
         conn.execute("SELECT pg_advisory_lock(%s, %s)", (NS_TICKET, seq % _TICKET_KEYS))
@@ -688,9 +668,10 @@ class PgReserver:
         if held != len(grant.keys):
             raise _LockLost(f"it holds {held} of its {len(grant.keys)} board locks")
 
-    def _finish(self, lease: PgLease, per_board: Mapping[str, LeaseOutcome]) -> None:
+    def _finish(self, lease: PgLease, per_board: Mapping[str, LeaseOutcome],
+                note: str = "") -> None:
         conn = lease._conn
-        overall = max(per_board.values(), key=lambda o: _SEVERITY[o])
+        overall = overall_outcome(per_board)
         try:
             try:
                 with conn.transaction():
@@ -705,8 +686,8 @@ class PgReserver:
                         if outcome in OUTCOMES_NEEDING_CHECK:
                             sql_set_health(
                                 conn, board, BoardHealth.UNKNOWN,
-                                f"lease ended with {outcome.value}"
-                                + (f" in {lease.owner.test_id}" if lease.owner.test_id else ""),
+                                check_due_reason(outcome, holder=lease.owner.describe(),
+                                                 since=_iso(lease._grant.granted_at), note=note),
                             )
                             sql_forget_flash(conn, board)
                     conn.execute("DELETE FROM board_owners WHERE lease_id = %s", (lease.id,))
@@ -745,8 +726,10 @@ class PgReserver:
                     now = server_now(conn)
                     if sql_record_release(conn, lease.id, now, LeaseOutcome.HOLDER_DIED.value):
                         for board in lease.boards:
-                            sql_set_health(conn, board, BoardHealth.UNKNOWN,
-                                           f"lease {lease.id[:8]} lost its database connection")
+                            sql_set_health(conn, board, BoardHealth.UNKNOWN, check_due_reason(
+                                LeaseOutcome.HOLDER_DIED, holder=lease.owner.describe(),
+                                since=_iso(lease.granted_at),
+                                note=f"lease {lease.id[:8]} lost its database connection"))
                             sql_forget_flash(conn, board)
                     conn.execute("DELETE FROM board_owners WHERE lease_id = %s", (lease.id,))
             finally:

@@ -142,7 +142,9 @@ ESP32C3 = ChipSpec(
     bootloader_offset=0x0,
     oui=bytes.fromhex("58cf79"),
     rom_header="ESP-ROM:esp32c3-api1-20210207\r\nBuild:Feb  7 2021\r\n",
-    fixed_registers=(),
+    # EFUSE_RD_MAC_SPI_SYS_3 bits 20:18 = WAFER_VERSION_MINOR_LO: revision v0.4, as shipping
+    # silicon (ECO3+) and the boot log say; ESP-IDF 5 images require v0.3 or later.
+    fixed_registers=((0x60008844 + 12, 4 << 18),),
 )
 
 CHIP_SPECS: Mapping[str, ChipSpec] = MappingProxyType(

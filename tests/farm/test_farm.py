@@ -106,20 +106,39 @@ def test_wrong_chip_firmware_is_refused_before_writing(farm: Farm,
     lease.release()
 
 
-def test_corrupt_app_is_a_firmware_failure_not_a_rig_fault(farm: Farm, builds: dict[str, Path],
-                                                           tmp_path: Path) -> None:
+def test_corrupt_app_is_refused_before_anything_is_written(farm: Farm, builds: dict[str, Path],
+                                                            tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     shutil.copytree(builds["v1"], bad)
     app = bad / "demo.bin"
     data = bytearray(app.read_bytes())
-    data[0x400] ^= 0xFF  # inside a segment: the bootloader's hash check fails
+    data[0x400] ^= 0xFF  # inside a segment: the checksum and the appended SHA-256 fail
     app.write_bytes(bytes(data))
-    s = farm.start_session(1, chip="esp32", firmware=bad, boot_timeout=5)
+    before = {b: farm.store.flashed_digest(b, 0x10000) for b in ("esp32-1", "esp32-2")}
+    with pytest.raises(ImageError, match=r"demo\.bin.*checksum failed"):
+        farm.start_session(1, chip="esp32", firmware=bad, boot_timeout=5)
+    assert {b: farm.store.flashed_digest(b, 0x10000) for b in before} == before
+
+
+def test_firmware_that_crashes_leaves_the_board_for_a_health_check(
+        farm: Farm, builds: dict[str, Path]) -> None:
+    s = farm.start_session(1, chip="esp32", firmware=builds["crash"], boot_timeout=5)
+    board = s.devices[0].id
     try:
-        assert s.firmware_failure and "did not start" in s.firmware_failure
-        assert farm.store.health(s.devices[0].id).health == BoardHealth.GOOD
+        with pytest.raises(ConsoleTimeout, match="Guru Meditation Error"):
+            s.devices[0].command("version")
+        assert farm.store.health(board).health == BoardHealth.GOOD  # the rig is fine...
     finally:
         s.finish("failed")
+    # ...but nobody else may get a board that only boots into a crash: a check comes first.
+    state = farm.store.health(board)
+    assert state.health == BoardHealth.UNKNOWN
+    assert "health check due" in state.reason and "Guru Meditation Error" in state.reason
+    others = [b for b in ("esp32-1", "esp32-2") if b != board]
+    with farm.session(1, chip="esp32", exclude=others) as again:
+        assert again.boards[0].health_checked
+        assert again.devices[0].boot_info().project == "baseline"
+        assert "version:" in again.devices[0].command("version")
 
 
 def test_crash_in_app_main_shows_in_the_test(farm: Farm, builds: dict[str, Path]) -> None:

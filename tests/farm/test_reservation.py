@@ -523,3 +523,42 @@ def test_bad_board_ids_are_rejected(tmp_path: Path) -> None:
         Reserver([BoardInfo("../etc", "esp32")], tmp_path / "locks", store)
     with pytest.raises(UsageError, match="appears twice"):
         Reserver([BoardInfo("a", "esp32"), BoardInfo("a", "esp32")], tmp_path / "locks", store)
+
+
+# --- the candidate's chips (issue: a build for one chip must get a board it runs on) ----------
+
+
+def test_request_without_chip_takes_only_the_candidates_chips(tmp_path: Path) -> None:
+    # c3-1 would come first by health and name if chips did not filter (it has no features).
+    reserver = make(tmp_path)
+    with reserver.reserve(BoardRequest(1, chips=frozenset({"esp32c3"})), timeout=1) as lease:
+        assert lease.boards == ("c3-1",)
+    with reserver.reserve(BoardRequest(3, chips=frozenset({"esp32"})), timeout=1) as lease:
+        assert sorted(lease.boards) == ["esp32-1", "esp32-2", "esp32-3"]
+    with pytest.raises(UsageError, match="no esp32s2 board"):
+        reserver.reserve(BoardRequest(1, chips=frozenset({"esp32s2"})), timeout=0)
+
+
+def test_waiting_ticket_keeps_its_chips(tmp_path: Path) -> None:
+    reserver = make(tmp_path)
+    got: list[tuple[str, ...]] = []
+    with reserver.reserve(BoardRequest(1, chip="esp32c3"), timeout=1):
+        waiter = threading.Thread(target=lambda: got.append(
+            reserver.reserve(BoardRequest(1, chips=frozenset({"esp32c3"})), timeout=10).boards))
+        waiter.start()
+        time.sleep(0.3)  # it waits in the queue: the esp32 boards are free but not its chip
+        assert not got
+    waiter.join(10)
+    assert got == [("c3-1",)]
+
+
+def test_interrupted_lease_says_why_who_and_when(tmp_path: Path) -> None:
+    reserver = make(tmp_path)
+    owner = Owner.current("tests/t.py::test_x")
+    lease = reserver.reserve(BoardRequest(1, chip="esp32c3"), owner, timeout=1)
+    lease.release(default="aborted", note="SIGINT (Ctrl-C)")
+    state = reserver.store.health("c3-1")
+    assert state.health is BoardHealth.UNKNOWN
+    assert state.reason.startswith("health check due: interrupted (SIGINT (Ctrl-C))")
+    assert f"pid {os.getpid()}" in state.reason and "tests/t.py::test_x" in state.reason
+    assert "released at 20" in state.reason

@@ -300,3 +300,23 @@ def test_lease_release_after_restart_raises(pg_server: Any, pg_url: str) -> None
     assert record.outcome == "holder_died"
     assert reserver.store.health("b2").health is BoardHealth.UNKNOWN
     assert_never_held_twice(reserver.store)
+
+
+def test_request_without_chip_takes_only_the_candidates_chips(pg_url: str) -> None:
+    reserver = make(pg_url)
+    with reserver.reserve(BoardRequest(1, chips=frozenset({"esp32c3"})), timeout=1) as lease:
+        assert lease.boards == ("c1",)
+    with reserver.reserve(BoardRequest(3, chips=frozenset({"esp32"})), timeout=1) as lease:
+        assert sorted(lease.boards) == ["b1", "b2", "b3"]
+    with pytest.raises(UsageError, match="no esp32s2 board"):
+        reserver.reserve(BoardRequest(1, chips=frozenset({"esp32s2"})), timeout=0)
+
+
+def test_interrupted_lease_says_why_who_and_when(pg_url: str) -> None:
+    reserver = make(pg_url)
+    lease = reserver.reserve(BoardRequest(1, chip="esp32c3"), Owner.current("t::x"), timeout=1)
+    lease.release(default="aborted", note="SIGTERM (job cancelled)")
+    state = reserver.store.health("c1")
+    assert state.health is BoardHealth.UNKNOWN
+    assert state.reason.startswith("health check due: interrupted (SIGTERM (job cancelled))")
+    assert "t::x" in state.reason

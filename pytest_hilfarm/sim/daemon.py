@@ -26,6 +26,7 @@ import json
 import os
 import random
 import re
+import select
 import selectors
 import signal
 import socket
@@ -351,16 +352,24 @@ class _Scheduler:
 class _Client:
     """The one client connected to a board's UART, over socket:// or rfc2217://."""
 
-    def __init__(self, sock: socket.socket, board: VirtualBoard, kind: str) -> None:
+    def __init__(self, sock: socket.socket, board: VirtualBoard, kind: str,
+                 on_attached: Callable[[], None] | None = None) -> None:
         self.sock = sock
         self.board = board
         self.kind = kind
+        self.on_attached = on_attached
         self._lock = threading.Lock()  # PortManager's own writes and board output share it
         self._pm: rfc2217.PortManager | None = None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # The timeout bounds sendall() to a client that stopped reading (see board.SINK_TIMEOUT);
         # recv() just loops on it.
         sock.settimeout(SINK_TIMEOUT)
+
+    def announce_attached(self) -> None:
+        """Tell the daemon this connection's admission is decided (once; later calls no-op)."""
+        callback, self.on_attached = self.on_attached, None
+        if callback is not None:
+            callback()
 
     def write_raw(self, data: bytes) -> None:
         with self._lock:
@@ -387,6 +396,7 @@ class _Client:
         if self.kind == "rfc2217":
             self._pm = rfc2217.PortManager(_UartLines(self.board), _RawWriter(self))
         self.board.attach(self)
+        self.announce_attached()
         while True:
             try:
                 data = self.sock.recv(65536)
@@ -481,6 +491,10 @@ class _Slot:
     rfc_sock: socket.socket
     client: _Client | None = None
     plugged: bool = True
+    # Connections accepted (or waiting in the listen queue) whose admission is not decided yet:
+    # reset and power wait for them, as a real port is open once open() returns (see
+    # Daemon._settle_ports).
+    admitting: int = 0
 
 
 class Daemon:
@@ -773,10 +787,13 @@ class Daemon:
                 if key.data is None:
                     return  # woken by stop()
                 kind, slot = key.data
-                try:
-                    sock, _addr = key.fileobj.accept()  # type: ignore[union-attr]
-                except OSError:
-                    continue
+                with self._lock:  # accepted and counted at once: _settle_ports sees one or other
+                    try:
+                        sock, _addr = key.fileobj.accept()  # type: ignore[union-attr]
+                    except OSError:
+                        continue
+                    if slot is not None:
+                        slot.admitting += 1
                 sock.setblocking(True)
                 if kind == "control":
                     threading.Thread(
@@ -790,7 +807,8 @@ class Daemon:
         with self._lock:
             held = slot.client is not None
             busy = held or not slot.plugged or self._stopped.is_set()
-            client = None if busy else _Client(sock, slot.board, kind)
+            client = None if busy else _Client(sock, slot.board, kind,
+                                               on_attached=lambda: self._admitted(slot))
             if client is not None:
                 slot.client = client
         if client is None and held and not waited and slot.plugged:
@@ -806,6 +824,7 @@ class Daemon:
             # The first client is untouched.
             with contextlib.suppress(OSError):
                 sock.close()
+            self._admitted(slot)
             return
         threading.Thread(
             target=self._serve_client, args=(slot, client), name=f"{kind}-{slot.spec.id}",
@@ -821,10 +840,35 @@ class Daemon:
             time.sleep(0.005)
         self._admit(slot, sock, kind, waited=True)
 
+    def _admitted(self, slot: _Slot) -> None:
+        """One pending connection is decided (attached to its board, or refused)."""
+        with self._lock:
+            slot.admitting = max(0, slot.admitting - 1)
+
+    def _settle_ports(self, slot: _Slot, timeout: float = 2.0) -> None:
+        """Wait until connections made to the board's ports so far are attached or refused.
+
+        A client's connect() returns once the kernel queued the connection, before the daemon
+        accepted it (or, while the previous client's hang-up is still in flight, before the
+        hand-over decided it). Output emitted then has no listener and is lost, like bytes sent
+        to a closed tty. On a real board the port is open when open() returns, so a reset that
+        follows it is always heard: resets and power switching wait here to keep that order.
+        """
+        deadline = time.monotonic() + timeout
+        while not self._stopped.is_set():
+            with self._lock:
+                pending = slot.admitting > 0 or bool(
+                    select.select([slot.serial_sock, slot.rfc_sock], [], [], 0)[0])
+            if not pending or time.monotonic() >= deadline:
+                return
+            time.sleep(0.002)
+
     def _serve_client(self, slot: _Slot, client: _Client) -> None:
         try:
             client.serve()
         finally:
+            client.announce_attached()  # serve() failed before attaching: decided all the same
+
             slot.board.detach(client)
             client.close()
             with self._lock:
@@ -922,6 +966,7 @@ class Daemon:
         on = _flag(request, "on")
         if on and not slot.plugged:
             raise _RequestError(f"board {slot.spec.id} is unplugged; plug it in first")
+        self._settle_ports(slot)
         slot.board.power(on)
         return {"ok": True, "board": slot.spec.id, "powered": on}
 
@@ -932,6 +977,7 @@ class Daemon:
             raise _RequestError(f"boot must be 'flash' or 'download', not {boot!r}")
         if not slot.board.status().powered:
             raise _RequestError(f"board {slot.spec.id} is powered off; power it on first")
+        self._settle_ports(slot)
         slot.board.reset(boot)
         return {"ok": True, "board": slot.spec.id, "mode": slot.board.status().mode}
 
@@ -939,6 +985,7 @@ class Daemon:
         slot = self._slot(request)
         en = _flag(request, "en") if "en" in request else None
         io0 = _flag(request, "io0") if "io0" in request else None
+        self._settle_ports(slot)
         slot.board.set_lines(en=en, io0=io0)
         st = slot.board.status()
         return {"ok": True, "board": slot.spec.id, "en": st.en, "io0": st.io0, "mode": st.mode}

@@ -216,3 +216,43 @@ def test_port_lost_during_a_test_marks_the_board_unknown(farm: Farm,
             b for b in ("esp32-1", "esp32-2") if b != board]) as again:
         assert again.boards[0].health_checked
         assert farm.store.health(board).health == BoardHealth.GOOD
+
+
+def test_wrong_chip_refusal_keeps_what_the_store_knows(farm: Farm,
+                                                      builds: dict[str, Path]) -> None:
+    from pytest_hilfarm.farm import flash_boards
+
+    flash_boards(farm, ["esp32-1"], builds["v1"])
+    before = farm.store.flashed_digest("esp32-1", 0x10000)
+    assert before is not None
+    with pytest.raises(ImageError, match="built for esp32c3 only, not for esp32"):
+        flash_boards(farm, ["esp32-1"], builds["c3"])
+    assert farm.store.flashed_digest("esp32-1", 0x10000) == before
+    status = {r["board"]: r for r in farm.status()}
+    assert status["esp32-1"]["firmware"] == before.digest[:12]
+
+
+def test_image_for_another_chip_revision_is_an_image_error_not_a_rig_fault(
+        farm: Farm, builds: dict[str, Path], tmp_path: Path) -> None:
+    import hashlib
+    import struct
+
+    from pytest_hilfarm.ota.image import parse_image
+
+    build = tmp_path / "rev5"
+    shutil.copytree(builds["c3"], build)
+    app = build / "demo.bin"
+    data = bytearray(app.read_bytes())
+    struct.pack_into("<H", data, 15, 500)  # min_chip_rev_full: ESP32-C3 v5.0 does not exist
+    end = parse_image(bytes(data), verify=False).length - 32  # where the SHA-256 is appended
+    data[end:end + 32] = hashlib.sha256(data[:end]).digest()
+    app.write_bytes(bytes(data))
+    farm.store.set_health("esp32c3-1", BoardHealth.GOOD, "test")
+    farm.store.forget_flash("esp32c3-1")
+    with pytest.raises(ImageError) as err:
+        farm.start_session(1, chip="esp32c3", firmware=build, boot_timeout=5)
+    text = str(err.value)
+    assert "requires chip revision in range v5.0 - v1.99 (this chip is revision v0.4)" in text
+    assert "nothing was written" in text and "115200" not in text
+    assert farm.store.health("esp32c3-1").health == BoardHealth.GOOD
+    assert farm.store.flashed_digest("esp32c3-1", 0x10000) is None

@@ -341,12 +341,6 @@ class Device:
             self.reset_driver.reset_to_app()
         return digest
 
-    def _enter_download(self) -> None:
-        try:
-            self.reset_driver.reset_to_download()
-        except UsageError:
-            pass  # reset: none: the board must already wait in download mode
-
     def flash(
         self,
         plan_or_path: FlashPlan | Path | str | bytes | list[tuple[Any, Any]],
@@ -363,21 +357,16 @@ class Device:
         driver (virtual); after flashing the reset driver boots the app while the console
         listens, so the boot log is captured.
         """
+        from pytest_hilfarm.wiring import flash_and_boot
+
         plan = make_plan(plan_or_path)
-        before = self.reset_driver.esptool_before
         self.console.pause()
         try:
-            report = self._flasher(
-                self.port,
-                self.chip,
-                plan,
-                baud=self.flash_baud,
-                progress=progress,
-                skip_identical=skip_identical,
-                before=before,
-                after="no-reset",
-                board=self.id,
-                enter_download=self._enter_download if before == "no-reset" else None,
+            # Booted below, by the reset driver, while the console listens.
+            report = flash_and_boot(
+                self.port, self.chip, plan, reset=self.reset_driver, flasher=self._flasher,
+                boot=False, baud=self.flash_baud, progress=progress,
+                skip_identical=skip_identical, board=self.id,
             )
         finally:
             self.console.resume()

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -32,7 +30,6 @@ from pytest_hilfarm.errors import (
     ImageError,
     InfrastructureError,
     PortError,
-    UsageError,
 )
 from pytest_hilfarm.flashing import (
     FlashPlan,
@@ -40,11 +37,8 @@ from pytest_hilfarm.flashing import (
     RegionResult,
     app_identity,
 )
-from pytest_hilfarm.flashing import flash as esptool_flash
-from pytest_hilfarm.power import PowerDriver, make_power
 from pytest_hilfarm.rack import BoardSpec, RackSpec, builtin_virtual_rack_path, load_rack
 from pytest_hilfarm.reservation import LeaseProtocol, Owner, ReservationBackend, Reserver
-from pytest_hilfarm.reset import ResetDriver, make_reset
 from pytest_hilfarm.settings import ImageSpec
 from pytest_hilfarm.store import (
     BoardHealth,
@@ -53,7 +47,8 @@ from pytest_hilfarm.store import (
     LeaseOutcome,
     check_due_reason,
 )
-from pytest_hilfarm.transports import find_usb, open_port, resolve_usb
+from pytest_hilfarm.transports import find_usb
+from pytest_hilfarm.wiring import BoardWiring, LocalWiring, RemoteWiring, VirtualRack
 
 # A boot that printed the ROM banner / bootloader lines but never reached the app is the
 # firmware's fault; a board that printed nothing at all is the rig's.
@@ -231,9 +226,7 @@ class Farm:
         self.log_root = Path(log_root) if log_root else Path.cwd() / "hilfarm-logs"
         self.store = store or FarmStore(rack.state_dir / "farm.db")
         self.reserver = reserver or Reserver(self.boards, rack.lock_dir, self.store)
-        self._start_virtual = start_virtual
-        self._virtual_info: dict[str, Any] | None = None
-        self._virtual_lock = threading.Lock()
+        self.virtual = VirtualRack(rack, start=start_virtual, boards=self.boards)
         self._health_changes: list[str] = []
         self._changes_lock = threading.Lock()
 
@@ -283,154 +276,45 @@ class Farm:
 
     def virtual_info(self) -> dict[str, Any]:
         """The running virtual rack daemon's description, started on demand."""
-        with self._virtual_lock:
-            if self._virtual_info is not None:
-                return self._virtual_info
-            info = simclient.read_daemon_info()
-            if info is None or not self._serves_rack(info):
-                if not self._start_virtual:
-                    raise PortError(
-                        "the virtual rack is not running",
-                        where=str(self.rack.source),
-                        hint="start it with `hilfarm sim up`",
-                    )
-                self._start_daemon()
-                info = simclient.read_daemon_info()
-                if info is None:
-                    raise PortError(
-                        "the virtual rack did not come up",
-                        where=str(simclient.sim_dir()),
-                        hint="run `hilfarm sim serve` in a terminal to see why",
-                    )
-            self._virtual_info = info
-            return info
-
-    def _serves_rack(self, info: Mapping[str, Any]) -> bool:
-        ids = {b.get("id") for b in info.get("boards", [])}
-        return all(b.id in ids for b in self.boards if b.is_virtual)
-
-    def _start_daemon(self) -> None:
-        rack_path = self.rack.path or builtin_virtual_rack_path()
-        cmd = [sys.executable, "-m", "pytest_hilfarm", "sim", "up", str(rack_path)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-        if proc.returncode != 0:
-            raise PortError(
-                f"could not start the virtual rack: {proc.stderr.strip() or proc.stdout.strip()}",
-                where=" ".join(cmd),
-                hint="run `hilfarm sim up` by hand to see the full error",
-            )
+        return self.virtual.info()
 
     def control(self) -> simclient.ControlClient:
-        info = self.virtual_info()
-        return simclient.ControlClient(info["control"])
-
-    def _virtual_board(self, board: BoardSpec) -> Mapping[str, Any]:
-        for entry in self.virtual_info().get("boards", []):
-            if entry.get("id") == board.id:
-                return entry
-        raise PortError(
-            f"board {board.id} is not served by the running virtual rack",
-            where=str(board.where),
-            hint="restart it for this rack: `hilfarm sim down && hilfarm sim up RACK`",
-        )
+        """The virtual rack's control endpoint (power, reset lines, radio, eFuses)."""
+        return self.virtual.control()
 
     # -- wiring rack records to drivers -------------------------------------------------------
 
+    def wiring(self, board: BoardSpec) -> BoardWiring:
+        """The board's port, console opener, power, reset and flasher (local or remote)."""
+        if board.id in self._remote:
+            from pytest_hilfarm.rigclient import client_for_board
+
+            client = client_for_board(self.store, board.id)  # type: ignore[arg-type]
+            return RemoteWiring(board, client)
+        return LocalWiring(board, self.virtual)
+
     def port_of(self, board: BoardSpec) -> str:
         """Where esptool and the console open this board, resolved now."""
-        kind, value = board.port.kind, board.port.value
-        if kind in ("path", "url"):
-            return value
-        if kind == "usb_serial":
-            return resolve_usb(serial=value)
-        if kind == "usb_path":
-            return resolve_usb(path=value)
-        return str(self._virtual_board(board)["port"])
-
-    def power_of(self, board: BoardSpec) -> PowerDriver:
-        params: dict[str, Any] = dict(board.power.params)
-        if board.power.driver == "virtual":
-            params = {"control": self.control(), "board": board.id}
-        elif board.power.driver == "http":
-            # The rack file says on/off/status; the driver names them as URLs.
-            params = {f"{k}_url": v for k, v in params.items() if k in ("on", "off", "status")}
-        elif board.power.driver == "none":
-            params = {"board": board.id}
-        return make_power(board.power.driver, params)
-
-    def reset_of(self, board: BoardSpec, console: Console | None) -> ResetDriver:
-        params: dict[str, Any] = {"board": board.id}
-        if board.reset == "virtual":
-            params["control"] = self.control()
-        elif board.reset in ("classic", "usb-jtag"):
-            if console is None:
-                raise UsageError(f"{board.reset} reset needs the board's console port")
-            params["port"] = lambda: console.port
-        return make_reset(board.reset, params)
-
-    def _mac_of(self, board: BoardSpec) -> str | None:
-        if board.is_virtual:
-            mac = self._virtual_board(board).get("mac")
-            return str(mac) if mac else None
-        return None
+        return self.wiring(board).port()
 
     def open_device(self, board_id: str, *, log_path: Path | None = None,
                     boot_timeout: float = 15.0) -> Device:
         """A Device for a board the caller holds (its console opened, nothing reset)."""
         board = self.board(board_id)
-        if board.id in self._remote:
-            return self._open_remote_device(board, log_path, boot_timeout)
-        port = self.port_of(board)
+        wiring = self.wiring(board)
+        port = wiring.port()
         log_path = log_path or self.log_root / "manual" / f"{board.id}.log"
-        console = Console(lambda: open_port(self.port_of(board)), log_path, name=board.id)
-        resolver = None if board.port.kind in ("path", "url", "virtual") else (
-            lambda: self.port_of(board)
-        )
+        console = Console(wiring.open_console_port, log_path, name=board.id)
         return Device(
             id=board.id,
             chip=board.chip,
             port=port,
             console=console,
-            reset=self.reset_of(board, console),
-            power=self.power_of(board),
-            mac=self._mac_of(board),
-            resolve_port=resolver,
-            flasher=self._recording_flasher(board.id, esptool_flash),
-            boot_timeout=boot_timeout,
-            flash_baud=board.flash.baud,
-        )
-
-    def _open_remote_device(self, board: BoardSpec, log_path: Path | None,
-                            boot_timeout: float) -> Device:
-        """A board on another rig host: console over its RFC 2217 URL, the rest over its API.
-
-        Flashing uses the upload path (the rig host runs esptool next to the board), which is
-        about as fast as local flashing; RFC 2217 carries only the console.
-        """
-        from pytest_hilfarm.rigclient import (
-            RemotePower,
-            RemoteReset,
-            client_for_board,
-            remote_flasher,
-        )
-
-        client = client_for_board(self.store, board.id)  # type: ignore[arg-type]
-        url = board.port.value
-        log_path = log_path or self.log_root / "manual" / f"{board.id}.log"
-
-        def open_console() -> Any:
-            client.attach(board.id)  # RFC 2217 has no authentication of its own
-            return open_port(url)
-
-        console = Console(open_console, log_path, name=board.id)
-        return Device(
-            id=board.id,
-            chip=board.chip,
-            port=url,
-            console=console,
-            reset=RemoteReset(client, board.id),
-            power=RemotePower(client, board.id),
-            flasher=self._recording_flasher(board.id, remote_flasher(client, board.id)),
+            reset=wiring.reset(lambda: console.port),
+            power=wiring.power(),
+            mac=wiring.mac(),
+            resolve_port=wiring.resolver(),
+            flasher=self._recording_flasher(board.id, wiring.flasher()),
             boot_timeout=boot_timeout,
             flash_baud=board.flash.baud,
         )

@@ -34,12 +34,30 @@ TOKEN_ENV = "HILFARM_RIG_TOKEN"
 DEFAULT_TIMEOUT = 600.0
 
 
+def read_token(path: Path | str) -> str:
+    """The shared token from a file (first line, stripped), with an error naming the file."""
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip().splitlines()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the token file: {exc.strerror or exc}",
+            where=str(path),
+            hint="create it with a long random secret, e.g. "
+            "`python -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE; chmod 600 FILE`",
+        ) from exc
+    if not token or len(token[0].strip()) < 16:
+        raise ConfigError(
+            "the token file is empty or its token is shorter than 16 characters",
+            where=str(path),
+            hint="put one long random secret on the first line (secrets.token_urlsafe(32))",
+        )
+    return token[0].strip()
+
+
 def token_from(path: Path | str | None = None, environ: Mapping[str, str] | None = None
                ) -> str | None:
     """The shared token: from ``path`` if given, else ``HILFARM_RIG_TOKEN``, else None."""
     if path is not None:
-        from pytest_hilfarm.righost import read_token
-
         return read_token(path)
     env = os.environ if environ is None else environ
     return env.get(TOKEN_ENV) or None

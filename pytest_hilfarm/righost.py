@@ -36,8 +36,6 @@ import os
 import re
 import socket
 import ssl
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -53,14 +51,13 @@ from pytest_hilfarm.errors import (
     HilfarmError,
     ImageError,
     InfrastructureError,
-    PortError,
     UsageError,
 )
 from pytest_hilfarm.flashing import FlashPlan, FlashReport, Region
-from pytest_hilfarm.flashing import flash as esptool_flash
-from pytest_hilfarm.power import make_power
 from pytest_hilfarm.rack import BoardSpec, RackSpec, load_rack
-from pytest_hilfarm.transports import open_port, resolve_usb
+from pytest_hilfarm.rigclient import read_token
+from pytest_hilfarm.transports import open_port
+from pytest_hilfarm.wiring import LocalWiring, VirtualRack, flash_and_boot
 
 log = logging.getLogger("pytest_hilfarm.righost")
 
@@ -132,26 +129,6 @@ class RigHostConfig:
         return self.listen_host
 
 
-def read_token(path: Path | str) -> str:
-    """The shared token from a file (first line, stripped), with an error naming the file."""
-    try:
-        token = Path(path).read_text(encoding="utf-8").strip().splitlines()
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read the token file: {exc.strerror or exc}",
-            where=str(path),
-            hint="create it with a long random secret, e.g. "
-            "`python -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE; chmod 600 FILE`",
-        ) from exc
-    if not token or len(token[0].strip()) < 16:
-        raise ConfigError(
-            "the token file is empty or its token is shorter than 16 characters",
-            where=str(path),
-            hint="put one long random secret on the first line (secrets.token_urlsafe(32))",
-        )
-    return token[0].strip()
-
-
 # -- local board access ---------------------------------------------------------------------
 
 
@@ -185,6 +162,7 @@ class LocalBoard:
     spec: BoardSpec
     port_url: str  # local: /dev/..., socket://127.0.0.1:N (virtual)
     control: simclient.ControlClient | None  # virtual boards only
+    wiring: LocalWiring
     busy: threading.Lock = field(default_factory=threading.Lock)
     user: str = ""  # who has the UART now, for 409 messages
     served_url: str = ""  # rfc2217://public-host:port
@@ -234,64 +212,56 @@ class LocalBoard:
             self.busy.release()
 
     def power(self, on: bool) -> None:
-        if self.control is not None:
-            self.control.power(self.id, on)
-            return
-        driver = make_power(self.spec.power.driver, _power_params(self.spec))
+        driver = self.wiring.power()
         if on:
             driver.on()
         else:
             driver.off()
 
     def cycle(self, off_seconds: float) -> None:
-        if self.control is not None:
-            self.control.power(self.id, False)
-            time.sleep(off_seconds)
-            self.control.power(self.id, True)
-            return
-        make_power(self.spec.power.driver, _power_params(self.spec)).cycle(off_seconds)
+        self.wiring.power().cycle(off_seconds)
 
     def reset(self, boot: str) -> None:
-        if self.control is not None:
-            self.control.reset(self.id, "download" if boot == "download" else "flash")
-            return
-        if self.spec.reset not in ("classic", "usb-jtag"):
+        if self.spec.reset == "none":
             raise UsageError(
                 f"board {self.id} has no reset control here (reset: {self.spec.reset})",
                 where=str(self.spec.where),
                 hint="wire EN/IO0 to the USB-UART (reset: classic) or power-cycle instead",
             )
-        from pytest_hilfarm.reset import make_reset
+        # DTR/RTS resets need the UART (refused while an RFC 2217 client has it); a virtual
+        # board's reset lines are the rack's control endpoint, usable at any time.
+        needs_uart = self.spec.reset in ("classic", "usb-jtag")
+        with (self.use("reset request") if needs_uart else contextlib.nullcontext()), \
+                self._uart() as port:
+            driver = self.wiring.reset(port)
+            if boot == "download":
+                driver.reset_to_download()
+            else:
+                driver.reset_to_app()
 
-        with self.use("reset request"):
-            port = open_port(self.port_url)
-            try:
-                driver = make_reset(self.spec.reset, {"port": port, "board": self.id})
-                if boot == "download":
-                    driver.reset_to_download()
-                else:
-                    driver.reset_to_app()
-            finally:
-                port.close()
+    @contextlib.contextmanager
+    def _uart(self) -> Iterator[Callable[[], Any]]:
+        """The board's UART, opened on first use and closed afterwards (DTR/RTS resets)."""
+        opened: list[Any] = []
+
+        def port() -> Any:
+            if not opened:
+                opened.append(open_port(self.port_url))
+            return opened[0]
+
+        try:
+            yield port
+        finally:
+            for p in opened:
+                p.close()
 
     def flash(self, plan: FlashPlan, *, baud: int | None, skip_identical: bool,
               boot: bool) -> FlashReport:
         """Run esptool on the local port (the fast path), then boot the new image if asked."""
-        with self.use("a flash request"):
-            if self.control is not None:
-                control = self.control
-                report = esptool_flash(
-                    self.port_url, self.chip, plan, baud=baud or self.spec.flash.baud,
-                    skip_identical=skip_identical, before="no-reset", after="no-reset",
-                    board=self.id, enter_download=lambda: control.reset(self.id, "download"),
-                )
-                if boot:
-                    control.reset(self.id, "flash")
-                return report
-            return esptool_flash(
-                self.port_url, self.chip, plan, baud=baud or self.spec.flash.baud,
-                skip_identical=skip_identical, before="default-reset",
-                after="hard-reset" if boot else "no-reset", board=self.id,
+        with self.use("a flash request"), self._uart() as port:
+            return flash_and_boot(
+                self.port_url, self.chip, plan, reset=self.wiring.reset(port), boot=boot,
+                baud=baud or self.spec.flash.baud, skip_identical=skip_identical, board=self.id,
             )
 
 
@@ -303,56 +273,14 @@ class LeaseNotHeld(InfrastructureError):
     """A request named a lease that does not hold the board now."""
 
 
-def _power_params(spec: BoardSpec) -> dict[str, Any]:
-    # Mirrors Farm.power_of for physical boards (the rack file's spelling -> driver parameters).
-    params: dict[str, Any] = dict(spec.power.params)
-    if spec.power.driver == "http":
-        params = {f"{k}_url": v for k, v in params.items() if k in ("on", "off", "status")}
-    elif spec.power.driver == "none":
-        params = {"board": spec.id}
-    return params
-
-
-def _virtual_info(rack: RackSpec) -> Mapping[str, Any]:
-    """The running virtual rack daemon for ``rack``, started if needed (as Farm does)."""
-    info = simclient.read_daemon_info()
-    wanted = {b.id for b in rack.boards if b.is_virtual}
-    if info is None or not wanted <= {b.get("id") for b in info.get("boards", [])}:
-        cmd = [sys.executable, "-m", "pytest_hilfarm", "sim", "up", str(rack.path)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-        info = simclient.read_daemon_info()
-        if proc.returncode != 0 or info is None:
-            raise PortError(
-                f"could not start the virtual rack: {proc.stderr.strip() or proc.stdout.strip()}",
-                where=" ".join(cmd),
-                hint="run `hilfarm sim up RACK` by hand (same HILFARM_SIM_DIR) to see why",
-            )
-    return info
-
-
 def local_boards(rack: RackSpec) -> list[LocalBoard]:
     """Every board of the rack with its local port and, for virtual boards, the control client."""
+    virtual = VirtualRack(rack)
     boards: list[LocalBoard] = []
-    info: Mapping[str, Any] | None = None
     for spec in rack.boards:
-        kind, value = spec.port.kind, spec.port.value
-        if kind == "virtual":
-            info = info or _virtual_info(rack)
-            entry = next((b for b in info.get("boards", []) if b.get("id") == spec.id), None)
-            if entry is None:
-                raise PortError(
-                    f"board {spec.id} is not served by the running virtual rack",
-                    where=str(spec.where),
-                    hint="restart it for this rack: `hilfarm sim down && hilfarm sim up RACK`",
-                )
-            boards.append(LocalBoard(spec, str(entry["port"]),
-                                     simclient.ControlClient(info["control"])))
-        elif kind == "usb_serial":
-            boards.append(LocalBoard(spec, resolve_usb(serial=value), None))
-        elif kind == "usb_path":
-            boards.append(LocalBoard(spec, resolve_usb(path=value), None))
-        else:
-            boards.append(LocalBoard(spec, value, None))
+        wiring = LocalWiring(spec, virtual)
+        control = virtual.control() if spec.port.kind == "virtual" else None
+        boards.append(LocalBoard(spec, wiring.port(), control, wiring))
     return boards
 
 

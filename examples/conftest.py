@@ -8,8 +8,12 @@ every chip, so the suite runs on the built-in virtual rack with nothing else ins
 
 from __future__ import annotations
 
+import re
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,6 +60,25 @@ def hil_firmware(hil_firmware: ImageSpec | None, firmware_dir: Path) -> ImageSpe
 def crashing_firmware(firmware_dir: Path) -> Path:
     """The demo app built with a crash at boot (a fault is a property of the image)."""
     return build(firmware_dir, "crash", "esp32", faults=Faults(crash_at_boot=True))
+
+
+# --- the mesh (examples/test_mesh.py, examples/test_network.py) ----------------------------------
+
+
+def mesh_size(dev: Any) -> int:
+    """How many nodes ``dev``'s mesh has, itself included (``esp_mesh_get_total_node_num()``)."""
+    match = re.search(r"nodes: (\d+)", dev.command("mesh nodes"))
+    assert match is not None, "the app's `mesh nodes` reply has no `nodes:` line"
+    return int(match.group(1))
+
+
+def wait_for_mesh(devices: Sequence[Any], limit: float = 30.0) -> float:
+    """Wait until every board counts all of ``devices`` in its mesh; return the seconds taken."""
+    start = time.monotonic()
+    for dev in devices:
+        left = max(limit - (time.monotonic() - start), 0.0)
+        dev.wait_for("mesh nodes", rf"nodes: {len(devices)}\b", timeout=left)
+    return time.monotonic() - start
 
 
 # --- OTA firmware (examples/test_ota.py, examples/test_network.py) -----------------------------

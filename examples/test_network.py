@@ -11,7 +11,7 @@ import re
 import time
 
 import pytest
-from conftest import OTA_CHIP
+from conftest import OTA_CHIP, wait_for_mesh
 
 OUTAGE_S = 30.0  # the coverage gap, used as is (the test takes about 45 s)
 
@@ -64,16 +64,6 @@ def test_ota_survives_an_outage_in_the_middle(ota_board, ota_firmware, hil_ota_s
     assert version(ota_board) == "1.3.0"
     ranges = [r.range for r in hil_ota_server.requests_for(name)]
     assert ranges[0] is None and any(r and r.startswith("bytes=") for r in ranges[1:])
-
-
-def wait_for_mesh(devices, limit=30.0):
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        counts = [re.search(r"nodes: (\d+)", d.command("mesh nodes")).group(1) for d in devices]
-        if all(int(c) == len(devices) - 1 for c in counts):
-            return
-        time.sleep(0.25)
-    pytest.fail(f"mesh did not form within {limit} s")
 
 
 @pytest.mark.hil(count=3, chip="esp32", features=["mesh-radio"])

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_hilfarm.console import DEFAULT_PROMPT, Console
-from pytest_hilfarm.errors import BootError, ConsoleTimeout, UsageError
+from pytest_hilfarm.errors import BootError, CommandError, ConsoleTimeout, UsageError
 from pytest_hilfarm.flashing import (
     FlashPlan,
     FlashReport,
@@ -62,6 +62,14 @@ _ROLLBACK_REASON = re.compile(
 )
 _ROM_RESET = re.compile(r"rst:0x[0-9a-f]+")
 _REPLY_FIELD = re.compile(r"^(\w+): (.*)$", re.M)
+# A reply line that says the command failed: the demo app's one-line ``error: <message>``
+# (sim/app.py), and the lines ESP-IDF's console REPL prints itself after a command
+# (esp_console's repl task: unknown command, a non-zero return code, a console error).
+COMMAND_FAILED = re.compile(
+    r"^(?:error:.*|Unrecognized command|Command returned non-zero error code:.*|"
+    r"Internal error:.*)$",
+    re.M,
+)
 OTA_OUTCOMES = ("confirmed", "rolled_back", "rejected")
 
 
@@ -120,6 +128,11 @@ _FIELD = {
     "app_version": re.compile(r"(?:app_init|cpu_start): App version:\s+(\S.*?)\s*$", re.M),
     "idf_version": re.compile(r"(?:app_init|cpu_start): ESP-IDF:\s+(\S.*?)\s*$", re.M),
 }
+
+
+def _quoted(reply: str) -> str:
+    lines = reply.split("\n") if reply else ["(empty reply)"]
+    return "\n".join(f"    | {line}" for line in lines)
 
 
 def parse_boot_info(text: str) -> BootInfo:
@@ -209,12 +222,20 @@ class Device:
         self.console.write(data)
 
     def command(
-        self, cmd: str, timeout: float = 5.0, prompt: str | re.Pattern[str] = DEFAULT_PROMPT
+        self,
+        cmd: str,
+        timeout: float = 5.0,
+        prompt: str | re.Pattern[str] = DEFAULT_PROMPT,
+        *,
+        check: bool = True,
     ) -> str:
         """Run a console command and return its reply (see Console.command).
 
         After a boot, first waits (up to ``timeout``) for the app's first prompt: ESP-IDF's
         console, like the virtual rack's app, drops input typed before it shows a prompt.
+        A reply with a line that says the command failed (``error: ...``, or ESP-IDF's REPL
+        lines ``Unrecognized command`` / ``Command returned non-zero error code: ...``) raises
+        :class:`CommandError`; ``check=False`` returns such a reply like any other.
         """
         if not self._prompt_seen:
             regex = re.compile(prompt) if isinstance(prompt, str) else prompt
@@ -241,7 +262,53 @@ class Device:
                     )
                 time.sleep(0.01)
             self._prompt_seen = True
-        return self.console.command(cmd, timeout, prompt)
+        reply = self.console.command(cmd, timeout, prompt)
+        failed = COMMAND_FAILED.search(reply) if check else None
+        if failed is not None:
+            raise CommandError(
+                f"command {cmd!r} failed: {failed.group(0).strip()}\n{_quoted(reply)}",
+                command=cmd, reply=reply, board=self.id, where=f"board {self.id}",
+                hint="the app refused or could not do it (not a rig fault); to get such a "
+                f"reply back as text, pass check=False; full log: {self.log_path}",
+            )
+        return reply
+
+    def wait_for(
+        self,
+        cmd: str,
+        pattern: str | re.Pattern[str],
+        *,
+        timeout: float = 30.0,
+        interval: float = 0.25,
+        command_timeout: float = 5.0,
+    ) -> re.Match[str]:
+        """Run ``cmd`` every ``interval`` s until its reply matches ``pattern``; return the match.
+
+        For conditions that take time (a mesh forming, a sensor settling): replaces a
+        hand-written sleep loop. A reply that reports an error (``error: mesh not joined``)
+        counts as "not yet". After ``timeout`` s raises :class:`ConsoleTimeout` with the
+        pattern, the last reply and the log path. A crash or a missing prompt is not waited
+        out: its ConsoleTimeout comes from :meth:`command` at once.
+        """
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        started = time.monotonic()
+        deadline = started + timeout
+        polls = 0
+        while True:
+            polls += 1
+            reply = self.command(cmd, timeout=command_timeout, check=False)
+            match = regex.search(reply)
+            if match is not None:
+                return match
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ConsoleTimeout(
+                    f"the reply to {cmd!r} did not match {regex.pattern!r} within {timeout:g} s "
+                    f"({polls} polls); last reply:\n{_quoted(reply)}",
+                    where=f"board {self.id}",
+                    hint=f"the condition never held; full log: {self.log_path}",
+                )
+            time.sleep(min(interval, left))
 
     # -- boot -------------------------------------------------------------------------------------
 
@@ -432,8 +499,8 @@ class Device:
         where = f"OTA update of board {self.id}"
         mark = self.console.mark()
         cmd = f"ota {url}" + (f" {retries}" if retries is not None else "")
-        reply = self.command(cmd, timeout=min(10.0, timeout))
-        if reply.strip().startswith("error:"):
+        reply = self.command(cmd, timeout=min(10.0, timeout), check=False)
+        if COMMAND_FAILED.search(reply) is not None:
             raise UsageError(f"the app refused the update: {reply.strip()}", where=where,
                              hint="wait for the previous update to end, and check the URL")
         result = self._ota_wait(_OTA_RESULT, mark, deadline, where)

@@ -60,5 +60,22 @@ class ConsoleTimeout(HilfarmError):
     """An expected pattern did not appear on a console in time (a test-level failure)."""
 
 
+class CommandError(HilfarmError):
+    """A console command's reply says it failed (a test-level failure, not a rig fault).
+
+    Raised by :meth:`pytest_hilfarm.device.Device.command` for a reply line that starts with
+    ``error:`` (the demo app's convention) or is one of ESP-IDF console REPL's own failure lines
+    (``Unrecognized command``, ``Command returned non-zero error code: ...``, ``Internal error:
+    ...``). ``command``, ``reply`` and ``board`` say which command, what came back and where.
+    """
+
+    def __init__(self, what: str, *, command: str, reply: str, board: str,
+                 where: str | None = None, hint: str | None = None) -> None:
+        self.command = command
+        self.reply = reply
+        self.board = board
+        super().__init__(what, where=where, hint=hint)
+
+
 class SignatureError(HilfarmError):
     """A signature, signed image or signed manifest did not verify."""

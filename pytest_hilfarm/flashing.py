@@ -63,7 +63,26 @@ IMAGE_MAGIC = 0xE9
 ROM_BAUD = 115200
 FLASH_MODES = ("qio", "qout", "dio", "dout", "keep")
 
-ProgressFn = Callable[[int, int, int], None]
+
+
+@dataclass(frozen=True)
+class RegionProgress:
+    """One progress event of one region: which region, how far, and in what state.
+
+    ``state``: "writing" (``done`` of ``size`` bytes sent so far), "written", "skipped" (the
+    board already holds identical bytes, checked by MD5), or "verified" (read back after the
+    whole plan was written, and it matches).
+    """
+
+    index: int
+    offset: int
+    name: str
+    size: int
+    done: int
+    state: str
+
+
+ProgressFn = Callable[[RegionProgress], None]
 
 
 # -- plans ----------------------------------------------------------------------------------------
@@ -783,6 +802,12 @@ def _prepared(esp: Any, region: Region, plan: FlashPlan) -> bytes:
     return bytes(data)
 
 
+def _report(progress: ProgressFn | None, index: int, region: Region, done: int,
+            state: str) -> None:
+    if progress is not None:
+        progress(RegionProgress(index, region.offset, region.name, region.size, done, state))
+
+
 def _result(region: Region, written: bool, started: float) -> RegionResult:
     seconds = time.monotonic() - started
     return RegionResult(region.offset, region.size, region.sha256, region.name, written, seconds)
@@ -832,8 +857,7 @@ def _flash_once(
                     same = esp.flash_md5sum(region.offset, len(prepared[index])) == digests[index]
                 if same:
                     results[index] = _result(region, False, started)
-                    if progress is not None:
-                        progress(index, region.size, region.size)
+                    _report(progress, index, region, region.size, "skipped")
         if any(r is None for r in results) and not esp.IS_STUB:
             esp = cmds.run_stub(esp)
             cmds.attach_flash(esp)
@@ -844,10 +868,10 @@ def _flash_once(
                 continue
             started = time.monotonic()
 
-            def on_progress(done: int, total: int, i: int = index, size: int = region.size) -> None:
+            def on_progress(done: int, total: int, i: int = index, r: Region = region) -> None:
                 # esptool counts compressed bytes sent; report uncompressed bytes of the region.
-                if progress is not None and total > 0:
-                    progress(i, min(size, done * size // total), size)
+                if total > 0:
+                    _report(progress, i, r, min(r.size, done * r.size // total), "writing")
 
             session.on_progress = on_progress
             session.region = region
@@ -856,6 +880,7 @@ def _flash_once(
             finally:
                 session.on_progress = None
             results[index] = _result(region, True, started)
+            _report(progress, index, region, region.size, "written")
         done = tuple(r for r in results if r is not None)
         session.region = None
         if verify and any(r.written for r in done):
@@ -870,6 +895,9 @@ def _flash_once(
                         hint="the flash may be failing or the board reset during flashing; "
                         "run a health check on the board",
                     )
+            for index, (region, result) in enumerate(zip(plan.regions, done)):
+                if result.written:
+                    _report(progress, index, region, region.size, "verified")
         cmds.reset_chip(esp, after)
         return done
     finally:
@@ -898,9 +926,9 @@ def flash(
     """Flash ``plan`` onto the ``chip`` board at ``port_url``; return what was written/skipped.
 
     ``before``/``after`` are esptool 5's reset modes ("default-reset", "no-reset", "usb-reset";
-    "hard-reset", "no-reset", "no-reset-stub"). ``progress(region_index, bytes_done,
-    bytes_total)`` is called from this thread as data goes out (skipped regions report done at
-    once). ``echo`` logs esptool's output at INFO instead of DEBUG. ``enter_download`` is called
+    "hard-reset", "no-reset", "no-reset-stub"). ``progress(RegionProgress)`` is
+    called from this thread as each region is skipped, written (bytes as they go out) and
+    verified. ``echo`` logs esptool's output at INFO instead of DEBUG. ``enter_download`` is called
     before each attempt when esptool cannot reset the board itself (``before="no-reset"`` with an
     out-of-band reset driver), so the retry at 115200 starts from a fresh ROM loader too.
     """

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pytest_hilfarm.cli.common import example
 from pytest_hilfarm.errors import ConfigError, HilfarmError
 
 
@@ -27,6 +28,8 @@ def register(subparsers: Any) -> None:
         description="List the USB serial adapters of ESP boards on this host with their USB "
         "serial number, physical path and /dev/serial links, and which rack boards they are. "
         "Boards that are reserved are never probed or power-switched.",
+        epilog=example("hilfarm discover", "hilfarm discover --probe --write my-rig.yaml",
+                       "hilfarm discover --map-power --write my-rig.yaml"),
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--probe", action="store_true",

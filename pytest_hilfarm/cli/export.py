@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from pytest_hilfarm.cli.common import example, exit_code_for
 from pytest_hilfarm.errors import HilfarmError
 
 
@@ -24,11 +25,13 @@ def register(subparsers: Any) -> None:
         help="serve this host's boards to the farm (rig host service)",
         description="Register the rack's boards in the farm database, serve their serial ports "
         "over RFC 2217 and an authenticated control API (power, reset, fast flash).",
+        epilog=example("hilfarm export --rack rig-a.yaml --listen 10.0.0.5:7410 "
+                       "--token-file /etc/hilfarm/token --database postgresql://farm@db/hilfarm"),
     )
     p.add_argument("--rack", required=True, help="rack YAML file of the boards on this host")
-    p.add_argument("--listen", default="127.0.0.1:7410",
+    p.add_argument("--listen", default="127.0.0.1:7410", metavar="HOST:PORT",
                    help="HOST:PORT of the control API; serial ports bind to the same HOST "
-                   "(default 127.0.0.1:7410; use this machine's LAN address to serve others)")
+                   "(default: %(default)s; use this machine's LAN address to serve others)")
     p.add_argument("--database", default="",
                    help="farm database URL (default: HILFARM_DATABASE_URL)")
     p.add_argument("--token-file", help="file holding the shared client token")
@@ -78,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except HilfarmError as exc:
         print(f"hilfarm: error: {exc}", file=sys.stderr)
-        return 1
+        return exit_code_for(exc)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,14 +17,39 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pytest_hilfarm.cli.common import (
+    NEGATIVE,
+    OK,
+    example,
+    exit_code_for,
+    flash_exit_code,
+    worst,
+)
 from pytest_hilfarm.errors import HilfarmError, UsageError
 
 
 def _farm(args: argparse.Namespace) -> Any:
+    """Open the farm and check every board id the command names (did-you-mean on a typo).
+
+    The one place board ids are checked for every farm command, before anything is reserved.
+    """
     from pytest_hilfarm.farm import Farm
 
     rack = args.rack or os.environ.get("HILFARM_RACK") or None
-    return Farm.open(rack, log_root=Path.cwd() / "hilfarm-logs" / "cli")
+    farm = Farm.open(rack, log_root=Path.cwd() / "hilfarm-logs" / "cli")
+    try:
+        for board_id in _board_ids(args):
+            farm.board(board_id)
+    except BaseException:
+        farm.close()
+        raise
+    return farm
+
+
+def _board_ids(args: argparse.Namespace) -> list[str]:
+    """The board ids a command names: ``BOARD`` or ``BOARD,BOARD,...`` (none for all boards)."""
+    given = getattr(args, "board", None)
+    return [b.strip() for b in given.split(",") if b.strip()] if given else []
 
 
 def _add_rack(p: argparse.ArgumentParser) -> None:
@@ -56,66 +81,157 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Progress:
-    """A one-line progress bar per board on stderr (plain lines when not a terminal)."""
+def _flash_plan(images: list[str]) -> Any:
+    """The plan from the command line, read and checked before any board is reserved."""
+    from pytest_hilfarm.flashing import make_plan
 
-    def __init__(self, board: str) -> None:
-        self.board = board
-        self.tty = sys.stderr.isatty()
-        self.last = -1
-        self.lock = threading.Lock()
-
-    def __call__(self, index: int, done: int, total: int) -> None:
-        pct = 100 * done // total if total else 100
-        with self.lock:
-            if pct == self.last or (not self.tty and pct not in (0, 100)):
-                return
-            self.last = pct
-            bar = "#" * (pct // 4)
-            end = "\n" if pct == 100 or not self.tty else "\r"
-            sys.stderr.write(f"{self.board} region {index}: [{bar:<25}] {pct:3d}%{end}")
-            sys.stderr.flush()
-
-
-def cmd_flash(args: argparse.Namespace) -> int:
-    from pytest_hilfarm.farm import flash_boards
-
-    images: list[str] = args.image
-    plan: Any
     if len(images) == 1 and "@" not in images[0]:
-        plan = Path(images[0])
+        what: Any = Path(images[0])
+        paths = [what]
     else:
-        pairs = []
+        what = []
         for item in images:
             offset, sep, path = item.partition("@")
             if not sep:
                 raise UsageError(f"{item!r}: several images need OFFSET@FILE each",
                                  where="hilfarm flash",
                                  hint="e.g. 0x1000@bootloader.bin 0x8000@pt.bin 0x10000@app.bin")
-            pairs.append((offset, Path(path)))
-        plan = pairs
-    boards = [b for b in args.board.split(",") if b]
+            what.append((offset, Path(path)))
+        paths = [path for _, path in what]
+    for path in paths:
+        if not path.exists():
+            raise UsageError(f"no such file or directory: {path}", where="hilfarm flash",
+                             hint="give an app image, an ESP-IDF build directory, its "
+                             "flasher_args.json, or OFFSET@FILE pairs")
+    return make_plan(what)
+
+
+def cmd_flash(args: argparse.Namespace) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pytest_hilfarm.cli.flashprogress import FINAL, open_progress, short_name
+    from pytest_hilfarm.farm import flash_boards
+    from pytest_hilfarm.flashing import FlashReport, RegionProgress
+
+    plan = _flash_plan(args.image)
+    boards = _board_ids(args)
+    outcomes: dict[str, FlashReport | HilfarmError] = {}
+    states: dict[tuple[str, int], str] = {}
     with _farm(args) as farm:
-        for board in boards:
-            farm.board(board)  # a typo gets its did-you-mean before anything is reserved
         started = time.monotonic()
-        progress = {b: _Progress(b) for b in boards}
-        reports = flash_boards(farm, boards, plan, timeout=args.timeout, progress=progress)
-    for board, rep in zip(boards, reports):
-        for region in rep.regions:
-            state = "written" if region.written else "identical, skipped"
-            print(f"{board}: 0x{region.offset:x} {region.size} bytes {state} "
-                  f"({region.seconds:.2f} s)")
-    print(f"{', '.join(boards)}: done in {time.monotonic() - started:.2f} s")
-    return 0
+        progress = open_progress(boards, sys.stderr)
+
+        def one(board: str) -> None:
+            shown = progress.callback(board)
+
+            def track(event: RegionProgress) -> None:
+                states[(board, event.offset)] = event.state
+                shown(event)
+
+            # One reservation per board: a board that fails (or is busy) never stops the others.
+            try:
+                outcomes[board] = flash_boards(farm, [board], plan, timeout=args.timeout,
+                                               progress=track)[0]
+            except HilfarmError as exc:
+                outcomes[board] = exc
+                progress.failed(board, exc.what)
+
+        try:
+            with ThreadPoolExecutor(max_workers=len(boards)) as pool:
+                for future in [pool.submit(one, b) for b in boards]:
+                    future.result()  # only a bug gets here: HilfarmErrors are outcomes
+        finally:
+            progress.close()  # the bars end before the summary starts
+    seconds = time.monotonic() - started
+    codes = {b: (flash_exit_code(o) if isinstance(o, HilfarmError) else OK)
+             for b, o in outcomes.items()}
+    code = worst(codes.values())
+    if args.json:
+        print(json.dumps({"boards": [_flash_json(b, outcomes[b], states, codes[b])
+                                     for b in boards],
+                          "seconds": round(seconds, 3), "exit_code": code}, indent=2))
+        return code
+    for board in boards:
+        outcome = outcomes[board]
+        if isinstance(outcome, HilfarmError):
+            print(f"{board}: FAILED: {outcome}")
+            continue
+        for region in outcome.regions:
+            state = FINAL.get(states.get((board, region.offset), ""), "written") \
+                if region.written else FINAL["skipped"]
+            print(f"{board}: 0x{region.offset:x} {short_name(region.name)} {region.size} "
+                  f"bytes {state} ({region.seconds:.2f} s)")
+    failed = [b for b in boards if codes[b] != OK]
+    if failed:
+        ok = [b for b in boards if codes[b] == OK]
+        print(f"{', '.join(ok) or 'no board'} flashed; {', '.join(failed)} FAILED "
+              f"({seconds:.2f} s)")
+    else:
+        print(f"{', '.join(boards)}: done in {seconds:.2f} s")
+    return code
+
+
+def _flash_json(board: str, outcome: Any, states: dict[tuple[str, int], str],
+                code: int) -> dict[str, Any]:
+    if isinstance(outcome, HilfarmError):
+        return {"board": board, "ok": False, "exit_code": code,
+                "error": {"type": type(outcome).__name__, "what": outcome.what,
+                          "where": outcome.where, "hint": outcome.hint}}
+    regions = [{"offset": r.offset, "name": r.name, "size": r.size, "sha256": r.sha256,
+                "state": states.get((board, r.offset), "written" if r.written else "skipped"),
+                "seconds": round(r.seconds, 3)} for r in outcome.regions]
+    return {"board": board, "ok": True, "exit_code": code, "regions": regions,
+            "seconds": round(outcome.seconds, 3)}
+
+
+class _EchoFilter:
+    """Hides the board's echo of a line the terminal has already shown as it was typed.
+
+    In a terminal, the tty echoes each key (and lets the person edit the line); the board's
+    console (ESP-IDF's, and the virtual rack's app) echoes the line once more. Output that
+    matches the line just sent is held back; anything else lets it through unchanged, so a
+    board that does not echo loses nothing.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._expect = ""
+        self._held = ""
+
+    def sent(self, line: str) -> None:
+        with self._lock:
+            self._expect += line.rstrip("\r\n") + "\n"
+
+    def feed(self, text: str) -> str:
+        out: list[str] = []
+        with self._lock:
+            for ch in text:
+                if not self._expect:
+                    out.append(ch)
+                elif ch == "\r" and self._held:
+                    self._held += ch  # CRLF or LF: both end the echoed line
+                elif ch == self._expect[0]:
+                    self._held += ch
+                    self._expect = self._expect[1:]
+                    if ch == "\n":
+                        self._held = ""  # the whole line was the echo: drop it
+                else:
+                    out.append(self._held + ch)  # not the echo after all: show all of it
+                    if self._held:
+                        self._expect = ""
+                    self._held = ""
+        return "".join(out)
 
 
 def cmd_console(args: argparse.Namespace) -> int:
+    # In a terminal the tty shows what is typed; the board's echo would show it twice.
+    echo = _EchoFilter() if sys.stdin.isatty() else None
     with _farm(args) as farm:
         lease = farm.reserve(1, only=[args.board], timeout=args.timeout, reason="hilfarm console")
         with lease:
             dev = farm.open_device(args.board)
-            print(f"--- {args.board} console ({dev.port}); Ctrl-C to leave ---", file=sys.stderr)
+            leave = "Ctrl-C or Ctrl-D to leave" if echo else "ends with the input"
+            print(f"--- {args.board} console ({dev.port}); {leave} ---", file=sys.stderr)
             mark = 0
             stop = threading.Event()
 
@@ -125,7 +241,7 @@ def cmd_console(args: argparse.Namespace) -> int:
                     text = dev.console.text_since(mark)
                     if text:
                         mark += len(text)
-                        sys.stdout.write(text)
+                        sys.stdout.write(echo.feed(text) if echo else text)
                         sys.stdout.flush()
                     time.sleep(0.05)
 
@@ -138,40 +254,54 @@ def cmd_console(args: argparse.Namespace) -> int:
                     with contextlib.suppress(HilfarmError):
                         dev.console.expect(r"(?m)^> ", timeout=3)
                 for line in sys.stdin:
+                    if echo is not None:
+                        echo.sent(line)
                     dev.write(line)
-                time.sleep(args.linger)  # let the last reply arrive when stdin was a pipe
+                time.sleep(args.linger)  # let the last reply arrive
             except KeyboardInterrupt:
-                pass
+                pass  # Ctrl-C is how a person leaves: not an error
             finally:
                 stop.set()
                 reader.join(1)
                 dev.console.close()
-    return 0
+    return OK
 
 
 def cmd_health(args: argparse.Namespace) -> int:
+    rows: list[dict[str, Any]] = []
     with _farm(args) as farm:
-        boards = [args.board] if args.board else [b.id for b in farm.boards]
-        failed = 0
+        boards = _board_ids(args) or [b.id for b in farm.boards]
         for board_id in boards:
-            lease = farm.reserve(1, only=[board_id], timeout=args.timeout,
-                                 reason="hilfarm health")
-            with lease:
-                dev = farm.open_device(board_id)
-                try:
-                    health = farm.health_check(dev)
-                    print(f"{board_id}: {health.value}")
-                except HilfarmError as exc:
-                    failed += 1
-                    print(f"{board_id}: FAILED: {exc}")
-                finally:
-                    dev.console.close()
-    return 1 if failed else 0
+            row: dict[str, Any] = {"board": board_id, "ok": False, "health": None,
+                                   "error": None, "exit_code": OK}
+            try:
+                lease = farm.reserve(1, only=[board_id], timeout=args.timeout,
+                                     reason="hilfarm health")
+                with lease:
+                    dev = farm.open_device(board_id)
+                    try:
+                        row["health"] = farm.health_check(dev).value
+                        row["ok"] = True
+                    except HilfarmError as exc:  # the check ran and failed
+                        row["error"], row["exit_code"] = str(exc), NEGATIVE
+                    finally:
+                        dev.console.close()
+            except HilfarmError as exc:  # the check could not run (busy, port gone)
+                row["error"], row["exit_code"] = str(exc), exit_code_for(exc)
+            if row["health"] is None:
+                row["health"] = farm.store.health(board_id).health.value
+            rows.append(row)
+            if not args.json:
+                print(f"{board_id}: {row['health']}" if row["ok"]
+                      else f"{board_id}: FAILED ({row['health']}): {row['error']}")
+    code = worst(r["exit_code"] for r in rows)
+    if args.json:
+        print(json.dumps({"boards": rows, "exit_code": code}, indent=2))
+    return code
 
 
 def cmd_board(args: argparse.Namespace) -> int:
     with _farm(args) as farm:
-        farm.board(args.board)  # did-you-mean on a typo
         if args.action == "restore":
             health = farm.store.restore(args.board, _person())
             farm.store.forget_flash(args.board)
@@ -183,7 +313,6 @@ def cmd_board(args: argparse.Namespace) -> int:
 
 def cmd_lock(args: argparse.Namespace) -> int:
     with _farm(args) as farm:
-        farm.board(args.board)
         result = farm.reserver.hold(args.board, args.reason, _person())
         # A person may reflash by hand: the farm must not trust its digests afterwards.
         farm.store.forget_flash(args.board)
@@ -196,60 +325,95 @@ def cmd_lock(args: argparse.Namespace) -> int:
 
 def cmd_unlock(args: argparse.Namespace) -> int:
     with _farm(args) as farm:
-        farm.board(args.board)
         removed = farm.reserver.unhold(args.board)
     print(f"{args.board}: " + ("released to the farm" if removed else "was not held"))
     return 0
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("status", help="every board: chip, health, holder, since, firmware")
+    p = sub.add_parser("status", help="every board: chip, health, holder, since, firmware",
+                       epilog=example("hilfarm status", "hilfarm status --json | jq '.[].health'"))
     _add_rack(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_status)
 
-    p = sub.add_parser("who", help="who holds which board (same as status)")
+    p = sub.add_parser("who", help="who holds which board (same as status)",
+                       epilog=example("hilfarm who --rack rack-configs/my-rig.yaml"))
     _add_rack(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_status)
 
-    p = sub.add_parser("flash", help="reserve boards and flash images onto them (in parallel)")
+    p = sub.add_parser(
+        "flash", help="reserve boards and flash images onto them (in parallel)",
+        description="Reserve each board, flash it (regions it already holds are skipped) and "
+        "release it. Progress goes to stderr: live bars in a terminal, plain lines otherwise; "
+        "the summary (or --json) to stdout. One board's failure does not stop the others; "
+        "the exit code is 1 when a flash failed, 2 for a bad image or argument, 3 when a "
+        "board could not be reached or reserved.",
+        epilog=example("hilfarm flash esp32-1,esp32-2 build/",
+                       "hilfarm flash esp32c3-1 0x0@bootloader.bin 0x8000@partition-table.bin "
+                       "0x10000@app.bin"))
     _add_rack(p)
-    p.add_argument("board", help="board id, or several separated by commas (flashed in parallel)")
-    p.add_argument("image", nargs="+",
+    p.add_argument("board", metavar="BOARD[,BOARD...]",
+                   help="board id, or several separated by commas (flashed in parallel)")
+    p.add_argument("image", nargs="+", metavar="IMAGE",
                    help="app image, ESP-IDF build dir, flasher_args.json, or OFFSET@FILE ...")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the board")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="seconds to wait for each board to be free")
+    p.add_argument("--json", action="store_true",
+                   help="machine-readable result on stdout (regions, states, errors)")
     p.set_defaults(handler=cmd_flash)
 
-    p = sub.add_parser("console", help="reserve a board and attach to its console")
+    p = sub.add_parser(
+        "console", help="reserve a board and attach to its console",
+        description="Reserve the board and show its console; what you type is sent line by "
+        "line. To leave: Ctrl-C, or Ctrl-D (end of input). With input from a pipe, the "
+        "console stays --linger seconds after the input ends, then leaves.",
+        epilog=example("hilfarm console esp32-1 --reset",
+                       "echo version | hilfarm console esp32-1"))
     _add_rack(p)
-    p.add_argument("board")
+    p.add_argument("board", metavar="BOARD", help="board id")
     p.add_argument("--reset", action="store_true", help="reset the board after attaching")
-    p.add_argument("--linger", type=float, default=1.0,
-                   help="seconds to keep showing output after the input ends (default 1)")
-    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--linger", type=float, default=1.0, metavar="S",
+                   help="seconds to keep showing output after the input ends")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="seconds to wait for the board to be free")
     p.set_defaults(handler=cmd_console)
 
-    p = sub.add_parser("health", help="run the health check on one board or all")
+    p = sub.add_parser(
+        "health", help="run the health check on one board or all",
+        description="Power-cycle, flash the baseline and check that it boots (without a "
+        "baseline: check that the ROM loader answers). Exit code 1 when a check failed, 3 when "
+        "a board could not be reserved or reached.",
+        epilog=example("hilfarm health esp32-1", "hilfarm health --json"))
     _add_rack(p)
-    p.add_argument("board", nargs="?")
-    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("board", nargs="?", metavar="BOARD",
+                   help="board id (default: every board of the rack, one after another)")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                   help="seconds to wait for each board to be free")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_health)
 
-    p = sub.add_parser("board", help="restore a quarantined board, or quarantine one")
+    p = sub.add_parser("board", help="restore a quarantined board, or quarantine one",
+                       epilog=example("hilfarm board quarantine esp32-2 --reason 'flaky USB'",
+                                      "hilfarm board restore esp32-2"))
     _add_rack(p)
-    p.add_argument("action", choices=("restore", "quarantine"))
-    p.add_argument("board")
-    p.add_argument("--reason", default="")
+    p.add_argument("action", choices=("restore", "quarantine"),
+                   help="restore: back in service (health check due); quarantine: out of it")
+    p.add_argument("board", metavar="BOARD", help="board id")
+    p.add_argument("--reason", default="",
+                   help="why it is quarantined (default: who did it)")
     p.set_defaults(handler=cmd_board)
 
-    p = sub.add_parser("lock", help="hold a board for a person at the bench (CI waits)")
+    p = sub.add_parser("lock", help="hold a board for a person at the bench (CI waits)",
+                       epilog=example("hilfarm lock esp32-1 --reason 'probing UART with a scope'"))
     _add_rack(p)
-    p.add_argument("board")
-    p.add_argument("--reason", required=True)
+    p.add_argument("board", metavar="BOARD", help="board id")
+    p.add_argument("--reason", required=True, help="shown to everyone waiting for the board")
     p.set_defaults(handler=cmd_lock)
 
-    p = sub.add_parser("unlock", help="give a held board back to the farm")
+    p = sub.add_parser("unlock", help="give a held board back to the farm",
+                       epilog=example("hilfarm unlock esp32-1"))
     _add_rack(p)
-    p.add_argument("board")
+    p.add_argument("board", metavar="BOARD", help="board id")
     p.set_defaults(handler=cmd_unlock)

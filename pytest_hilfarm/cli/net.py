@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pytest_hilfarm.cli.common import example
 from pytest_hilfarm.errors import HilfarmError
 
 if TYPE_CHECKING:
@@ -79,13 +80,15 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     net = subparsers.add_parser("net", help="network impairments (netem) of the rig",
-                                description=__doc__)
+                                description=__doc__,
+                                epilog=example("hilfarm net show", "hilfarm net reset"))
     sub = net.add_subparsers(dest="command_net", metavar="ACTION", required=True)
     for name, func, text in (
         ("reset", cmd_reset, "restore every interface from its restore record"),
         ("show", cmd_show, "show the rack interfaces' qdiscs and active impairments"),
     ):
-        p = sub.add_parser(name, help=text, description=text)
+        p = sub.add_parser(name, help=text, description=text,
+                           epilog=example(f"hilfarm net {name} --rack rack-configs/my-rig.yaml"))
         p.add_argument("--rack", metavar="RACK",
                        help="rack file (default: $HILFARM_RACK, else the built-in virtual rack)")
         p.add_argument("--state-dir", metavar="DIR",

@@ -13,6 +13,7 @@ import importlib
 import json
 from typing import Any
 
+from pytest_hilfarm.cli.common import example
 from pytest_hilfarm.errors import UsageError
 
 
@@ -24,39 +25,52 @@ def register(subparsers: Any) -> None:
         help="virtual rack state dir (default: HILFARM_SIM_DIR, else "
         "$XDG_STATE_HOME/hilfarm/virtual-rack)",
     )
-    sim = subparsers.add_parser("sim", help="the virtual rack of simulated boards")
+    sim = subparsers.add_parser("sim", help="the virtual rack of simulated boards",
+                                epilog=example("hilfarm sim up", "hilfarm sim status"))
     sim_sub = sim.add_subparsers(dest="sim_command", metavar="SUBCOMMAND")
     sim.set_defaults(handler=lambda args: _help(sim))
 
-    p = sim_sub.add_parser("serve", parents=[common], help="run the daemon in the foreground")
+    p = sim_sub.add_parser("serve", parents=[common], help="run the daemon in the foreground",
+                           epilog=example("hilfarm sim serve rack-configs/virtual.yaml "
+                                          "--base-port 40000"))
     p.add_argument("rack", nargs="?", help="rack YAML file (default: built-in virtual rack)")
     p.add_argument("--base-port", type=int, default=0, help="fixed ports from here (default: any)")
     p.add_argument("--wire-time", action="store_true", help="emulate UART wire time")
     p.set_defaults(handler=_serve)
 
-    p = sim_sub.add_parser("up", parents=[common], help="start the daemon in the background")
+    p = sim_sub.add_parser("up", parents=[common], help="start the daemon in the background",
+                           epilog=example("hilfarm sim up"))
     p.add_argument("rack", nargs="?", help="rack YAML file (default: built-in virtual rack)")
     p.add_argument("--base-port", type=int, default=0, help="fixed ports from here (default: any)")
     p.set_defaults(handler=_up)
 
-    p = sim_sub.add_parser("down", parents=[common], help="stop the background daemon")
+    p = sim_sub.add_parser("down", parents=[common], help="stop the background daemon",
+                           epilog=example("hilfarm sim down"))
     p.set_defaults(handler=_down)
 
-    p = sim_sub.add_parser("status", parents=[common], help="boards, ports and modes")
+    p = sim_sub.add_parser("status", parents=[common], help="boards, ports and modes",
+                           description="Boards, ports and modes of the running virtual rack "
+                           "(exit code 3 when it is not running).",
+                           epilog=example("hilfarm sim status --json"))
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=_status)
 
-    p = sim_sub.add_parser("power", parents=[common], help="switch a board's power")
-    p.add_argument("board")
-    p.add_argument("state", choices=("on", "off"))
+    p = sim_sub.add_parser("power", parents=[common], help="switch a board's power",
+                           epilog=example("hilfarm sim power esp32-1 off"))
+    p.add_argument("board", metavar="BOARD", help="virtual board id")
+    p.add_argument("state", choices=("on", "off"), help="switch the power on or off")
     p.set_defaults(handler=_power)
 
-    p = sim_sub.add_parser("reset", parents=[common], help="reset a board (EN pulse)")
-    p.add_argument("board")
+    p = sim_sub.add_parser("reset", parents=[common], help="reset a board (EN pulse)",
+                           epilog=example("hilfarm sim reset esp32-1 --download"))
+    p.add_argument("board", metavar="BOARD", help="virtual board id")
     p.add_argument("--download", action="store_true", help="hold IO0 low: enter download mode")
     p.set_defaults(handler=_reset)
 
-    p = sim_sub.add_parser("mesh", parents=[common], help="show or set radio conditions")
+    p = sim_sub.add_parser("mesh", parents=[common], help="show or set radio conditions",
+                           epilog=example("hilfarm sim mesh --loss 0.1 --latency-ms 20",
+                                          "hilfarm sim mesh --partition esp32-1 "
+                                          "--partition esp32-2,esp32-3", "hilfarm sim mesh --heal"))
     p.add_argument("--loss", type=float, help="per-hop loss probability, 0..1")
     p.add_argument("--latency-ms", type=float, help="per-hop latency in ms")
     p.add_argument(
@@ -73,24 +87,30 @@ def register(subparsers: Any) -> None:
         help="show or burn a virtual board's eFuses (Secure Boot, key digests, secure version)",
         description="Without an action: show the board's virtual eFuses. Burning is one-way, as "
         "on a chip: bits only go from 0 to 1 (a digest fills a free key block, the secure "
-        "version only rises).")
-    p.add_argument("board")
+        "version only rises).",
+        epilog=example("hilfarm sim efuse esp32c3-1",
+                       "hilfarm sim efuse esp32c3-1 burn-key-digest --key release.pem",
+                       "hilfarm sim efuse esp32c3-1 enable-secure-boot"))
+    p.add_argument("board", metavar="BOARD", help="virtual board id")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     actions = p.add_subparsers(dest="efuse_action", metavar="ACTION")
-    a = actions.add_parser("burn-key-digest", help="burn a Secure Boot V2 key digest")
+    a = actions.add_parser("burn-key-digest", help="burn a Secure Boot V2 key digest",
+                           epilog=example("hilfarm sim efuse esp32c3-1 burn-key-digest "
+                                          "--key release.pem"))
     src = a.add_mutually_exclusive_group(required=True)
     src.add_argument("digest", nargs="?", help="64 hex digits (`hilfarm ota digest KEY`)")
     src.add_argument("--key", help="an RSA-3072 key file (public or private PEM)")
-    a = actions.add_parser("burn-secure-version", help="raise the anti-rollback counter")
-    a.add_argument("version", type=int)
-    actions.add_parser("enable-secure-boot", help="burn SECURE_BOOT_EN (needs a key digest)")
-    actions.add_parser("enable-anti-rollback",
-                       help="turn on the bootloader's anti-rollback check (one-way)")
-    actions.add_parser("enable-signed-apps",
-                       help="turn on signed apps without hardware Secure Boot (one-way)")
-    actions.add_parser("new-chip",
-                       help="simulator only: replace the chip (eFuses as the rack file burns "
-                       "them at start)")
+    a = actions.add_parser("burn-secure-version", help="raise the anti-rollback counter",
+                           epilog=example("hilfarm sim efuse esp32c3-1 burn-secure-version 2"))
+    a.add_argument("version", type=int, help="the new secure version (never lower)")
+    for name, what in (
+        ("enable-secure-boot", "burn SECURE_BOOT_EN (needs a key digest)"),
+        ("enable-anti-rollback", "turn on the bootloader's anti-rollback check (one-way)"),
+        ("enable-signed-apps", "turn on signed apps without hardware Secure Boot (one-way)"),
+        ("new-chip", "simulator only: replace the chip (eFuses as the rack file burns them at "
+         "start)"),
+    ):
+        actions.add_parser(name, help=what, epilog=example(f"hilfarm sim efuse esp32c3-1 {name}"))
     p.set_defaults(handler=_efuse)
 
     try:
@@ -190,8 +210,25 @@ def _status(args: argparse.Namespace) -> int:
 def _request(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any]:
     answer: dict[str, Any] = _manager().control(request, state_dir=args.state_dir)
     if not answer.get("ok"):
-        raise UsageError(str(answer.get("error")), where=f"virtual rack control {request['op']}")
+        where = f"virtual rack control {request['op']}"
+        board = request.get("board")
+        if board is not None:
+            _check_board(args, board, where)  # a typo gets its did-you-mean
+        raise UsageError(str(answer.get("error")), where=where)
     return answer
+
+
+def _check_board(args: argparse.Namespace, board: str, where: str) -> None:
+    """Raise a "did you mean" error when the running virtual rack has no board ``board``."""
+    from pytest_hilfarm.rack import closest
+
+    status = _manager().status(args.state_dir) or {}
+    ids = [b["id"] for b in status.get("boards", ())]
+    if ids and board not in ids:
+        guess = closest(board, ids)
+        raise UsageError(f"no board {board!r} in the virtual rack", where=where,
+                         hint=f"did you mean {guess!r}?" if guess
+                         else f"its boards: {', '.join(ids)}")
 
 
 def _power(args: argparse.Namespace) -> int:

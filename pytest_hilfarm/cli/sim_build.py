@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from pytest_hilfarm.cli.common import example
 from pytest_hilfarm.errors import ImageError, UsageError
 from pytest_hilfarm.ota.partitions import parse_size
 from pytest_hilfarm.sim.appbuild import DEFAULT_IDF_VER, write_build_dir
@@ -55,6 +56,10 @@ def add_build_app_parser(sim_subparsers: Any) -> argparse.ArgumentParser:
             "flasher_args.json) whose app runs on the virtual rack. Faults are built into the "
             "image, so flashing it is what makes a board misbehave."
         ),
+        epilog=example("hilfarm sim build-app --chip esp32 --project demo --version 1.0.0 "
+                       "-o build/",
+                       "hilfarm sim build-app --chip esp32c3 --layout two-ota --crash-at-boot "
+                       "-o crashing/"),
     )
     p.add_argument("--chip", required=True, choices=CHIPS, help="target chip")
     p.add_argument("--project", default="hilfarm_demo", help="project name (default: %(default)s)")

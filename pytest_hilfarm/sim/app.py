@@ -50,7 +50,9 @@ Commands and exact replies (``<f1>`` = one decimal place, etc.):
     battery_v: <f3>                  (3.300 + 0.9 * pct / 100)
     battery_pct: <int>
 
-``mesh nodes`` (peers this board reaches now, itself excluded; 0 and empty before joining)::
+``mesh nodes`` (the nodes in this board's mesh now, itself included, as ESP-IDF's
+``esp_mesh_get_total_node_num()`` counts them: 3 for three boards in one mesh, 1 for a board
+alone; 0 and empty before it joined)::
 
     nodes: <count>
     ids: <id> <id> ...               (rack order; nothing after "ids:" when there are none)
@@ -152,7 +154,7 @@ HELP = (
     "status - uptime, free heap, running partition, OTA state, mesh membership",
     "sensor - temperature, humidity, pressure",
     "battery - battery voltage and charge",
-    "mesh nodes - mesh peers reachable from this board",
+    "mesh nodes - nodes in this board's mesh, itself included",
     "mesh send <node-id|all> <text> - send a mesh message",
     "mesh inbox [clear] - received mesh messages",
     "ota <url> [retries] - download and install a firmware update over HTTP",
@@ -400,8 +402,8 @@ class DemoApp:
         if sub == "nodes":
             if len(words) != 2:
                 return ["error: usage: mesh nodes"]
-            peers = self._medium.nodes(me) if self._in_mesh else []
-            return [f"nodes: {len(peers)}", ("ids: " + " ".join(peers)).rstrip()]
+            members = self._medium.members(me) if self._in_mesh else []
+            return [f"nodes: {len(members)}", ("ids: " + " ".join(members)).rstrip()]
         if sub == "inbox":
             if len(words) == 3 and words[2] == "clear":
                 count = len(self._inbox)

@@ -173,6 +173,17 @@ class MeshMedium:
             peers = self._snap_reach.get(node_id, frozenset())
             return sorted(peers, key=self._order_key)
 
+    def members(self, node_id: str) -> list[str]:
+        """The nodes of ``node_id``'s mesh, itself included, in rack order (what ESP-IDF's
+        esp_mesh_get_total_node_num() counts). Empty when ``node_id`` is not joined.
+        """
+        with self._lock:
+            self._refresh_locked(self._clock())
+            if node_id not in self._snap_joined:
+                return []
+            mesh = self._snap_reach.get(node_id, frozenset()) | {node_id}
+            return sorted(mesh, key=self._order_key)
+
     def hops(self, src: str, dst: str) -> int | None:
         """Radio hops on the current shortest path from ``src`` to ``dst``; None if unreachable."""
         with self._lock:

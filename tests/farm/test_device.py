@@ -14,7 +14,7 @@ import pytest
 
 from pytest_hilfarm.console import Console
 from pytest_hilfarm.device import Device, parse_boot_info
-from pytest_hilfarm.errors import BootError, ConsoleTimeout
+from pytest_hilfarm.errors import BootError, CommandError, ConsoleTimeout
 from pytest_hilfarm.flashing import FlashPlan, FlashReport, RegionResult
 from pytest_hilfarm.power import VirtualPower
 from pytest_hilfarm.reset import VirtualReset
@@ -296,7 +296,9 @@ def test_virtual_board_end_to_end(rack, tmp_path: Path) -> None:
                                                                           "factory")
         reply = device.command("version")
         assert "project: demo" in reply and "partition: factory" in reply
-        assert device.command("nosuch").startswith("error: unknown command")
+        with pytest.raises(CommandError, match="unknown command"):
+            device.command("nosuch")
+        assert device.command("nosuch", check=False).startswith("error: unknown command")
         again = device.flash(build.path)  # unchanged firmware: nothing is written
         assert again.written == ()
         assert device.power_cycle(off_seconds=0.05).project == "demo"  # type: ignore[union-attr]
@@ -305,3 +307,86 @@ def test_virtual_board_end_to_end(rack, tmp_path: Path) -> None:
         console.close()
     log = (tmp_path / "dut.log").read_text()
     assert "Project name:" in log and "--- console paused (port released) ---" in log
+
+
+# -- command() failures and wait_for() ------------------------------------------------------------
+
+
+def serve_commands(board: Board, reply: Any) -> list[str]:
+    """Answer every line the console sends as an ESP-IDF console does: echo, reply, prompt."""
+    seen: list[str] = []
+
+    def loop() -> None:
+        buf = b""
+        while True:
+            try:
+                assert board.client is not None
+                data = board.client.recv(256)
+            except OSError:
+                return
+            if not data:
+                return
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                cmd = line.decode().strip()
+                seen.append(cmd)
+                board.send(f"{cmd}\r\n{reply(cmd, len(seen))}\r\n> ")
+
+    board.send("> ")
+    threading.Thread(target=loop, daemon=True).start()
+    return seen
+
+
+@pytest.fixture
+def talking(rig):
+    device, board, _, _, _ = rig
+    device.reset()
+    return device, board
+
+
+@pytest.mark.parametrize("reply", [
+    "error: mesh not joined",  # the demo app's (sim/app.py) convention
+    "Unrecognized command",  # ESP-IDF console REPL, unknown command
+    "sent: 3 bytes\r\nCommand returned non-zero error code: 0x1 (ERROR)",  # REPL, command failed
+])
+def test_command_raises_on_an_error_reply(talking, reply: str) -> None:
+    device, board = talking
+    serve_commands(board, lambda cmd, n: reply)
+    with pytest.raises(CommandError) as info:
+        device.command("mesh send esp32-3 hi")
+    err = info.value
+    assert err.command == "mesh send esp32-3 hi" and err.board == "esp32-1"
+    assert err.reply == reply.replace("\r\n", "\n")
+    assert reply.split("\r\n")[-1] in str(err) and str(device.log_path) in str(err)
+    assert "check=False" in str(err)
+    # The opt-out returns the reply as text.
+    assert device.command("mesh send esp32-3 hi", check=False) == reply.replace("\r\n", "\n")
+
+
+def test_command_does_not_mistake_data_for_an_error(talking) -> None:
+    device, board = talking
+    serve_commands(board, lambda cmd, n: "msg: id=1 src=esp32-1 text=error: none\r\nlast_error: 0")
+    assert device.command("mesh inbox").startswith("msg: id=1")
+
+
+def test_wait_for_polls_until_the_reply_matches(talking) -> None:
+    device, board = talking
+    seen = serve_commands(board, lambda cmd, n: "error: mesh not joined" if n < 3
+                          else f"nodes: {min(n, 5)}")
+    match = device.wait_for("mesh nodes", r"nodes: (5)", timeout=10, interval=0.01)
+    assert match.group(1) == "5"
+    assert seen == ["mesh nodes"] * 5
+
+
+def test_wait_for_times_out_with_the_last_reply_pattern_and_log(talking) -> None:
+    device, board = talking
+    seen = serve_commands(board, lambda cmd, n: f"nodes: 2\r\nids: a b {n}")
+    started = time.monotonic()
+    with pytest.raises(ConsoleTimeout) as info:
+        device.wait_for("mesh nodes", r"nodes: 3", timeout=0.5, interval=0.1)
+    assert 0.5 <= time.monotonic() - started < 3
+    text = str(info.value)
+    assert "'nodes: 3'" in text and "within 0.5 s" in text
+    assert f"| ids: a b {len(seen)}" in text  # the last reply, not the first
+    assert str(device.log_path) in text and "board esp32-1" in text

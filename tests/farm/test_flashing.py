@@ -273,19 +273,27 @@ OPTS: dict[str, Any] = {"before": "no-reset", "after": "no-reset-stub"}
 
 def test_flash_then_skip_identical(board: LoaderServer, tmp_path: Path, capsys) -> None:
     build = write_build(tmp_path)
-    seen: list[tuple[int, int, int]] = []
-    first = flash(board.url, "esp32", build, progress=lambda *a: seen.append(a), **OPTS)
+    seen: list[flashing.RegionProgress] = []
+    first = flash(board.url, "esp32", build, progress=seen.append, **OPTS)
     assert [r.written for r in first.regions] == [True, True, True]
     assert first.bytes_written == sum(r.size for r in make_plan(build).regions)
     app = make_plan(build).regions[2]
-    assert (2, app.size, app.size) in seen  # progress reached the end of the app region
+    # Each event names its region; the app's ends written at full size, then verified.
+    app_events = [e for e in seen if e.offset == 0x10000]
+    assert {(e.index, e.name, e.size) for e in app_events} == {(2, app.name, app.size)}
+    assert [e.state for e in app_events][-2:] == ["written", "verified"]
+    assert app_events[-1].done == app.size
+    assert {e.state for e in seen} == {"writing", "written", "verified"}
     assert board.flash.read(0x10000, app.size) == app.data
     # The bootloader header got the plan's flash settings (DIO, 4MB/40m) as esptool writes it.
     assert board.flash.read(0x1000, 4)[2:4] == bytes([2, 0x20])
 
     board.ops.clear()
-    second = flash(board.url, "esp32", build, **OPTS)
+    seen.clear()
+    second = flash(board.url, "esp32", build, progress=seen.append, **OPTS)
     assert second.written == () and len(second.skipped) == 3
+    assert [(e.offset, e.state) for e in seen] == [(r.offset, "skipped")
+                                                   for r in make_plan(build).regions]
     assert board.written_ops() == []  # no FLASH_BEGIN / FLASH_DEFL_BEGIN: no data sent
     out = capsys.readouterr()
     assert out.out == "" and out.err == ""  # esptool's chatter stays out of the terminal

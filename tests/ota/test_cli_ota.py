@@ -130,7 +130,7 @@ def test_keygen_rsa_prints_digest_not_key(tmp_path: Path,
     assert key_digest(key).hex() in out
     _assert_no_secret(out + err, key)
     code, out, err = _run(capsys, "ota", "keygen", str(key))
-    assert code == 1 and "already exists" in err
+    assert code == 2 and "already exists" in err
 
 
 def test_loose_key_refused(tmp_path: Path, keys: tuple[Path, Path],
@@ -142,10 +142,10 @@ def test_loose_key_refused(tmp_path: Path, keys: tuple[Path, Path],
     app.write_bytes(build_app("esp32", "clidemo", "1.0.0"))
     code, out, err = _run(capsys, "ota", "sign", str(app), "--key", str(loose), "-o",
                           str(tmp_path / "s.bin"))
-    assert code == 1 and f"chmod 600 {loose}" in err
+    assert code == 2 and f"chmod 600 {loose}" in err
     _assert_no_secret(out + err, loose)
     code, out, err = _run(capsys, "ota", "digest", str(loose))
-    assert code == 1 and "chmod 600" in err
+    assert code == 2 and "chmod 600" in err
 
 
 def test_esp32_append_refused(tmp_path: Path, keys: tuple[Path, Path],
@@ -156,18 +156,51 @@ def test_esp32_append_refused(tmp_path: Path, keys: tuple[Path, Path],
     assert main(["ota", "sign", str(app), "--key", str(keys[0]), "-o", str(signed)]) == 0
     code, out, err = _run(capsys, "ota", "sign", str(signed), "--key", str(keys[1]), "--append",
                           "-o", str(tmp_path / "s2.bin"))
-    assert code == 1 and "single Secure Boot V2 key digest" in err
+    assert code == 2 and "single Secure Boot V2 key digest" in err
     code, out, err = _run(capsys, "ota", "sign", str(app), "--key", str(keys[0]), "-o", str(app))
-    assert code == 1 and "overwrite the input" in err
+    assert code == 2 and "overwrite the input" in err
 
 
 def test_bad_digest_argument(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     app = tmp_path / "app.bin"
     app.write_bytes(build_app("esp32c3", "clidemo", "1.0.0"))
     code, out, err = _run(capsys, "ota", "verify", str(app), "--digest", "abc")
-    assert code == 1 and "--digest" in err and "64 hex digits" in err
+    assert code == 2 and "--digest" in err and "64 hex digits" in err
 
 
 def test_group_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ota"]) == 2
     assert "verify-release" in capsys.readouterr().out
+
+
+def test_verify_json_and_exit_codes(tmp_path: Path, keys: tuple[Path, Path],
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    k1, k2 = keys
+    app = tmp_path / "app.bin"
+    app.write_bytes(build_app("esp32c3", "clidemo", "1.0.0"))
+    signed = tmp_path / "signed.bin"
+    assert main(["ota", "sign", str(app), "--key", str(k1), "-o", str(signed)]) == 0
+    capsys.readouterr()
+    d1 = key_digest(k1).hex()
+
+    code, out, err = _run(capsys, "ota", "verify", str(signed), "--key", str(k1), "--json")
+    assert (code, err) == (0, "")
+    assert json.loads(out) == {
+        "image": str(signed), "ok": True, "chip": "esp32c3", "accepted_by": 0,
+        "signed_length": json.loads(out)["signed_length"],
+        "blocks": [{"index": 0, "key_digest": d1, "status": "trusted"}],
+    }
+    assert json.loads(out)["signed_length"] > 0
+
+    # Signed by another key: the verify ran and failed (1), still as JSON.
+    code, out, err = _run(capsys, "ota", "verify", str(signed), "--key", str(k2), "--json")
+    result = json.loads(out)
+    assert code == 1 and result["ok"] is False and result["image"] == str(signed)
+    assert "trusted" in result["error"]
+
+    # An unsigned image fails the verify too; a missing key file is a usage error (2).
+    code, out, _ = _run(capsys, "ota", "verify", str(app), "--key", str(k1), "--json")
+    assert code == 1 and json.loads(out)["ok"] is False
+    code, out, err = _run(capsys, "ota", "verify", str(signed), "--key",
+                          str(tmp_path / "none.pem"), "--json")
+    assert code == 2 and out == "" and "none.pem" in err

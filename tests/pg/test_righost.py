@@ -271,7 +271,7 @@ def test_refuses_to_start_without_authentication(pg_url: str, tmp_path: Path) ->
     proc = subprocess.run(
         [sys.executable, "-m", "pytest_hilfarm.cli.export", "--rack", str(rack),
          "--database", pg_url], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # a configuration error (README exit codes)
     assert "refusing to serve power and flash control without authentication" in proc.stderr
     assert "--token-file" in proc.stderr
 

@@ -98,14 +98,14 @@ def test_group_without_action_prints_help(capsys):
 
 
 def test_missing_rollout_is_a_clear_error(db, capsys):
-    assert main(["rollout", "status", "nope", "--db", db]) == 1
+    assert main(["rollout", "status", "nope", "--db", db]) == 2  # usage error (README exit codes)
     assert "no rollout 'nope'" in capsys.readouterr().err
 
 
 def test_invalid_plan_error_names_line(tmp_path, db, capsys):
     plan = tmp_path / "plan.yaml"
     plan.write_text("name: fw\ngates:\n  crash_rate: {max: 5}\n")
-    assert main(["rollout", "start", "--plan", str(plan), "--db", db]) == 1
+    assert main(["rollout", "start", "--plan", str(plan), "--db", db]) == 2  # configuration error
     assert f"{plan}:3: gates.crash_rate.max" in capsys.readouterr().err
 
 
@@ -133,7 +133,7 @@ def test_fleet_simulate_prints_the_timeline(tmp_path, capsys):
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["devices"] == 1000
     assert main(["fleet", "simulate", "--devices", "10", "--plan", str(EXAMPLE_PLAN),
-                 "--fault", "bogus"]) == 1
+                 "--fault", "bogus"]) == 2
 
 
 def test_advise(capsys):
@@ -141,9 +141,9 @@ def test_advise(capsys):
                  "--field-failure-cost", "250000"]) == 0
     out = capsys.readouterr().out
     assert "[include] hil" in out and "why:" in out and "pipeline: unit" in out
-    assert main(["advise", "--fleet-size", "10"]) == 1
+    assert main(["advise", "--fleet-size", "10"]) == 2
     assert main(["advise", "--fleet-size", "10", "--per-device-cost", "5",
-                 "--stage-cost", "hil"]) == 1
+                 "--stage-cost", "hil"]) == 2
 
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"

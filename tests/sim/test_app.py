@@ -367,7 +367,11 @@ def test_mesh_nodes_before_and_after_formation() -> None:
     assert kv(command(apps[0], hosts[0], "status"))["mesh_joined"] == "no"
     assert command(apps[0], hosts[0], "mesh send esp32-2 hi") == ["error: mesh not joined"]
     hosts[0].sched.advance(4.0)
-    assert command(apps[0], hosts[0], "mesh nodes") == ["nodes: 2", "ids: esp32-2 esp32-3"]
+    # Total nodes in the mesh, itself included (esp_mesh_get_total_node_num()).
+    assert command(apps[0], hosts[0], "mesh nodes") == ["nodes: 3",
+                                                        "ids: esp32-1 esp32-2 esp32-3"]
+    assert command(apps[2], hosts[2], "mesh nodes") == ["nodes: 3",
+                                                        "ids: esp32-1 esp32-2 esp32-3"]
     assert kv(command(apps[0], hosts[0], "status"))["mesh_joined"] == "yes"
 
 
@@ -423,9 +427,10 @@ def test_stop_leaves_mesh_and_ignores_late_packets() -> None:
     apps[2].stop()
     hosts[0].sched.advance(1.0)
     assert "rx" not in hosts[2].text.split("mesh send")[-1]
-    assert command(apps[0], hosts[0], "mesh nodes") == ["nodes: 1", "ids: esp32-2"]
+    assert command(apps[0], hosts[0], "mesh nodes") == ["nodes: 2", "ids: esp32-1 esp32-2"]
     apps[1].stop()
-    assert command(apps[0], hosts[0], "mesh nodes") == ["nodes: 0", "ids:"]
+    # Alone but still joined: a mesh of one.
+    assert command(apps[0], hosts[0], "mesh nodes") == ["nodes: 1", "ids: esp32-1"]
     apps[1].stop()  # idempotent
 
 
@@ -433,7 +438,7 @@ def test_reboot_leaves_mesh() -> None:
     apps, hosts = rack(2)
     hosts[0].sched.advance(4.0)
     apps[1].feed_line("reboot")
-    assert command(apps[0], hosts[0], "mesh nodes") == ["nodes: 0", "ids:"]
+    assert command(apps[0], hosts[0], "mesh nodes") == ["nodes: 1", "ids: esp32-1"]
 
 
 def test_position_from_kwarg_host_or_board_id() -> None:

@@ -405,8 +405,10 @@ def test_manager_up_is_idempotent_and_down_stops(tmp_path: Path, monkeypatch, ca
         assert cli_main(["sim", "status"]) == 0
         table = capsys.readouterr().out
         assert re.search(r"esp32s2-1\s+esp32s2\s+\S+\s+socket://\S+\s+rfc2217://\S+\s+off", table)
-        assert cli_main(["sim", "power", "ghost", "on"]) == 1
-        assert "unknown board 'ghost'" in capsys.readouterr().err
+        assert cli_main(["sim", "power", "ghost", "on"]) == 2
+        assert "no board 'ghost'" in capsys.readouterr().err
+        assert cli_main(["sim", "reset", "esp32c3-l"]) == 2
+        assert "did you mean 'esp32c3-1'?" in capsys.readouterr().err
     finally:
         assert manager.down() is True
     assert manager.status() is None and manager.down() is False

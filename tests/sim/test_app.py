@@ -144,11 +144,22 @@ def test_crash_at_boot_panics_after_a_few_lines() -> None:
 
 
 def test_crash_text_on_riscv_chip() -> None:
-    text = panic_text("esp32c3", "cd" * 32, store=False)
+    elf = "0f" * 32
+    text = panic_text("esp32c3", "cd" * 32, store=False, elf_sha256=elf)
     assert "panic'ed (Load access fault)" in text and "MEPC    : 0x42" in text
-    assert "panic'ed (Store access fault)" in panic_text("esp32c3", "cd" * 32, store=True)
-    xtensa = panic_text("esp32", "cd" * 32, store=False)
-    assert xtensa == panic_text("esp32", "cd" * 32, store=False)  # one image, one crash
+    assert "panic'ed (Store access fault)" in panic_text("esp32c3", "cd" * 32, store=True,
+                                                          elf_sha256=elf)
+    xtensa = panic_text("esp32", "cd" * 32, store=False, elf_sha256=elf)
+    assert xtensa == panic_text("esp32", "cd" * 32, store=False,
+                                elf_sha256=elf)  # one image, one crash
+
+
+def test_crash_report_names_the_elf_hash_not_the_image_hash() -> None:
+    # ESP-IDF's panic handler prints esp_app_desc_t.app_elf_sha256; the image's validation hash
+    # (the SHA-256 appended to the .bin) is another number.
+    text = panic_text("esp32", "cd" * 32, store=True, elf_sha256="0123456789abcdef" * 4)
+    assert "ELF file SHA256: 0123456789abcdef\r\n" in text
+    assert "cdcdcdcd" not in text.split("ELF file SHA256:")[1]
 
 
 def test_hang_at_boot_stops_output_and_watchdog_fires_every_5s() -> None:

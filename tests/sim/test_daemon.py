@@ -287,6 +287,11 @@ def test_bad_input_then_correct_answers(rack: sim_daemon.Daemon) -> None:
         sock.sendall(packet(0x55, b"\x00" * 4))
         frame = read_frames(sock, 1)[0]
         assert frame[:2] == b"\x01\x55" and frame[8] == 1
+        # A flash command before SPI_ATTACH: the ROM has no flash attached yet.
+        sock.sendall(packet(0x02, struct.pack("<IIII", 0x1000, 1, 0x400, 0x40000)))
+        assert read_frames(sock, 1)[0][8] == 1
+        sock.sendall(packet(0x0D, bytes(8)))  # SPI_ATTACH, as esptool's attach_flash sends it
+        assert read_frames(sock, 1)[0][8] == 0
         # FLASH_DATA with a bad checksum (after a valid FLASH_BEGIN): an error status.
         sock.sendall(packet(0x02, struct.pack("<IIII", 0x1000, 1, 0x400, 0x40000)))
         assert read_frames(sock, 1)[0][8] == 0
@@ -307,6 +312,8 @@ def test_disconnect_mid_flash_keeps_what_was_written(rack: sim_daemon.Daemon) ->
     blocks = [bytes([0x30 + i]) * 0x400 for i in range(3)]
     with connect(url) as sock:
         assert_syncs(sock)
+        sock.sendall(packet(0x0D, bytes(8)))  # SPI_ATTACH
+        assert read_frames(sock, 1)[0][8] == 0
         sock.sendall(packet(0x02, struct.pack("<IIII", 0x4000, 16, 0x400, 0x50000)))
         assert read_frames(sock, 1)[0][8] == 0
         for seq, block in enumerate(blocks):

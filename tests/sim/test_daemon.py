@@ -325,6 +325,8 @@ def test_disconnect_mid_flash_keeps_what_was_written(rack: sim_daemon.Daemon) ->
     ok(rack, op="reset", board="esp32-2", boot="download")
     with connect(url) as sock:
         assert_syncs(sock)
+        sock.sendall(packet(0x0D, bytes(8)))  # SPI_ATTACH
+        assert read_frames(sock, 1)[0][8] == 0
         for seq, block in enumerate(blocks):
             sock.sendall(packet(0x0E, struct.pack("<II", 0x50000 + seq * 0x400, 64)))
             frame = read_frames(sock, 1)[0]

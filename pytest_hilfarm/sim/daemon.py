@@ -1013,6 +1013,7 @@ class Daemon:
                 {
                     "id": st.board_id,
                     "chip": st.chip,
+                    "revision": st.revision,
                     "mac": st.mac,
                     "port": port,
                     "rfc2217": rfc,

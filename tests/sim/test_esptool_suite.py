@@ -90,10 +90,12 @@ def ok(proc: subprocess.CompletedProcess[str]) -> str:
 @pytest.mark.parametrize("chip", ["esp32", "esp32c3"])
 def test_stub_reuse_without_synchronization(rack: Path, chip: str) -> None:
     # esptool's TestStubReuse.test_stub_reuse_without_synchronization: the second run does not
-    # sync, so it uploads the stub again through the running stub (MEM_BEGIN/DATA/END).
+    # sync, so it uploads the stub again through the running stub (MEM_BEGIN/DATA/END). Over
+    # rfc2217:// as esptool's suite runs it: on socket:// esptool turns every --before into
+    # no-reset, which syncs and finds the stub.
     board = BOARDS[chip]
     ctl(op="reset", board=board, boot="download")
-    port = url(board)
+    port = url(board, "rfc2217")
     out = ok(esptool("--chip", chip, "--before", "no-reset", "--after", "no-reset-stub",
                      "flash-id", port=port))
     assert "Manufacturer:" in out

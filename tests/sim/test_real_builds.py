@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+from realbuild import RealBuild, build
+from test_boot import OTADATA, SLOT, FakeFlash
 
 from pytest_hilfarm.ota.otadata import OtaState, initial_otadata
 from pytest_hilfarm.ota.partitions import layout
@@ -23,9 +25,6 @@ from pytest_hilfarm.sim import boot as boot_chain
 from pytest_hilfarm.sim.board import VirtualBoard
 from pytest_hilfarm.sim.boot import BootEfuse, boot
 from pytest_hilfarm.sim.flash import FlashMemory
-
-from realbuild import RealBuild, build
-from test_boot import OTADATA, SLOT, FakeFlash
 
 CHIP = "esp32c3"
 

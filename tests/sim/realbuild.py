@@ -10,6 +10,7 @@ here goes through the virtual rack's own image builder.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shutil
 import subprocess
@@ -66,3 +67,30 @@ def build(out: Path, *, version: str = "1.4.2", min_rev_full: int = 3) -> RealBu
     assert literal is not None
     return RealBuild(out / "app.elf", out / "app.bin", out / "bootloader.elf",
                      out / "bootloader.bin", version, gcc_version, literal.group(1).decode())
+
+
+def write_build_dir(real: RealBuild, root: Path, table: bytes) -> Path:
+    """Lay the build out as ``idf.py build`` does (``flasher_args.json`` in esptool 4 spellings,
+    bootloader/, partition_table/, the app .bin) so the farm reads it as a user's build dir.
+    """
+    (root / "bootloader").mkdir(parents=True, exist_ok=True)
+    (root / "partition_table").mkdir(exist_ok=True)
+    shutil.copy(real.bootloader_bin, root / "bootloader" / "bootloader.bin")
+    (root / "partition_table" / "partition-table.bin").write_bytes(table)
+    shutil.copy(real.app_bin, root / "riscv_null_store.bin")
+    shutil.copy(real.app_elf, root / "riscv_null_store.elf")
+    files = {"0x0": "bootloader/bootloader.bin", "0x8000": "partition_table/partition-table.bin",
+             "0x10000": "riscv_null_store.bin"}
+    args = {
+        "write_flash_args": ["--flash_mode", "dio", "--flash_size", "4MB", "--flash_freq",
+                             "80m"],
+        "flash_settings": {"flash_mode": "dio", "flash_size": "4MB", "flash_freq": "80m"},
+        "flash_files": files,
+        "bootloader": {"offset": "0x0", "file": files["0x0"], "encrypted": "false"},
+        "app": {"offset": "0x10000", "file": files["0x10000"], "encrypted": "false"},
+        "partition-table": {"offset": "0x8000", "file": files["0x8000"], "encrypted": "false"},
+        "extra_esptool_args": {"after": "hard_reset", "before": "default_reset", "stub": True,
+                               "chip": "esp32c3"},
+    }
+    (root / "flasher_args.json").write_text(json.dumps(args, indent=4) + "\n")
+    return root

@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
-from realbuild import RealBuild, build
+from realbuild import RealBuild, build, write_build_dir
 
 from pytest_hilfarm.console import Console
 from pytest_hilfarm.device import AppCannotRun, Device
+from pytest_hilfarm.errors import ImageError
 from pytest_hilfarm.ota.partitions import layout
 from pytest_hilfarm.power import VirtualPower
 from pytest_hilfarm.reset import VirtualReset
@@ -228,11 +229,11 @@ def test_real_c3_build_needs_v0_3_and_flashes_onto_current_silicon(
     assert "Hash of data verified" in out
 
 
-def test_device_refuses_commands_to_an_app_the_board_cannot_run(
+def test_device_flashes_a_real_build_dir_and_refuses_commands_to_it(
     rack: Path, tmp_path: Path
 ) -> None:
     real = build(tmp_path / "build")
-    ok(write_real("esp32c3-1", real, tmp_path))
+    build_dir = write_build_dir(real, tmp_path / "idf-build", layout("factory", "4MB").encode())
     info = manager.read_info()
     assert info is not None
     control = ControlClient(info.control)
@@ -242,11 +243,16 @@ def test_device_refuses_commands_to_an_app_the_board_cannot_run(
                     reset=VirtualReset(control, "esp32c3-1"),
                     power=VirtualPower(control, "esp32c3-1"), boot_timeout=10)
     try:
-        booted = device.reset()
-        assert booted is not None and booted.project == "riscv_null_store"
-        later = device.boot_info()
-        assert later.runs_on_virtual is False
-        assert later.not_run_reason is not None and "riscv_null_store" in later.not_run_reason
+        # The farm's own flashing path (esptool API, MD5 skip) on a build it did not make.
+        report = device.flash(build_dir)
+        assert [r.offset for r in report.regions] == [0x0, 0x8000, 0x10000]
+        again = device.flash(build_dir)
+        assert again.written == ()  # identical on the chip: nothing rewritten
+        booted = device.boot_info()
+        assert booted.project == "riscv_null_store" and booted.app_version == "1.4.2"
+        assert booted.partition_label == "factory"
+        assert booted.runs_on_virtual is False
+        assert booted.not_run_reason is not None and "riscv_null_store" in booted.not_run_reason
         started = time.monotonic()
         with pytest.raises(AppCannotRun, match="cannot run this app"):
             device.command("version", timeout=5)
@@ -256,3 +262,16 @@ def test_device_refuses_commands_to_an_app_the_board_cannot_run(
         assert status("esp32c3-1")["mode"] == "stopped"
     finally:
         console.close()
+    # The same build on a board the rack file made a v0.2 C3: the farm sees the eFuses' revision
+    # and refuses the image before writing anything.
+    old = Device(id="esp32c3-old", chip="esp32c3", port=url("esp32c3-old"),
+                 console=Console(lambda: open_port(url("esp32c3-old")), tmp_path / "old.log",
+                                 name="esp32c3-old"),
+                 reset=VirtualReset(control, "esp32c3-old"),
+                 power=VirtualPower(control, "esp32c3-old"), boot_timeout=10)
+    try:
+        with pytest.raises(ImageError, match=re.escape(
+                "requires chip revision in range v0.3 - v1.99 (this chip is revision v0.2)")):
+            old.flash(build_dir, wait=False)
+    finally:
+        old.console.close()

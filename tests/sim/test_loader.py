@@ -572,3 +572,41 @@ def test_chip_constants() -> None:
         chip_spec("esp8266")
     with pytest.raises(ValueError, match="power of two"):
         jedec_id_for_size(3 << 20)
+
+
+@pytest.mark.parametrize("chip", CHIPS)
+def test_chip_specs_agree_with_esptools_target_classes(chip: str) -> None:
+    from esptool.targets import CHIP_DEFS
+
+    spec, rom = chip_spec(chip), CHIP_DEFS[chip]
+    assert spec.esptool_name == rom.CHIP_NAME
+    assert spec.image_chip_id == rom.IMAGE_CHIP_ID
+    assert spec.bootloader_offset == rom.BOOTLOADER_FLASH_OFFSET
+    assert spec.uart_clkdiv_reg == rom.UART_CLKDIV_REG
+    assert spec.mac_reg == (rom.EFUSE_RD_REG_BASE + 4 if chip == "esp32" else rom.MAC_EFUSE_REG)
+    assert (spec.spi_base, spec.spi_usr, spec.spi_usr1, spec.spi_usr2, spec.spi_mosi_dlen,
+            spec.spi_miso_dlen, spec.spi_w0) == (
+        rom.SPI_REG_BASE, rom.SPI_USR_OFFS, rom.SPI_USR1_OFFS, rom.SPI_USR2_OFFS,
+        rom.SPI_MOSI_DLEN_OFFS, rom.SPI_MISO_DLEN_OFFS, rom.SPI_W0_OFFS)
+    if rom.WATCHDOG_RESET_SUPPORTED:
+        assert spec.rtc_wdt == (rom.RTC_CNTL_WDTWPROTECT_REG, rom.RTC_CNTL_WDTCONFIG0_REG)
+    else:
+        assert spec.rtc_wdt is None
+
+
+@pytest.mark.parametrize("chip", CHIPS)
+@pytest.mark.parametrize("revision", [0, 1, 3, 100, 101, 102, 200, 301])
+def test_revision_efuses_read_back_through_esptool(tmp_path: Path, chip: str,
+                                                    revision: int) -> None:
+    from pytest_hilfarm.sim.chips import check_revision
+
+    try:
+        check_revision(chip, revision)
+    except ValueError:
+        pytest.skip(f"v{revision // 100}.{revision % 100} does not fit {chip}'s eFuse fields")
+    b = Board(tmp_path, chip)
+    b.session = LoaderSession(chip, b.flash, b.mac, revision=revision)
+    b.port = SimPort(b.session)
+    esp = b.connect(chip)
+    assert esp.get_chip_revision() == revision
+    assert f"(revision v{revision // 100}.{revision % 100})" in esp.get_chip_description()

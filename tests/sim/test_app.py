@@ -129,7 +129,7 @@ def test_start_twice_is_an_error() -> None:
 
 
 def test_crash_at_boot_panics_after_a_few_lines() -> None:
-    app, host = boot(info(faults=Faults(crash_at_boot=True)))
+    app, host = boot(info(faults=Faults(crash_at_boot=True), elf_sha256="5e" * 32))
     assert "hilfarm-demo: initializing" in host.text
     assert "ready" not in host.text
     (panic,) = host.panics
@@ -138,6 +138,8 @@ def test_crash_at_boot_panics_after_a_few_lines() -> None:
     )
     assert "Core  0 register dump:" in panic and "Backtrace: 0x" in panic
     assert panic.endswith("Rebooting...\r\n")
+    # The app descriptor's app_elf_sha256, not the image's hash ("ab" * 32).
+    assert "ELF file SHA256: " + "5e" * 8 + "\r\n" in panic
     host.out.clear()
     app.feed_line("version")
     assert host.out == []

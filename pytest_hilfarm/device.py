@@ -34,11 +34,17 @@ from pytest_hilfarm.flashing import (
 from pytest_hilfarm.power import PowerDriver
 from pytest_hilfarm.reset import ResetDriver
 
+# A virtual board that booted an image it has no model of says so in one line (sim/board.py
+# cannot_run_line) and runs nothing more: the boot is over there.
+CANNOT_RUN = re.compile(r"\[virtual board [^:\]\r\n]+: cannot run this app: ([^\r\n]*)\]")
 # The app has started once ESP-IDF prints its version in the app's startup banner
 # (app_init in IDF >= 5.0, cpu_start before) or calls app_main.
 APP_STARTED = re.compile(
-    r"(?:app_init|cpu_start): ESP-IDF:[^\n]*\n|main_task: Calling app_main\(\)"
+    r"(?:app_init|cpu_start): ESP-IDF:[^\n]*\n|main_task: Calling app_main\(\)|"
+    + CANNOT_RUN.pattern
 )
+# The virtual rack's demo app announces itself right after app_main (sim/app.py).
+_DEMO_RUNS = re.compile(r"hilfarm-demo: running partition ")
 # Signs that the boot will not reach the app: fail at once instead of waiting for the timeout.
 # A slot that is "not bootable", and "ota data partition invalid, falling back to factory", are
 # not among them: the bootloader goes on to the next slot (an OTA rollback, a refused signature;
@@ -110,13 +116,24 @@ class OtaOutcome:
 
 @dataclass(frozen=True)
 class BootInfo:
-    """What the last boot log says about the running app (None where it said nothing)."""
+    """What the last boot log says about the running app (None where it said nothing).
+
+    ``runs_on_virtual``: False when a virtual board said it cannot run this app (an image not
+    built for the virtual rack boots to ``app_main`` and stops; ``not_run_reason`` says why),
+    True when the virtual rack's demo app started, None otherwise (a real board).
+    """
 
     partition_label: str | None
     partition_offset: int | None
     project: str | None
     app_version: str | None
     idf_version: str | None
+    runs_on_virtual: bool | None = None
+    not_run_reason: str | None = None
+
+
+class AppCannotRun(ConsoleTimeout):
+    """The board said it cannot run the flashed app (a virtual board given a real build)."""
 
 
 _LOADED = re.compile(r"boot: Loaded app from partition at offset (0x[0-9a-fA-F]+)")
@@ -150,7 +167,17 @@ def parse_boot_info(text: str) -> BootInfo:
     for key, regex in _FIELD.items():
         found = regex.findall(text)
         fields[key] = found[-1] if found else None
-    return BootInfo(label, offset, fields["project"], fields["app_version"], fields["idf_version"])
+    # Whichever was said last belongs to the last boot.
+    cannot = list(CANNOT_RUN.finditer(text))
+    demo = list(_DEMO_RUNS.finditer(text))
+    runs: bool | None = None
+    reason: str | None = None
+    if cannot and (not demo or cannot[-1].start() > demo[-1].start()):
+        runs, reason = False, cannot[-1].group(1)
+    elif demo:
+        runs = True
+    return BootInfo(label, offset, fields["project"], fields["app_version"], fields["idf_version"],
+                    runs, reason)
 
 
 class Device:
@@ -211,11 +238,31 @@ class Device:
 
     def expect(self, pattern: str | re.Pattern[str], timeout: float = 10.0) -> re.Match[str]:
         """Wait for a regex in the board's output (see Console.expect)."""
-        return self.console.expect(pattern, timeout)
+        try:
+            return self.console.expect(pattern, timeout)
+        except ConsoleTimeout:
+            self._check_runs(self.console.text_since(self._boot_mark or 0), "it never came")
+            raise
 
     def expect_exact(self, text: str, timeout: float = 10.0) -> re.Match[str]:
         """Wait for literal text in the board's output."""
-        return self.console.expect_exact(text, timeout)
+        try:
+            return self.console.expect_exact(text, timeout)
+        except ConsoleTimeout:
+            self._check_runs(self.console.text_since(self._boot_mark or 0), "it never came")
+            raise
+
+    def _check_runs(self, text: str, what: str) -> None:
+        """Raise AppCannotRun when the board said it cannot run the app (a virtual board given
+        an image not built for it): waiting for the app's output would only time out.
+        """
+        found = CANNOT_RUN.search(text)
+        if found is not None:
+            raise AppCannotRun(
+                f"the board cannot run this app, so {what}: {found.group(1)}",
+                where=f"board {self.id} ({self.chip})",
+                hint="a virtual board boots a real build up to app_main and stops there; run "
+                "tests of the app's behaviour on a real board (docs/virtual-rack.md)")
 
     def write(self, data: str | bytes) -> None:
         """Send text or bytes to the board's console."""
@@ -242,6 +289,7 @@ class Device:
             deadline = time.monotonic() + timeout
             mark = self._boot_mark if self._boot_mark is not None else 0
             while regex.search(text := self.console.window(mark)[1]) is None:
+                self._check_runs(text, f"{cmd!r} was not sent")
                 crashed = BOOT_FAILED.search(text)
                 if crashed is not None:
                     self.boot_failure = crashed.group(0).strip()
@@ -340,10 +388,15 @@ class Device:
                     f"baseline boots); full log: {self.log_path}",
                 )
             if started is not None:
-                # Everything up to the banner belongs to this boot; later expects start after it.
+                # Everything up to the banner belongs to this boot; later expects start after it
+                # (and after a virtual board's "cannot run this app" line, part of the same boot).
                 self.boot_failure = None
-                self.console.seek(start + started.end())
-                return parse_boot_info(text[: started.end()])
+                end = started.end()
+                cannot = CANNOT_RUN.search(text, end)
+                if cannot is not None and "rst:" not in text[end : cannot.start()]:
+                    end = cannot.end()
+                self.console.seek(start + end)
+                return parse_boot_info(text[:end])
             left = deadline - time.monotonic()
             if left <= 0:
                 break

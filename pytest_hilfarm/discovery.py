@@ -47,7 +47,8 @@ ADAPTER_KINDS: Mapping[tuple[str, str], AdapterKind] = {
 _USB_DEVICE_RE = re.compile(r"\d+-\d+(?:\.\d+)*")
 _USB_INTERFACE_RE = re.compile(r"(\d+-\d+(?:\.\d+)*):(\d+\.\d+)")
 # esptool's chip names ("ESP32-C3") -> the rack file's chip names ("esp32c3").
-_CHIP_NAMES = {"ESP32": "esp32", "ESP32-S2": "esp32s2", "ESP32-C3": "esp32c3"}
+_CHIP_NAMES = {"ESP32": "esp32", "ESP32-S2": "esp32s2", "ESP32-C3": "esp32c3",
+               "ESP32-S3": "esp32s3", "ESP32-C6": "esp32c6"}
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from .errors import ConfigError
 
 RACK_VERSION = 1
-CHIPS = ("esp32", "esp32s2", "esp32c3")
+CHIPS = ("esp32", "esp32s2", "esp32c3", "esp32s3", "esp32c6")
 RESETS = ("classic", "usb-jtag", "virtual", "none")
 POWER_DRIVERS = ("uhubctl", "gpio", "http", "virtual", "none")
 FLASH_MODES = ("qio", "qout", "dio", "dout", "keep")
@@ -54,8 +54,9 @@ _URL_SCHEMES = ("rfc2217", "socket")
 # test asks for network conditions; the rack loader only admits the key.
 _TOP_KEYS = ("version", "name", "lock_dir", "state_dir", "backend", "baseline", "settings",
              "network_profiles", "boards")
-# sim: the virtual board's eFuse / secure boot settings, read and checked by the virtual rack
-# daemon (docs/virtual-rack.md); the rack loader only checks it is a mapping on a virtual board.
+# sim: the virtual board's eFuse / secure boot settings and its chip revision, MAC and flash
+# size, read and checked by the virtual rack daemon (docs/virtual-rack.md); the rack loader only
+# checks it is a mapping on a virtual board.
 _BOARD_KEYS = ("id", "chip", "port", "usb_serial", "usb_path", "reset", "power", "flash",
                "features", "baseline", "interface", "sim")
 _PORT_KEYS = ("port", "usb_serial", "usb_path")
@@ -582,7 +583,8 @@ def _parse_board(ctx: _Ctx, node: Node, path: str) -> BoardSpec:
         if not isinstance(sim_node, MappingNode):
             raise ctx.error(sim_node, f"{path}.sim",
                             f"expected a mapping, got {_describe(ctx, sim_node)}",
-                            hint="e.g. sim: {secure_boot: true, key_digests: [...]}")
+                            hint='e.g. sim: {revision: "v0.4", secure_boot: true, '
+                                 'key_digests: [...]}')
         if port.kind != "virtual":
             raise ctx.error(sim_node, f"{path}.sim", "sim: applies to virtual boards only",
                             hint="remove it, or use port: virtual")
@@ -648,9 +650,9 @@ def _check_reset(ctx: _Ctx, node: Node, path: str, reset: str, port: PortSpec,
     if reset == "virtual" and port.kind != "virtual":
         raise ctx.error(node, path, "reset 'virtual' only works for a board with port: virtual",
                         hint="use classic, usb-jtag or none for a physical board")
-    if reset == "usb-jtag" and chip != "esp32c3":
-        # Of the chips supported here only the ESP32-C3 has the USB-Serial/JTAG peripheral
-        # (ESP32-C3 TRM, chapter "USB Serial/JTAG Controller"); ESP32/ESP32-S2 need a bridge.
+    if reset == "usb-jtag" and chip not in ("esp32c3", "esp32s3", "esp32c6"):
+        # Of the chips supported here the ESP32-C3, -S3 and -C6 have the USB-Serial/JTAG
+        # peripheral (their TRMs, "USB Serial/JTAG Controller"); ESP32/ESP32-S2 need a bridge.
         raise ctx.error(node, path, f"the {chip} has no USB-Serial/JTAG peripheral",
                         hint="use reset: classic (DTR/RTS through the USB-UART bridge)")
 

@@ -43,8 +43,9 @@ HIL_MARKER_SIGNATURE = (
 )
 HIL_MARKER_HELP = (
     "hil(count=1, *, chip=None, features=(), firmware=None, boot_timeout=None): run the test on "
-    "`count` reserved boards of the given chip (esp32, esp32s2, esp32c3) having all `features`, "
-    "flashed with `firmware` (default: --hil-firmware); `boot_timeout` in seconds."
+    "`count` reserved boards of the given chip (esp32, esp32s2, esp32c3, esp32s3, esp32c6) "
+    "having all `features`, flashed with `firmware` (default: --hil-firmware); `boot_timeout` "
+    "in seconds."
 )
 _FEATURE_RE = re.compile(r"[A-Za-z0-9._-]+")
 # CHIP=PATH: the part before '=' is a chip name only when it looks like a name (no path

@@ -21,6 +21,7 @@ from types import MappingProxyType
 from esptool.bin_image import (
     ELFSection,
     ESP32C3FirmwareImage,
+    ESP32C6FirmwareImage,
     ESP32FirmwareImage,
     ESP32S2FirmwareImage,
     ESP32S3FirmwareImage,
@@ -52,12 +53,13 @@ SIG_BLOCK_SIZE = 1216
 SIG_BLOCK_MAGIC = 0xE7
 MAX_SIG_BLOCKS = 3
 
-# The chips the virtual rack simulates, plus S3 for parsing; esptool holds the numbers.
+# The chips the virtual rack simulates; esptool holds the numbers.
 _IMAGE_CLASSES: Mapping[str, type[ESP32FirmwareImage]] = MappingProxyType({
     "esp32": ESP32FirmwareImage,
     "esp32s2": ESP32S2FirmwareImage,
     "esp32s3": ESP32S3FirmwareImage,
     "esp32c3": ESP32C3FirmwareImage,
+    "esp32c6": ESP32C6FirmwareImage,
 })
 
 # esptool cmds.py FLASH_MODES

@@ -147,7 +147,8 @@ WDT_PERIOD = 5.0  # CONFIG_ESP_TASK_WDT_TIMEOUT_S default
 INBOX_SIZE = 64  # a real app's queue is bounded; a soak test must not grow memory forever
 BATTERY_DRAIN_PCT_PER_S = 0.1 / 60.0
 RISCV_CHIPS = ("esp32c3", "esp32c2", "esp32c6", "esp32h2")
-_BASE_HEAP = types.MappingProxyType({"esp32": 298_712, "esp32s2": 241_004, "esp32c3": 327_480})
+_BASE_HEAP = types.MappingProxyType({"esp32": 298_712, "esp32s2": 241_004, "esp32c3": 327_480,
+                                     "esp32s3": 386_620, "esp32c6": 441_908})
 
 HELP = (
     "version - project, version, secure version, IDF version, running partition",
@@ -224,7 +225,8 @@ class DemoApp:
         self._host.emit("".join(line + EOL for line in lines))
         if faults.crash_at_boot:
             self._state = _State.DEAD
-            self._host.panic(panic_text(self._host.chip, info.image_sha256, store=False))
+            self._host.panic(panic_text(self._host.chip, info.image_sha256, store=False,
+                                        elf_sha256=info.elf_sha256))
         elif faults.hang_at_boot:
             # The main task spins without yielding: no console, only the watchdog.
             self._state = _State.HUNG
@@ -374,7 +376,8 @@ class DemoApp:
 
     def _cmd_crash(self, words: list[str], line: str) -> None:
         self.stop()
-        self._host.panic(panic_text(self._host.chip, self._info.image_sha256, store=True))
+        self._host.panic(panic_text(self._host.chip, self._info.image_sha256, store=True,
+                                    elf_sha256=self._info.elf_sha256))
         return None
 
     def _cmd_ota(self, words: list[str], line: str) -> list[str]:
@@ -658,11 +661,13 @@ def battery_values(mac: str, uptime: float) -> tuple[float, int]:
     return 3.3 + 0.9 * pct / 100.0, int(pct)
 
 
-def panic_text(chip: str, sha256: str, *, store: bool) -> str:
+def panic_text(chip: str, sha256: str, *, store: bool, elf_sha256: str) -> str:
     """ESP-IDF-like panic output for a NULL access, CRLF line ends, ending in ``Rebooting...``.
 
     Xtensa chips say LoadProhibited/StoreProhibited, RISC-V ones Load/Store access fault, as
-    ESP-IDF does. Addresses derive from the image hash so one image always crashes the same way.
+    ESP-IDF does. Addresses derive from the image hash ``sha256`` so one image always crashes
+    the same way; the "ELF file SHA256" line is the app descriptor's ``app_elf_sha256``
+    (``elf_sha256``, hex), as ESP-IDF's panic handler prints it, never the image's hash.
     """
     seed = hashlib.sha256(f"{sha256}/{store}".encode()).digest()
     words = [int.from_bytes(seed[i : i + 4], "big") for i in range(0, 32, 4)]
@@ -701,7 +706,7 @@ def panic_text(chip: str, sha256: str, *, store: bool) -> str:
             f"Backtrace: 0x{pc - 3:08x}:0x{sp:08x} 0x{pc + 0x29:08x}:0x{sp + 0x20:08x} "
             f"0x40086e6d:0x{sp + 0x40:08x}",
         ]
-    lines += ["", "", f"ELF file SHA256: {sha256[:16]}", "", "Rebooting..."]
+    lines += ["", "", f"ELF file SHA256: {elf_sha256[:16]}", "", "Rebooting..."]
     return "".join(line + EOL for line in lines)
 
 

@@ -3,7 +3,9 @@
 Produces images that ``esptool image-info`` accepts (right chip_id, DROM segment starting with
 ``esp_app_desc_t`` at offset 0x20, IROM segment, checksum, appended SHA-256) and a build
 directory shaped like ``idf.py build`` output. Faults are properties of the image: they are
-stored as ``HILFARM-FAULTS{json}`` in the DROM segment right after the app descriptor.
+stored as ``HILFARM-FAULTS{json}`` in the DROM segment right after the app descriptor. That
+record is also the demo-app marker: every image built here carries it, and a virtual board runs
+its demo app only for images that do (:func:`has_demo_marker`).
 Deterministic: the same inputs give the same bytes (so on-device MD5 checks can skip a flash).
 It never talks to boards or ports.
 """
@@ -66,6 +68,13 @@ _CHIP_BUILD: Mapping[str, _ChipBuild] = MappingProxyType({
                           0x4004C1A4, 0, 199),
     "esp32c3": _ChipBuild("80m", 0x3FC8A600, 0x40380000, 0x3FCD5820, (0x403CC710, 0x403CE710),
                           0x403CC71A, 3, 199),
+    # ESP32-S3 / ESP32-C6: addresses of ESP-IDF v5.1 boot logs (S3 bootloader load:0x3fce3818,
+    # 0x403c9700, 0x403cc700, entry 0x403c9908; C6 0x4086c410, 0x4086e610, entry 0x4086c41a);
+    # revision limits CONFIG_ESP32S3_REV_MAX_FULL = 99, CONFIG_ESP32C6_REV_MAX_FULL = 99.
+    "esp32s3": _ChipBuild("80m", 0x3FC93000, 0x40374000, 0x3FCE3818, (0x403C9700, 0x403CC700),
+                          0x403C9908, 0, 99),
+    "esp32c6": _ChipBuild("80m", 0x40810000, 0x40800000, 0x4086C410, (0x4086E610, 0x40875720),
+                          0x4086C41A, 0, 99),
 })
 
 _PROJECT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,31}$")
@@ -92,6 +101,15 @@ def _check_faults(faults: Faults) -> None:
         raise ImageError(f"slow_boot must be >= 0 seconds, got {faults.slow_boot}")
     if not 0.0 <= faults.drop_mesh <= 1.0:
         raise ImageError(f"drop_mesh is a fraction 0..1, got {faults.drop_mesh}")
+
+
+def has_demo_marker(segment_data: bytes) -> bool:
+    """Whether the first (DROM) segment's data carries the demo-app marker after the descriptor.
+
+    Looked for where :func:`build_app` puts it (right after ``esp_app_desc_t``), so a real
+    build that happens to contain the text elsewhere is not taken for a demo build.
+    """
+    return segment_data[APP_DESC_SIZE : APP_DESC_SIZE + len(FAULTS_MARKER)] == FAULTS_MARKER
 
 
 def faults_from_desc_segment(segment_data: bytes) -> Faults:

@@ -42,13 +42,17 @@ from pytest_hilfarm.ota.signing import max_signature_blocks, verify_block
 from pytest_hilfarm.sim import boot as boot_chain
 from pytest_hilfarm.sim.app import DemoApp
 from pytest_hilfarm.sim.boot import BootEfuse
-from pytest_hilfarm.sim.chips import rom_banner
+from pytest_hilfarm.sim.chips import format_revision, rom_banner
 from pytest_hilfarm.sim.flash import FlashMemory
 from pytest_hilfarm.sim.loader import LoaderSession
 from pytest_hilfarm.sim.model import AppInfo, BootOutcome, OtaError, OtaResult
 
-# Modes reported by status(); "download"/"stub" come from the loader session itself.
-MODES = ("off", "reset", "download", "stub", "app", "halted", "boot-loop")
+# Modes reported by status(); "download"/"stub" come from the loader session itself. "stopped":
+# the boot chain started an app that has no model here (not a demo build), see CANNOT_RUN.
+MODES = ("off", "reset", "download", "stub", "app", "stopped", "halted", "boot-loop")
+# The RTC watchdog esptool arms for --after watchdog-reset fires after WDTCONFIG1 = 2000
+# slow-clock cycles (~136 kHz RTC clock on the C3/S3: ~15 ms).
+RTC_WDT_DELAY = 0.015
 
 # The DevKit EN pin has an RC delay (10k/1uF, ~10 ms on silicon). Over rfc2217 the pyserial client
 # waits >= 50 ms for each control-line ack, so esptool's ClassicReset holds the (DTR=1, RTS=1)
@@ -79,6 +83,24 @@ FETCH_IN_FLIGHT = 8
 FETCH_HOSTS = ("127.0.0.1", "localhost")
 # Anti-rollback eFuse field width (notes §3.4: ESP32 32 bits, 16 on S2/C3).
 _SECURE_VERSION_BITS = {"esp32": 32}
+
+
+def cannot_run_line(board_id: str, info: AppInfo) -> str:
+    """The one console line a virtual board prints instead of running an app it has no model
+    of (an image without the demo-app marker, e.g. a real ESP-IDF build).
+
+    ``Device.boot_info()`` reads it back (``runs_on_virtual=False``); keep the
+    ``[virtual board <id>: cannot run this app: ...]`` shape.
+    """
+    if info.has_app_desc:
+        what = (f"'{info.project}' {info.version} (ESP-IDF {info.idf_ver}) was not built for the "
+                "virtual rack (no demo-app marker)")
+    else:
+        what = (f"the image in {info.partition_label} at 0x{info.partition_offset:x} has no "
+                "esp_app_desc_t and was not built for the virtual rack")
+    return (f"[virtual board {board_id}: cannot run this app: {what}; a virtual board models "
+            "the boot chain, not the CPU, so none of its code runs here and the board stops "
+            "at app_main. Test its behaviour on a real board.]")
 
 
 def secure_version_bits(chip: str) -> int:
@@ -172,6 +194,7 @@ class BoardStatus:
     rx_bytes: int  # UART bytes received / sent since the daemon started
     tx_bytes: int
     wire_seconds: float  # their UART time at the baud they crossed at (the bench's lower bound)
+    revision: str = ""  # the chip revision the eFuses report, "v0.4"
 
 
 class _Host:
@@ -581,10 +604,13 @@ class VirtualBoard:
         boot_retry_delay: float = DEFAULT_BOOT_RETRY_DELAY,
         wire_time: bool = False,
         powered: bool = True,
+        revision: int | None = None,
     ) -> None:
         self.board_id = board_id
         self.chip = chip
         self.mac = mac
+        # major * 100 + minor, as the eFuses report it; None: the chip's current silicon.
+        self.revision = revision
         self.flash_size = flash_size
         self.position = position
         self.features = tuple(features)
@@ -601,6 +627,8 @@ class VirtualBoard:
             bytes.fromhex(mac.replace(":", "")),
             on_run_app=self._on_run_app,
             on_baud=self._on_baud,
+            revision=revision,
+            on_watchdog=self._on_watchdog,
         )
         # Worker-thread state. Everything below runs under _exec_lock: on the worker thread, or
         # on a port thread in feed()'s fast path. _queued counts posted, not yet finished events.
@@ -621,6 +649,7 @@ class VirtualBoard:
         self._app_info: AppInfo | None = None
         self._console_line = bytearray()
         self._pending_boot = False
+        self._pending_wdt = False
         self._pending_baud: int | None = None
         self._loop_outcome: BootOutcome | None = None  # a "wdt" retry's outcome, reused
         self._loop_parked = False
@@ -794,7 +823,7 @@ class VirtualBoard:
         mode = self._mode
         if mode in ("download", "stub"):
             mode = "stub" if self._loader.mode == "stub" else "download"
-        info = self._app_info if mode == "app" else None
+        info = self._app_info if mode in ("app", "stopped") else None
         app = None
         if info is not None:
             app = {
@@ -802,6 +831,7 @@ class VirtualBoard:
                 "version": info.version,
                 "slot": info.partition_label,
                 "ota_state": info.ota_state or "",
+                "runs": "yes" if info.demo else "no",
             }
         return BoardStatus(
             board_id=self.board_id,
@@ -819,6 +849,7 @@ class VirtualBoard:
             rx_bytes=self._rx_bytes,
             tx_bytes=self._tx_bytes,
             wire_seconds=self._wire_seconds,
+            revision=format_revision(self._loader.revision),
         )
 
     def close(self) -> None:
@@ -942,6 +973,10 @@ class VirtualBoard:
             if self._pending_boot:
                 self._pending_boot = False
                 self._spi_boot("sw")  # the ROM loader jumps to flash boot: a software reset
+            if self._pending_wdt:
+                self._pending_wdt = False
+                epoch = self._epoch
+                self.call_later(RTC_WDT_DELAY, lambda: self._watchdog_reset(epoch))
         elif mode == "app":
             self._console_input(data)
         # off / reset / halted / boot-loop: the chip is not listening.
@@ -962,6 +997,18 @@ class VirtualBoard:
     def _on_run_app(self) -> None:
         # Called by the loader from inside feed(): boot once its reply has been sent.
         self._pending_boot = True
+
+    def _on_watchdog(self) -> None:
+        # Called by the loader from inside feed(): reset once its reply has been sent.
+        self._pending_wdt = True
+
+    def _watchdog_reset(self, epoch: int) -> None:
+        # The RTC watchdog's system reset: the chip restarts and samples its strapping pins
+        # again, so it boots from flash unless IO0 is held low (ROM or stub alike stop).
+        if epoch != self._epoch or not self._powered or self._mode not in ("download", "stub"):
+            return
+        self._enter_reset()
+        self._leave_reset(download=not self._io0(), reason="wdt")
 
     def _on_baud(self, baud: int) -> None:
         if baud > 0:
@@ -1003,20 +1050,23 @@ class VirtualBoard:
         self._rc_pending = False
         self._mode = "reset"
 
-    def _leave_reset(self, *, download: bool) -> None:
+    def _leave_reset(self, *, download: bool, reason: str = "poweron") -> None:
         self._epoch += 1
         self._baud = DEFAULT_BAUD
         self._pending_baud = None
         self._pending_boot = False
+        self._pending_wdt = False
         if download:
             self._mode = "download"
             # Banner first, at the reset edge: esptool looks for it right after its reset
             # sequence and flushes its input before SYNC (bytes after that break SLIP parsing).
-            self._emit(rom_banner(self.chip, True).encode())
+            banner = rom_banner(self.chip, True) if reason == "poweron" else rom_banner(
+                self.chip, True, reset_reason=boot_chain.rom_reset_text(self.chip, reason))
+            self._emit(banner.encode())
             self._loader.enter_download()
         else:
             self._loop_outcome = None
-            self._spi_boot("poweron")
+            self._spi_boot(reason)
 
     def _set_power(self, on: bool) -> None:
         if on == self._powered:
@@ -1086,14 +1136,26 @@ class VirtualBoard:
                 # The real RSA-PSS check of each Secure Boot V2 block (secure_boot_signatures
                 # _bootloader.c verifies every candidate block with the ROM's RSA routines).
                 signature_verifier=verify_block,
+                chip_revision=self.revision,
             )
-        self._emit(outcome.log.encode("utf-8", "replace"))
+        log = outcome.log
+        if outcome.app is not None and not outcome.app.demo:
+            # Said in the same write as the boot log, so a reader never sees app_main without
+            # the reason nothing follows it.
+            log += cannot_run_line(self.board_id, outcome.app) + "\r\n"
+        self._emit(log.encode("utf-8", "replace"))
         if outcome.app is not None:
             self._loop_outcome = None
             if outcome.app.ota_state == "VALID":
                 self._raise_secure_version(outcome.app.secure_version)
-            self._mode = "app"
             self._app_info = outcome.app
+            if not outcome.app.demo:
+                # Nothing of the app runs: no console, no mesh, no self-test (so an OTA slot
+                # stays PENDING_VERIFY until the next reset rolls it back, as on a chip whose
+                # app never confirms itself).
+                self._mode = "stopped"
+                return
+            self._mode = "app"
             epoch = self._epoch
             self._app = DemoApp(_Host(self, epoch), outcome.app, self._medium)
             self._app.start()

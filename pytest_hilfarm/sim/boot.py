@@ -7,12 +7,17 @@ the chip would print. Also the app-side otadata calls (``esp_ota_mark_app_valid.
 run apps, sleep, or own flash storage: ``FlashAccess`` is whatever the board gives it.
 
 Log texts are ESP-IDF's own (v5.x ``bootloader_utility.c``, ``esp_image_format.c``,
-``bootloader_common_loader.c``, ``flash_partitions.c``, ``app_init`` / ``cpu_start``).
+``bootloader_common_loader.c``, ``flash_partitions.c``, ``app_init`` / ``cpu_start``). What the
+log says about the second-stage bootloader and the app comes from the images themselves (their
+``esp_bootloader_desc_t`` / ``esp_app_desc_t``); where an image does not record something, the
+log says so instead of inventing it. The boot outcome tells whether the app carries the virtual
+rack's demo-app marker (``AppInfo.demo``): only such an app has a model the board can run.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -59,13 +64,13 @@ from pytest_hilfarm.ota.partitions import (
     Partition,
     PartitionTable,
 )
-from pytest_hilfarm.sim.appbuild import faults_from_desc_segment
+from pytest_hilfarm.sim.appbuild import faults_from_desc_segment, has_demo_marker
+from pytest_hilfarm.sim.chips import chip_spec
 from pytest_hilfarm.sim.model import CHIPS, AppInfo, BootOutcome, Faults
 
 FACTORY_INDEX = -1  # IDF bootloader_utility.h
 TEST_APP_INDEX = -2
 INVALID_INDEX = -99
-DEFAULT_IDF_VER = "v5.3.1"
 _ROM_INVALID_HEADER_REPEATS = 3  # the ROM repeats the line forever; the log shows a few
 
 
@@ -116,7 +121,6 @@ class _RomInfo:
     resets: Mapping[str, str]
     decimal_len: bool  # ESP32's ROM prints "len:7104", the newer ROMs "len:0x1bc0"
     extra: tuple[str, ...]
-    revision: int  # major*100+minor of the simulated silicon
     multicore: bool
 
 
@@ -135,16 +139,27 @@ _ROM: Mapping[str, _RomInfo] = MappingProxyType({
         ("configsip: 0, SPIWP:0xee",
          "clk_drv:0x00,q_drv:0x00,d_drv:0x00,cs0_drv:0x00,hd_drv:0x00,wp_drv:0x00",
          "mode:DIO, clock div:2"),
-        300, True),
+        True),
     "esp32s2": _RomInfo(
         ("ESP-ROM:esp32s2-rc4-20191025", "Build:Oct 25 2019"), "boot:0x8 (SPI_FAST_FLASH_BOOT)",
         _NEW_ROM_RESETS,
-        False, ("SPIWP:0xee", "mode:DIO, clock div:1"), 0, False),
+        False, ("SPIWP:0xee", "mode:DIO, clock div:1"), False),
     "esp32c3": _RomInfo(
         ("ESP-ROM:esp32c3-api1-20210207", "Build:Feb  7 2021"), "boot:0xc (SPI_FAST_FLASH_BOOT)",
         _NEW_ROM_RESETS,
-        False, ("SPIWP:0xee", "mode:DIO, clock div:1"), 4, False),
+        False, ("SPIWP:0xee", "mode:DIO, clock div:1"), False),
+    "esp32s3": _RomInfo(
+        ("ESP-ROM:esp32s3-20210327", "Build:Mar 27 2021"), "boot:0x8 (SPI_FAST_FLASH_BOOT)",
+        _NEW_ROM_RESETS,
+        False, ("SPIWP:0xee", "mode:DIO, clock div:1"), True),
+    "esp32c6": _RomInfo(
+        ("ESP-ROM:esp32c6-20220919", "Build:Sep 19 2022"), "boot:0xc (SPI_FAST_FLASH_BOOT)",
+        _NEW_ROM_RESETS,
+        False, ("SPIWP:0xee", "mode:DIO, clock div:2"), False),
 })
+# The compile-time line of a bootloader without esp_bootloader_desc_t (ESP-IDF 5.0 and older)
+# is a string literal in the binary ("compile time " __DATE__ " " __TIME__): quote it from there.
+_COMPILE_TIME = re.compile(rb"compile time ([A-Z][a-z]{2} [ 0-3]\d \d{4} \d\d:\d\d:\d\d)")
 
 _SPI_SPEED: Mapping[int, str] = MappingProxyType(
     {0x0: "40MHz", 0x1: "26.7MHz", 0x2: "20MHz", 0xF: "80MHz"})
@@ -187,6 +202,29 @@ def _rom_info(chip: str) -> _RomInfo:
     return _ROM[chip]
 
 
+def rom_reset_text(chip: str, reason: str) -> str:
+    """The ROM's ``rst:`` field for ``reason`` (poweron, sw, panic, wdt), without ``rst:``."""
+    return _rom_info(chip).resets[reason].removeprefix("rst:")
+
+
+def _bootloader_banner(log: _Log, bootloader: AppImage) -> None:
+    """The second stage's first two lines, from what the bootloader image records."""
+    bdesc = bootloader.bootloader_desc
+    if bdesc is not None and bdesc.idf_ver:
+        log.i("boot", f"ESP-IDF {bdesc.idf_ver} 2nd stage bootloader", step=2)
+        log.i("boot", f"compile time {bdesc.date_time}", 0)
+        return
+    # No esp_bootloader_desc_t (ESP-IDF 5.0 and older): the version is not recorded in a form
+    # that can be read back, so say so; the compile time is quoted if the binary holds it.
+    log.i("boot", "2nd stage bootloader (its ESP-IDF version is not recorded in the image: "
+          "no esp_bootloader_desc_t)", step=2)
+    for seg in bootloader.segments:
+        found = _COMPILE_TIME.search(seg.data)
+        if found:
+            log.i("boot", f"compile time {found.group(1).decode()}", 0)
+            return
+
+
 def boot(
     chip: str,
     flash: FlashAccess,
@@ -195,13 +233,17 @@ def boot(
     rollback_enabled: bool = True,
     reset_reason: str = "poweron",
     signature_verifier: SignatureVerifier | None = None,
+    chip_revision: int | None = None,
 ) -> BootOutcome:
     """One SPI boot of ``chip`` from ``flash`` (see the module docstring).
 
     ``reset_reason`` picks the ROM's ``rst:`` line: poweron, sw, panic or wdt.
     ``rollback_enabled`` stands for ``CONFIG_BOOTLOADER_APP_ROLLBACK_ENABLE``.
+    ``chip_revision`` (major * 100 + minor) is what the eFuses say; default: the chip's
+    current silicon (``ChipSpec.default_revision``), as the virtual board's eFuses report it.
     """
     rom = _rom_info(chip)
+    revision = chip_spec(chip).default_revision if chip_revision is None else chip_revision
     if reset_reason not in rom.resets:
         raise UsageError(f"unknown reset reason {reset_reason!r}",
                          hint=f"use one of {', '.join(rom.resets)}")
@@ -242,13 +284,10 @@ def boot(
     log.raw(f"entry 0x{bootloader.header.entry_addr:08x}")
 
     # --- second stage -------------------------------------------------------------------
-    bdesc = bootloader.bootloader_desc
-    idf_ver = bdesc.idf_ver if bdesc and bdesc.idf_ver else DEFAULT_IDF_VER
-    log.i("boot", f"ESP-IDF {idf_ver} 2nd stage bootloader", step=2)
-    log.i("boot", f"compile time {bdesc.date_time if bdesc else 'Nov 28 2026 05:00:00'}", 0)
+    _bootloader_banner(log, bootloader)
     if rom.multicore:
         log.i("boot", "Multicore bootloader", 0)
-    log.i("boot", f"chip revision: v{rom.revision // 100}.{rom.revision % 100}")
+    log.i("boot", f"chip revision: v{revision // 100}.{revision % 100}")
     hdr = bootloader.header
     tag = f"boot.{chip}"
     log.i(tag, f"SPI Speed      : {_SPI_SPEED.get(hdr.spi_speed, '40MHz')}")
@@ -260,7 +299,7 @@ def boot(
     if table is None:
         return BootOutcome(log=log.text(), boot_loop=True, error=log.last_error)
 
-    ctx = _Ctx(chip, flash, efuse, rollback_enabled, signature_verifier, table, log, rom.revision)
+    ctx = _Ctx(chip, flash, efuse, rollback_enabled, signature_verifier, table, log, revision)
     start = ctx.select_boot_partition()
     if start == INVALID_INDEX:
         return BootOutcome(log=log.text(), boot_loop=True, error=log.last_error)
@@ -528,9 +567,41 @@ class _Ctx:
 
     def started(self, part: Partition, image: AppImage) -> BootOutcome:
         log = self.log
-        desc = image.app_desc or AppDesc()
         log.i("boot", "Disabling RNG early entropy source...", 1)
         rom = _ROM[self.chip]
+        demo = False
+        faults = Faults()
+        desc = image.app_desc
+        if desc is not None:
+            # Only the virtual rack's demo builds carry the marker (sim/appbuild.py).
+            demo = has_demo_marker(image.segments[0].data)
+            try:
+                faults = faults_from_desc_segment(image.segments[0].data) if demo else Faults()
+            except ImageError:
+                faults = Faults()
+            self.app_startup_log(desc, image, rom)
+        app = AppInfo(
+            project=desc.project_name if desc else "",
+            version=desc.version if desc else "",
+            secure_version=desc.secure_version if desc else 0,
+            idf_ver=desc.idf_ver if desc else "",
+            chip=self.chip, partition_label=part.label,
+            partition_offset=part.offset, partition_size=part.size,
+            image_sha256=image.sha256_hex, faults=faults,
+            ota_state=_slot_state(self.flash, self.table, part),
+            demo=demo,
+            elf_sha256=desc.app_elf_sha256.hex() if desc else "",
+            has_app_desc=desc is not None,
+        )
+        return BootOutcome(log=log.text(), app=app)
+
+    def app_startup_log(self, desc: AppDesc, image: AppImage, rom: _RomInfo) -> None:
+        """ESP-IDF's own start-up lines (cpu_start, app_init, ...) up to ``app_main``.
+
+        Printed only for an image with an ``esp_app_desc_t``: every ESP-IDF app has one, and
+        the project, versions and ELF hash come from it.
+        """
+        log = self.log
         log.i("cpu_start", "Multicore app" if rom.multicore else "Unicore app", 12)
         log.i("cpu_start", "Pro cpu start user code", 9)
         log.i("cpu_start", "cpu freq: 160000000 Hz", 0)
@@ -555,19 +626,6 @@ class _Ctx:
             log.i("cpu_start", "Starting scheduler on APP CPU.", 1)
         log.i("main_task", "Started on CPU0", 10)
         log.i("main_task", "Calling app_main()", 10)
-        try:
-            faults = faults_from_desc_segment(image.segments[0].data) if image.app_desc \
-                else Faults()
-        except ImageError:
-            faults = Faults()
-        app = AppInfo(
-            project=desc.project_name, version=desc.version, secure_version=desc.secure_version,
-            idf_ver=desc.idf_ver, chip=self.chip, partition_label=part.label,
-            partition_offset=part.offset, partition_size=part.size,
-            image_sha256=image.sha256_hex, faults=faults,
-            ota_state=_slot_state(self.flash, self.table, part),
-        )
-        return BootOutcome(log=log.text(), app=app)
 
 
 def _image_error_text(exc: ImageFormatError, part: Partition) -> str:

@@ -46,7 +46,13 @@ from pytest_hilfarm.errors import ConfigError, UsageError
 from pytest_hilfarm.ota.signing import max_signature_blocks
 from pytest_hilfarm.sim.board import SINK_TIMEOUT, VirtualBoard, burn_efuse, secure_version_bits
 from pytest_hilfarm.sim.boot import BootEfuse
-from pytest_hilfarm.sim.chips import mac_for
+from pytest_hilfarm.sim.chips import (
+    check_revision,
+    chip_spec,
+    format_revision,
+    mac_for,
+    parse_revision,
+)
 from pytest_hilfarm.sim.mesh import MeshMedium
 from pytest_hilfarm.sim.model import CHIPS
 
@@ -76,13 +82,19 @@ FALLBACK_RACK: dict[str, Any] = {
 # ---------------------------------------------------------------------------- rack & state dir
 
 
-# The board key that carries a virtual board's security set-up in the rack file (one key, so
-# the farm's strict rack schema needs to accept only this one):
+# The board key that carries a virtual board's own set-up in the rack file (one key, so the
+# farm's strict rack schema needs to accept only this one):
 #   sim: {secure_boot: bool, key_digests: [64 hex digits, ...], secure_version: int,
-#         anti_rollback: bool, signed_apps: bool, rollback: bool}
+#         anti_rollback: bool, signed_apps: bool, rollback: bool,
+#         revision: "v0.4", mac: "58:cf:79:00:00:01", flash_size: 8MB}
+# revision / mac / flash_size describe the chip and module (what esptool reads from eFuses and
+# the flash id); without them a board is current silicon with a MAC derived from its id and
+# the flash size of `flash: {size: ...}` (else 4MB).
 SIM_KEY = "sim"
-_SIM_FIELDS = ("secure_boot", "key_digests", "secure_version", "anti_rollback", "signed_apps",
-               "rollback")
+_SECURITY_FIELDS = ("secure_boot", "key_digests", "secure_version", "anti_rollback",
+                    "signed_apps", "rollback")
+_CHIP_FIELDS = ("revision", "mac", "flash_size")
+_SIM_FIELDS = _SECURITY_FIELDS + _CHIP_FIELDS
 
 
 # How long a new connection waits for the previous client's hang-up to be noticed before it is
@@ -125,6 +137,8 @@ class BoardSpec:
     features: tuple[str, ...] = ()
     position: int = 0
     security: BoardSecurity | None = None
+    revision: int | None = None  # major * 100 + minor; None: the chip's current silicon
+    mac: bytes | None = None  # None: derived from the board id (chips.mac_for)
 
 
 @dataclass(frozen=True)
@@ -174,17 +188,61 @@ def _parse_size(value: Any, where: str) -> int:
     return size
 
 
-def _parse_security(raw: Any, where: str) -> BoardSecurity | None:
+def _check_sim_mapping(raw: Any, where: str) -> dict[str, Any]:
     if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'{SIM_KEY}:' must be a mapping", where=f"{where}: {SIM_KEY}",
+                          hint=f"keys: {', '.join(_SIM_FIELDS)} (docs/virtual-rack.md)")
+    unknown = sorted(set(map(str, raw)) - set(_SIM_FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)}", where=f"{where}: {SIM_KEY}",
+                          hint=f"use {', '.join(_SIM_FIELDS)}")
+    return raw
+
+
+def _parse_revision(raw: dict[str, Any], chip: str, where: str) -> int | None:
+    value = raw.get("revision")
+    if value is None:
+        return None
+    where = f"{where}: {SIM_KEY}.revision"
+    spec = chip_spec(chip)
+    try:
+        revision = parse_revision(value)
+        check_revision(spec, revision)
+    except ValueError as exc:
+        raise ConfigError(str(exc), where=where,
+                          hint=f'write it as vMAJOR.MINOR, e.g. revision: "'
+                               f'{format_revision(spec.default_revision)}" (the default for '
+                               f'{spec.esptool_name})') from None
+    return revision
+
+
+def _parse_mac(raw: dict[str, Any], where: str) -> bytes | None:
+    value = raw.get("mac")
+    if value is None:
+        return None
+    where = f"{where}: {SIM_KEY}.mac"
+    text = str(value).strip().lower().replace(":", "").replace("-", "")
+    try:
+        mac = bytes.fromhex(text)
+    except ValueError:
+        mac = b""
+    if len(mac) != 6:
+        raise ConfigError(f"mac {value!r} is not six hex bytes", where=where,
+                          hint='e.g. mac: "58:cf:79:00:00:01" (quote it: YAML reads some '
+                               'colon-separated numbers as base-60 integers)')
+    if mac[0] & 1:
+        raise ConfigError(f"mac {value!r} is a multicast address; a chip's base MAC is unicast",
+                          where=where, hint="clear bit 0 of the first byte")
+    return mac
+
+
+def _parse_security(raw: Any, where: str) -> BoardSecurity | None:
+    raw = {k: v for k, v in _check_sim_mapping(raw, where).items() if k in _SECURITY_FIELDS}
+    if not raw:
         return None
     where = f"{where}: {SIM_KEY}"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"'{SIM_KEY}:' must be a mapping", where=where,
-                          hint=f"keys: {', '.join(_SIM_FIELDS)} (docs/virtual-rack.md)")
-    unknown = sorted(set(raw) - set(_SIM_FIELDS))
-    if unknown:
-        raise ConfigError(f"unknown key(s) {', '.join(map(str, unknown))}", where=where,
-                          hint=f"use {', '.join(_SIM_FIELDS)}")
     flags: dict[str, bool | None] = {}
     for key in ("secure_boot", "anti_rollback", "signed_apps", "rollback"):
         value = raw.get(key)
@@ -252,16 +310,29 @@ def parse_rack(data: Any, source: str) -> RackSpec:
                 hint=f"use one of {', '.join(CHIPS)}",
             )
         flash = raw.get("flash") or {}
+        sim = _check_sim_mapping(raw.get(SIM_KEY), where)
         size_value = flash.get("size") if isinstance(flash, dict) else flash
+        size_where = where
+        if sim.get("flash_size") is not None:
+            size_value, size_where = sim["flash_size"], f"{where}: {SIM_KEY}.flash_size"
         features = raw.get("features") or []
+        mac = _parse_mac(sim, where)
+        if mac is not None:
+            other = next((b.id for b in boards if b.mac == mac), None)
+            if other is not None:
+                raise ConfigError(f"mac {mac.hex(':')} is also board {other!r}'s",
+                                  where=f"{where}: {SIM_KEY}.mac",
+                                  hint="give every board its own MAC")
         boards.append(
             BoardSpec(
                 id=board_id,
                 chip=chip,
-                flash_size=_parse_size(size_value, where),
+                flash_size=_parse_size(size_value, size_where),
                 features=tuple(str(f) for f in features),
                 position=len(boards),
-                security=_parse_security(raw.get(SIM_KEY), where),
+                security=_parse_security(sim, where),
+                revision=_parse_revision(sim, chip, where),
+                mac=mac,
             )
         )
     if not boards:
@@ -273,6 +344,8 @@ def parse_rack(data: Any, source: str) -> RackSpec:
     # A board's security set-up counts only when given, so racks without it keep their digest.
     canonical = json.dumps([[b.id, b.chip, b.flash_size, list(b.features)]
                             + ([b.security.canonical()] if b.security else [])
+                            + ([["revision", b.revision]] if b.revision is not None else [])
+                            + ([["mac", b.mac.hex()]] if b.mac is not None else [])
                             for b in boards])
     return RackSpec(
         name=str(data.get("name") or Path(source).stem),
@@ -556,12 +629,13 @@ class Daemon:
                 spec.chip,
                 self.state_dir / f"{spec.id}.flash",
                 spec.flash_size,
-                mac_for(spec.id, spec.chip).hex(":"),
+                (spec.mac or mac_for(spec.id, spec.chip)).hex(":"),
                 # Only boards with a radio join the medium; the app answers "no mesh radio".
                 self.medium if MESH_FEATURE in spec.features else None,
                 position=spec.position,
                 features=spec.features,
                 wire_time=self._wire_time,
+                revision=spec.revision,
                 **self._board_state(spec),
             )
             self._slots[spec.id] = _Slot(spec, board, serial_sock, rfc_sock)
@@ -939,6 +1013,7 @@ class Daemon:
                 {
                     "id": st.board_id,
                     "chip": st.chip,
+                    "revision": st.revision,
                     "mac": st.mac,
                     "port": port,
                     "rfc2217": rfc,

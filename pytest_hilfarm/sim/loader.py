@@ -6,6 +6,15 @@ stub upload, READ_FLASH data as acks arrive). It speaks enough of the protocol f
 esptool 5.6 (see the ESP ROM protocol note, sections 1-5). It does no I/O, never sleeps, starts no
 threads and never runs uploaded code: a stub upload just switches it to stub behaviour. Bad input
 never raises out of ``feed()``; it gets an error status or is ignored, as on a real chip.
+
+Like the chips, the ROM loader talks to the SPI flash only after SPI_ATTACH (esptool's
+``attach_flash``): before it the flash's data line is not connected, so SPI user commands read
+all ones (flash id ``ffffff``: "Detected flash size: Unknown") and the ROM's flash commands
+fail. The flasher stub attaches the flash when it starts, and implements MEM_BEGIN/DATA/END
+like esptool's stub, so a stub left running serves a new esptool run that does not sync
+(``--before no-reset-no-sync``): that run uploads the stub again, and the stub answers ``OHAI``.
+Arming the RTC watchdog the way esptool's ``--after watchdog-reset`` does (unlock key, then
+WDTCONFIG0 with the enable bit) calls ``on_watchdog`` from ROM and stub alike.
 """
 
 from __future__ import annotations
@@ -56,6 +65,14 @@ _DATA_HEADER = 16  # len, seq, 0, 0 in front of MEM_DATA / FLASH_DATA / FLASH_DE
 _MAX_READ_PACKET = 0x10000
 _MAX_READ_WINDOW = 128  # packets in flight, whatever the host asks for
 _MAX_REGISTERS = 4096  # writable words kept; more distinct addresses are dropped, not stored
+# RTC_CNTL_WDT_WKEY: the write-protect key that unlocks the RTC watchdog's config registers
+# (esptool targets esp32c3.py / esp32s3.py / esp32s2.py).
+RTC_WDT_WKEY = 0x50D83AA1
+RTC_WDT_EN = 1 << 31  # RTC_CNTL_WDT_EN in WDTCONFIG0
+# What SPI user commands read while no flash is attached: MISO is not driven.
+_UNATTACHED = 0xFFFFFFFF
+# ROM flash commands that need the flash attached first.
+_NEEDS_FLASH = frozenset({0x02, 0x10, 0x13, 0x0E})
 
 
 class Fault(enum.Enum):
@@ -196,7 +213,10 @@ class LoaderSession:
     ignores input (``mode == "app"``) until :meth:`enter_download`. ``on_baud`` is called with the
     new rate after the CHANGE_BAUDRATE ack has been queued in the output of that ``feed()`` call:
     a board that models wire time sends that output at the old rate. ``flash_id`` is the RDID
-    answer; by default a Winbond part matching the flash size.
+    answer; by default a Winbond part matching the flash size. ``revision`` is the chip
+    revision the eFuses report (major * 100 + minor; default: the chip's current silicon).
+    ``on_watchdog`` is called (inside ``feed()``) when the host arms the RTC watchdog to reset
+    the chip; the board performs the reset.
     """
 
     def __init__(
@@ -208,13 +228,18 @@ class LoaderSession:
         on_run_app: Callable[[], None] = _noop,
         on_baud: Callable[[int], None] = _noop_baud,
         flash_id: int | None = None,
+        revision: int | None = None,
+        on_watchdog: Callable[[], None] = _noop,
     ) -> None:
         self._spec = chip_spec(chip)
         self._flash = flash
         self._mac = bytes(mac)
-        self._fixed = efuse_registers(self._spec, self._mac)
+        self._revision = self._spec.default_revision if revision is None else revision
+        self._fixed = efuse_registers(self._spec, self._mac, self._revision)
         self._on_run_app = on_run_app
         self._on_baud = on_baud
+        self._on_watchdog = on_watchdog
+        self._attached = False
         self._flash_id = jedec_id_for_size(flash.size) if flash_id is None else flash_id
         self._sfdp = sfdp_table(flash.size)
         self._slip = slip.SlipDecoder()
@@ -243,7 +268,8 @@ class LoaderSession:
             ERASE_FLASH: self._erase_flash,
             ERASE_REGION: self._erase_region,
         }
-        self._rom_only = frozenset({MEM_BEGIN, MEM_DATA, MEM_END, READ_FLASH_SLOW})
+        # esptool's stub implements MEM_BEGIN/DATA/END too (stub_flasher.c), not READ_FLASH_SLOW.
+        self._rom_only = frozenset({READ_FLASH_SLOW})
         self._stub_only = frozenset({READ_FLASH, ERASE_FLASH, ERASE_REGION})
         self._mode: Mode = "download"
         self._baud = ROM_BAUD
@@ -267,6 +293,11 @@ class LoaderSession:
         return self._spec
 
     @property
+    def revision(self) -> int:
+        """The chip revision the eFuses report (major * 100 + minor)."""
+        return self._revision
+
+    @property
     def baudrate(self) -> int:
         """The UART rate the loader believes in (115200 after a reset)."""
         return self._baud
@@ -282,6 +313,12 @@ class LoaderSession:
         self._mem = None
         self._mem_loaded = False
         self._read = None
+        self._attached = False
+
+    @property
+    def flash_attached(self) -> bool:
+        """Whether the SPI flash is attached (after SPI_ATTACH, or while the stub runs)."""
+        return self._attached
 
     def feed(self, data: bytes) -> bytes:
         """Consume bytes from the host; return every byte the chip sends in answer."""
@@ -314,6 +351,11 @@ class LoaderSession:
             return
         if size != len(data):
             out.append(self._fail(op, Fault.INVALID))
+            return
+        if op in _NEEDS_FLASH and not self._attached:
+            # The ROM's SPI flash routines drive a flash that is not connected yet.
+            self.last_error = f"op 0x{op:02x} before SPI_ATTACH: no flash attached"
+            out.append(self._fail(op, Fault.FAILED))
             return
         try:
             reply = handler(data, chk)
@@ -373,14 +415,25 @@ class LoaderSession:
     def _write_reg(self, data: bytes, chk: int) -> _Reply:
         if not data or len(data) % 16:
             raise CommandFailed(Fault.INVALID, "WRITE_REG takes 16-byte entries")
+        wdt = self._spec.rtc_wdt
+        fire = False
         for addr, value, mask, _delay in struct.iter_unpack("<IIII", data):
             if addr in self._fixed:
                 continue  # eFuse read registers and ROM words are read-only
+            if wdt is not None and addr == wdt[1] and self._regs.get(wdt[0]) != RTC_WDT_WKEY:
+                continue  # the RTC watchdog's config is write-protected until unlocked
             if addr not in self._regs and len(self._regs) >= _MAX_REGISTERS:
                 continue
             self._regs[addr] = (self._regs.get(addr, 0) & ~mask | value & mask) & 0xFFFFFFFF
             if addr == self._spec.spi_base and self._regs[addr] & SPI_CMD_USR:
                 self._run_spi_command()
+            if wdt is not None and addr == wdt[1] and self._regs[addr] & RTC_WDT_EN:
+                fire = True
+        if fire:
+            # Armed RTC watchdog (esptool's --after watchdog-reset): it resets the chip after
+            # WDTCONFIG1 slow-clock cycles (2000, ~15 ms); the reply to this write goes out
+            # first, then the board resets.
+            return _Reply(then=self._on_watchdog)
         return _Reply()
 
     def _run_spi_command(self) -> None:
@@ -398,7 +451,9 @@ class LoaderSession:
             addr_bits = ((self._regs.get(base + spec.spi_usr1, 0) >> 26) & 0x3F) + 1
             addr >>= max(0, 32 - addr_bits)
         result: int | None = None
-        if command == 0x9F:  # RDID
+        if not self._attached:
+            result = _UNATTACHED  # no flash on the bus yet: MISO reads all ones
+        elif command == 0x9F:  # RDID
             result = self._flash_id
         elif command == 0x5A:  # RDSFDP
             chunk = self._sfdp[addr : addr + 4] if addr < len(self._sfdp) else b""
@@ -423,6 +478,7 @@ class LoaderSession:
     def _spi_attach(self, data: bytes, chk: int) -> _Reply:
         if len(data) not in (4, 8):
             raise CommandFailed(Fault.INVALID, "SPI_ATTACH takes 4 or 8 bytes")
+        self._attached = True
         return _Reply()
 
     def _spi_set_params(self, data: bytes, chk: int) -> _Reply:
@@ -468,10 +524,13 @@ class LoaderSession:
             return _Reply()
 
         def start_stub() -> None:
-            # Nothing is executed: the uploaded code is taken to be esptool's flasher stub.
+            # Nothing is executed: the uploaded code is taken to be esptool's flasher stub. It
+            # attaches the SPI flash when it starts. A stub uploaded over a running stub (a new
+            # esptool run that skipped SYNC) starts afresh the same way.
             self._mode = "stub"
             self._write = None
             self._read = None
+            self._attached = True
 
         return _Reply(extra=(slip.encode(b"OHAI"),), then=start_stub)
 

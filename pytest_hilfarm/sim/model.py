@@ -1,7 +1,8 @@
 """Records shared by the virtual rack's parts: boot outcome, app identity, the app's host.
 
 ``boot.py`` produces a :class:`BootOutcome` from a board's flash; ``board.py`` then runs the
-:class:`~pytest_hilfarm.sim.app.DemoApp` it names, giving it an :class:`AppHost` to act on the
+:class:`~pytest_hilfarm.sim.app.DemoApp` it names when the image is a demo build (any other
+image stops at ``app_main``, saying so), giving it an :class:`AppHost` to act on the
 board (reboot, panic, confirm the OTA slot, write an OTA update, download over HTTP, reach the
 radio medium). Nothing here does I/O.
 """
@@ -12,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-CHIPS = ("esp32", "esp32s2", "esp32c3")
+CHIPS = ("esp32", "esp32s2", "esp32c3", "esp32s3", "esp32c6")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,12 @@ class AppInfo:
     # otadata state of the running slot after the boot ("PENDING_VERIFY", "VALID", "UNDEFINED",
     # ...); None for a factory boot.
     ota_state: str | None = None
+    # The image carries the virtual rack's demo-app marker (built by sim/appbuild.py): only then
+    # is there a model of the app for the board to run. Any other image (a real ESP-IDF build)
+    # boots up to app_main and stops there.
+    demo: bool = True
+    elf_sha256: str = ""  # hex of esp_app_desc_t.app_elf_sha256 ("" without a descriptor)
+    has_app_desc: bool = True
 
 
 @dataclass(frozen=True)

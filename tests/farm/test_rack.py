@@ -369,9 +369,9 @@ ERROR_CASES = [
                  "boards[0]", "missing required key 'id'", None, id="board-no-id"),
     pytest.param(HEAD + "boards:\n  - {id: a/b, chip: esp32, port: /dev/ttyUSB0}\n", "a/b",
                  "boards[0].id", "expected a board id", "e.g. id: esp32-1", id="bad-id"),
-    pytest.param(HEAD + "boards:\n  - id: a\n    chip: esp32c6\n    port: /dev/ttyUSB0\n",
-                 "esp32c6", "boards[0].chip", "expected one of esp32, esp32s2, esp32c3, got "
-                 "'esp32c6'", "did you mean 'esp32c3'?", id="bad-chip"),
+    pytest.param(HEAD + "boards:\n  - id: a\n    chip: esp32c5\n    port: /dev/ttyUSB0\n",
+                 "esp32c5", "boards[0].chip", "expected one of esp32, esp32s2, esp32c3, esp32s3, "
+                 "esp32c6, got 'esp32c5'", "did you mean 'esp32c6'?", id="bad-chip"),
     pytest.param(HEAD + "boards:\n  - id: a\n    chip: [esp32]\n    port: /dev/ttyUSB0\n",
                  "[esp32]", "boards[0].chip", "got a list", None, id="chip-is-list"),
     pytest.param(HEAD + "boards:\n" + BOARD_OK + "  - id: b\n    chip: esp32\n"

@@ -129,7 +129,7 @@ def test_start_twice_is_an_error() -> None:
 
 
 def test_crash_at_boot_panics_after_a_few_lines() -> None:
-    app, host = boot(info(faults=Faults(crash_at_boot=True)))
+    app, host = boot(info(faults=Faults(crash_at_boot=True), elf_sha256="5e" * 32))
     assert "hilfarm-demo: initializing" in host.text
     assert "ready" not in host.text
     (panic,) = host.panics
@@ -138,17 +138,30 @@ def test_crash_at_boot_panics_after_a_few_lines() -> None:
     )
     assert "Core  0 register dump:" in panic and "Backtrace: 0x" in panic
     assert panic.endswith("Rebooting...\r\n")
+    # The app descriptor's app_elf_sha256, not the image's hash ("ab" * 32).
+    assert "ELF file SHA256: " + "5e" * 8 + "\r\n" in panic
     host.out.clear()
     app.feed_line("version")
     assert host.out == []
 
 
 def test_crash_text_on_riscv_chip() -> None:
-    text = panic_text("esp32c3", "cd" * 32, store=False)
+    elf = "0f" * 32
+    text = panic_text("esp32c3", "cd" * 32, store=False, elf_sha256=elf)
     assert "panic'ed (Load access fault)" in text and "MEPC    : 0x42" in text
-    assert "panic'ed (Store access fault)" in panic_text("esp32c3", "cd" * 32, store=True)
-    xtensa = panic_text("esp32", "cd" * 32, store=False)
-    assert xtensa == panic_text("esp32", "cd" * 32, store=False)  # one image, one crash
+    assert "panic'ed (Store access fault)" in panic_text("esp32c3", "cd" * 32, store=True,
+                                                          elf_sha256=elf)
+    xtensa = panic_text("esp32", "cd" * 32, store=False, elf_sha256=elf)
+    assert xtensa == panic_text("esp32", "cd" * 32, store=False,
+                                elf_sha256=elf)  # one image, one crash
+
+
+def test_crash_report_names_the_elf_hash_not_the_image_hash() -> None:
+    # ESP-IDF's panic handler prints esp_app_desc_t.app_elf_sha256; the image's validation hash
+    # (the SHA-256 appended to the .bin) is another number.
+    text = panic_text("esp32", "cd" * 32, store=True, elf_sha256="0123456789abcdef" * 4)
+    assert "ELF file SHA256: 0123456789abcdef\r\n" in text
+    assert "cdcdcdcd" not in text.split("ELF file SHA256:")[1]
 
 
 def test_hang_at_boot_stops_output_and_watchdog_fires_every_5s() -> None:

@@ -25,7 +25,7 @@ from pytest_hilfarm.sim.appbuild import (
 )
 from pytest_hilfarm.sim.model import CHIPS, Faults
 
-BOOT_OFFSET = {"esp32": 0x1000, "esp32s2": 0x1000, "esp32c3": 0x0}
+BOOT_OFFSET = {"esp32": 0x1000, "esp32s2": 0x1000, "esp32c3": 0x0, "esp32s3": 0x0, "esp32c6": 0x0}
 
 
 def esptool_info(data, chip):
@@ -66,7 +66,11 @@ def test_bootloader_image(chip):
     assert img.app_desc is None
     assert img.bootloader_desc is not None and img.bootloader_desc.idf_ver == "v5.3.1"
     info = assert_esptool_accepts(data, chip)
-    assert "Bootloader Information" in info
+    if chip != "esp32c6":
+        # esptool image-info reads esp_bootloader_desc_t from the *last* segment it types as
+        # DRAM; on the C6 every RAM segment is DRAM (one address space), so it looks at the
+        # last one and shows nothing, as for real C6 bootloaders.
+        assert "Bootloader Information" in info
 
 
 @pytest.mark.parametrize("chip", CHIPS)

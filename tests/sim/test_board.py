@@ -188,6 +188,7 @@ def test_app_console_and_reboot(make_board) -> None:
         "version": "2.0.1",
         "slot": "factory",
         "ota_state": "",
+        "runs": "yes",
     }
     sink.clear()
     board.feed(b"reboot\r\n")

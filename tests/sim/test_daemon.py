@@ -124,6 +124,20 @@ def test_default_rack_has_the_documented_boards() -> None:
     assert chips.count("esp32") >= 3 and "esp32s2" in chips and "esp32c3" in chips
 
 
+def test_rack_sim_keys_set_revision_mac_and_flash_size(tmp_path: Path) -> None:
+    path = tmp_path / "rack.yaml"
+    path.write_text("boards:\n"
+                    "  - {id: a, chip: esp32c3, flash: {size: 4MB},\n"
+                    "     sim: {revision: v1.1, mac: '58-CF-79-00-00-0A', flash_size: 16MB}}\n"
+                    "  - {id: b, chip: esp32s3}\n")
+    a, b = sim_daemon.load_rack(path).boards
+    assert (a.revision, a.mac, a.flash_size) == (101, bytes.fromhex("58cf7900000a"), 16 << 20)
+    assert (b.revision, b.mac, b.flash_size) == (None, None, 4 << 20)
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("boards:\n  - {id: a, chip: esp32c3}\n  - {id: b, chip: esp32s3}\n")
+    assert sim_daemon.load_rack(plain).digest != sim_daemon.load_rack(path).digest
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -133,6 +147,14 @@ def test_default_rack_has_the_documented_boards() -> None:
         ("boards: [{id: a, chip: esp32}, {id: a, chip: esp32}]", "twice"),
         ("name: x", "boards"),
         ("boards: [{id: a, chip: esp32, port: /dev/ttyUSB0}]", "no virtual boards"),
+        ("boards: [{id: a, chip: esp32c3, sim: {revision: v0.x}}]", "not a chip revision"),
+        ("boards: [{id: a, chip: esp32, sim: {revision: v3.7}}]", "cannot be encoded in ESP32"),
+        ("boards: [{id: a, chip: esp32c3, sim: {mac: '58:cf:79'}}]", "not six hex bytes"),
+        ("boards: [{id: a, chip: esp32c3, sim: {mac: '01:00:5e:00:00:01'}}]", "multicast"),
+        ("boards: [{id: a, chip: esp32, sim: {mac: '24:0a:c4:00:00:01'}}, "
+         "{id: b, chip: esp32, sim: {mac: '24:0a:c4:00:00:01'}}]", "also board 'a'"),
+        ("boards: [{id: a, chip: esp32, sim: {flash_size: 3MB}}]", "not offered"),
+        ("boards: [{id: a, chip: esp32, sim: {revison: v3.1}}]", "unknown key"),
     ],
 )
 def test_bad_rack_files_say_what_and_where(tmp_path: Path, text: str, message: str) -> None:
@@ -287,6 +309,11 @@ def test_bad_input_then_correct_answers(rack: sim_daemon.Daemon) -> None:
         sock.sendall(packet(0x55, b"\x00" * 4))
         frame = read_frames(sock, 1)[0]
         assert frame[:2] == b"\x01\x55" and frame[8] == 1
+        # A flash command before SPI_ATTACH: the ROM has no flash attached yet.
+        sock.sendall(packet(0x02, struct.pack("<IIII", 0x1000, 1, 0x400, 0x40000)))
+        assert read_frames(sock, 1)[0][8] == 1
+        sock.sendall(packet(0x0D, bytes(8)))  # SPI_ATTACH, as esptool's attach_flash sends it
+        assert read_frames(sock, 1)[0][8] == 0
         # FLASH_DATA with a bad checksum (after a valid FLASH_BEGIN): an error status.
         sock.sendall(packet(0x02, struct.pack("<IIII", 0x1000, 1, 0x400, 0x40000)))
         assert read_frames(sock, 1)[0][8] == 0
@@ -307,6 +334,8 @@ def test_disconnect_mid_flash_keeps_what_was_written(rack: sim_daemon.Daemon) ->
     blocks = [bytes([0x30 + i]) * 0x400 for i in range(3)]
     with connect(url) as sock:
         assert_syncs(sock)
+        sock.sendall(packet(0x0D, bytes(8)))  # SPI_ATTACH
+        assert read_frames(sock, 1)[0][8] == 0
         sock.sendall(packet(0x02, struct.pack("<IIII", 0x4000, 16, 0x400, 0x50000)))
         assert read_frames(sock, 1)[0][8] == 0
         for seq, block in enumerate(blocks):
@@ -318,6 +347,8 @@ def test_disconnect_mid_flash_keeps_what_was_written(rack: sim_daemon.Daemon) ->
     ok(rack, op="reset", board="esp32-2", boot="download")
     with connect(url) as sock:
         assert_syncs(sock)
+        sock.sendall(packet(0x0D, bytes(8)))  # SPI_ATTACH
+        assert read_frames(sock, 1)[0][8] == 0
         for seq, block in enumerate(blocks):
             sock.sendall(packet(0x0E, struct.pack("<II", 0x50000 + seq * 0x400, 64)))
             frame = read_frames(sock, 1)[0]

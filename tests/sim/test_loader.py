@@ -11,7 +11,7 @@ from pathlib import Path
 
 import esptool
 import pytest
-from esptool.cmds import connect_esp
+from esptool.cmds import attach_flash, connect_esp
 from esptool.util import FatalError
 
 from pytest_hilfarm.sim import slip
@@ -39,6 +39,7 @@ from pytest_hilfarm.sim.loader import (
     READ_FLASH,
     READ_FLASH_SLOW,
     READ_REG,
+    SPI_ATTACH,
     SPI_FLASH_MD5,
     SYNC,
     SYNC_PAYLOAD,
@@ -46,7 +47,7 @@ from pytest_hilfarm.sim.loader import (
     xor_checksum,
 )
 
-CHIPS = ("esp32", "esp32s2", "esp32c3")
+CHIPS = ("esp32", "esp32s2", "esp32c3", "esp32s3", "esp32c6")
 FLASH_SIZE = 4 << 20
 
 
@@ -129,10 +130,15 @@ class Board:
     def _run_app(self) -> None:
         self.app_runs += 1
 
-    def connect(self, chip: str = "auto") -> esptool.ESPLoader:
-        """Connect as ``esptool --port <this board> --chip <chip> --before no-reset`` does."""
+    def connect(self, chip: str = "auto", *, attach: bool = False) -> esptool.ESPLoader:
+        """Connect as ``esptool --port <this board> --chip <chip> --before no-reset`` does;
+        ``attach`` then attaches the SPI flash as esptool does before any flash command.
+        """
         self.port.reset_input_buffer()
-        return connect_esp(port=self.port, chip=chip, before="no-reset")
+        esp = connect_esp(port=self.port, chip=chip, before="no-reset")
+        if attach:
+            attach_flash(esp)
+        return esp
 
     def esptool(self, *argv: str, chip: str = "auto") -> None:
         esp = self.connect(chip)
@@ -198,7 +204,7 @@ def test_flash_id_follows_flash_size(
 
 
 def test_sfdp_reads_through_spi_user_commands(board: Board) -> None:
-    esp = board.connect()
+    esp = board.connect(attach=True)
     table = sfdp_table(FLASH_SIZE)
     assert esp.read_spiflash_sfdp(0, 32) == 0x50444653  # "SFDP"
     assert esp.read_spiflash_sfdp(0x34, 32) == int.from_bytes(table[0x34:0x38], "little")
@@ -211,7 +217,15 @@ def test_sfdp_reads_through_spi_user_commands(board: Board) -> None:
 def test_read_mac(board: Board, capsys: pytest.CaptureFixture[str]) -> None:
     board.esptool("read-mac")
     out = capsys.readouterr().out
-    assert f"MAC:                {board.mac.hex(':')}" in out
+    if board.chip == "esp32c6":
+        # The C6 keeps ff:fe next to its MAC: esptool prints the EUI-64 first, then the base.
+        mac = board.mac
+        eui64 = mac[:3] + bytes((0xFF, 0xFE)) + mac[3:]
+        assert f"MAC:                {eui64.hex(':')}" in out
+        assert f"BASE MAC:           {mac.hex(':')}" in out
+        assert "MAC_EXT:            ff:fe" in out
+    else:
+        assert f"MAC:                {board.mac.hex(':')}" in out
 
 
 def test_write_flash_stub_compressed_raw_and_read_back(board: Board, tmp_path: Path) -> None:
@@ -331,6 +345,8 @@ def replies(out: bytes) -> list[tuple[int, int, bytes]]:
 @pytest.fixture(params=CHIPS)
 def raw(request: pytest.FixtureRequest, tmp_path: Path):
     b = Board(tmp_path, request.param, size=1 << 20)
+    # What esptool's attach_flash sends before any flash command in ROM mode.
+    assert replies(b.session.feed(command(SPI_ATTACH, bytes(8))))[0][2] == b"\0\0\0\0"
     yield b
     assert b.session.internal_errors == 0, b.session.last_error
     b.flash.close()
@@ -371,7 +387,8 @@ def test_security_info_per_chip(raw: Board) -> None:
     elif raw.chip == "esp32s2":
         assert data == bytes(12) + b"\0\0\0\0"
     else:
-        assert data[12:16] == struct.pack("<I", 5) and len(data) == 24
+        chip_id = {"esp32c3": 5, "esp32s3": 9, "esp32c6": 13}[raw.chip]
+        assert data[12:16] == struct.pack("<I", chip_id) and len(data) == 24
 
 
 def test_read_reg_magic(raw: Board) -> None:
@@ -503,7 +520,7 @@ def test_change_baud_acks_then_calls_on_baud(raw: Board) -> None:
 
 def test_flash_id_register_emulation_matches_jedec(raw: Board) -> None:
     # Done through esptool above; here just the RDID default for a 1 MB flash.
-    esp = raw.connect()
+    esp = raw.connect(attach=True)
     assert esp.flash_id() == 0x1440EF
 
 
@@ -515,7 +532,10 @@ def test_rom_banner_matches_esptools_boot_mode_scan(chip: str) -> None:
     pattern = re.compile(rb"boot:(0x[0-9a-fA-F]+)(.*waiting for download)?", re.DOTALL)
     download = pattern.search(rom_banner(chip, download=True).encode())
     spi = pattern.search(rom_banner(chip, download=False).encode())
-    assert download is not None and download.group(1) == b"0x3" and download.group(2)
+    # The newer ROMs name their own strapping modes (an ESP32-C6 trace: "boot:0x4
+    # (DOWNLOAD(USB/UART0/SDIO_FEI_FEO))"); esptool only needs the pattern to match.
+    boot_mode = {"esp32s3": b"0x0", "esp32c6": b"0x4"}.get(chip, b"0x3")
+    assert download is not None and download.group(1) == boot_mode and download.group(2)
     assert spi is not None and spi.group(1) == b"0x13" and spi.group(2) is None
     first = rom_banner(chip, download=False).splitlines()[0]
     assert (
@@ -524,12 +544,15 @@ def test_rom_banner_matches_esptools_boot_mode_scan(chip: str) -> None:
             "esp32": "ets Jun  8 2016 00:22:57",
             "esp32s2": "ESP-ROM:esp32s2-rc4-20191025",
             "esp32c3": "ESP-ROM:esp32c3-api1-20210207",
+            "esp32s3": "ESP-ROM:esp32s3-20210327",
+            "esp32c6": "ESP-ROM:esp32c6-20220919",
         }[chip]
     )
-    assert rom_banner(chip, True).endswith(
-        "rst:0x1 (POWERON_RESET),boot:0x3 (DOWNLOAD_BOOT(UART0/UART1/SDIO_REI_REO_V2))\r\n"
-        "waiting for download\r\n"
-    )
+    if chip in ("esp32", "esp32s2", "esp32c3"):
+        assert rom_banner(chip, True).endswith(
+            "rst:0x1 (POWERON_RESET),boot:0x3 (DOWNLOAD_BOOT(UART0/UART1/SDIO_REI_REO_V2))\r\n"
+            "waiting for download\r\n"
+        )
 
 
 def test_mac_for_is_stable_unique_and_uses_espressif_ouis() -> None:
@@ -542,10 +565,48 @@ def test_mac_for_is_stable_unique_and_uses_espressif_ouis() -> None:
 
 
 def test_chip_constants() -> None:
-    assert [chip_spec(c).image_chip_id for c in CHIPS] == [0, 2, 5]
-    assert [chip_spec(c).bootloader_offset for c in CHIPS] == [0x1000, 0x1000, 0x0]
+    assert [chip_spec(c).image_chip_id for c in CHIPS] == [0, 2, 5, 9, 13]
+    assert [chip_spec(c).bootloader_offset for c in CHIPS] == [0x1000, 0x1000, 0x0, 0x0, 0x0]
     assert jedec_id_for_size(4 << 20) == 0x1640EF and jedec_id_for_size(16 << 20) == 0x1840EF
     with pytest.raises(ValueError, match="unknown chip"):
         chip_spec("esp8266")
     with pytest.raises(ValueError, match="power of two"):
         jedec_id_for_size(3 << 20)
+
+
+@pytest.mark.parametrize("chip", CHIPS)
+def test_chip_specs_agree_with_esptools_target_classes(chip: str) -> None:
+    from esptool.targets import CHIP_DEFS
+
+    spec, rom = chip_spec(chip), CHIP_DEFS[chip]
+    assert spec.esptool_name == rom.CHIP_NAME
+    assert spec.image_chip_id == rom.IMAGE_CHIP_ID
+    assert spec.bootloader_offset == rom.BOOTLOADER_FLASH_OFFSET
+    assert spec.uart_clkdiv_reg == rom.UART_CLKDIV_REG
+    assert spec.mac_reg == (rom.EFUSE_RD_REG_BASE + 4 if chip == "esp32" else rom.MAC_EFUSE_REG)
+    assert (spec.spi_base, spec.spi_usr, spec.spi_usr1, spec.spi_usr2, spec.spi_mosi_dlen,
+            spec.spi_miso_dlen, spec.spi_w0) == (
+        rom.SPI_REG_BASE, rom.SPI_USR_OFFS, rom.SPI_USR1_OFFS, rom.SPI_USR2_OFFS,
+        rom.SPI_MOSI_DLEN_OFFS, rom.SPI_MISO_DLEN_OFFS, rom.SPI_W0_OFFS)
+    if rom.WATCHDOG_RESET_SUPPORTED:
+        assert spec.rtc_wdt == (rom.RTC_CNTL_WDTWPROTECT_REG, rom.RTC_CNTL_WDTCONFIG0_REG)
+    else:
+        assert spec.rtc_wdt is None
+
+
+@pytest.mark.parametrize("chip", CHIPS)
+@pytest.mark.parametrize("revision", [0, 1, 3, 100, 101, 102, 200, 301])
+def test_revision_efuses_read_back_through_esptool(tmp_path: Path, chip: str,
+                                                    revision: int) -> None:
+    from pytest_hilfarm.sim.chips import check_revision
+
+    try:
+        check_revision(chip, revision)
+    except ValueError:
+        pytest.skip(f"v{revision // 100}.{revision % 100} does not fit {chip}'s eFuse fields")
+    b = Board(tmp_path, chip)
+    b.session = LoaderSession(chip, b.flash, b.mac, revision=revision)
+    b.port = SimPort(b.session)
+    esp = b.connect(chip)
+    assert esp.get_chip_revision() == revision
+    assert f"(revision v{revision // 100}.{revision % 100})" in esp.get_chip_description()

@@ -77,6 +77,8 @@ def flash(tmp_path_factory: pytest.TempPathFactory):
 
 def session(flash: FlashMemory, chip: str, stub: bool) -> LoaderSession:
     s = LoaderSession(chip, flash, mac_for("fuzz", chip))
+    # esptool attaches the SPI flash (SPI_ATTACH) before any flash command in ROM mode.
+    s.feed(slip.encode(struct.pack("<BBHI", 0, loader.SPI_ATTACH, 8, 0) + bytes(8)))
     if stub:
         code = b"\x00" * 8
         s.feed(

@@ -1,10 +1,13 @@
 """Signed release manifests: what a release is (image hash, size, chip, versions) and until when.
 
-A manifest is one flat JSON object (``FORMAT``) whose fields are exactly what
-``pytest_hilfarm.rollout.manifest`` reads (url, sha256, size, chip, version, secure_version,
-signature) plus project, created, expires, key_id and sig_scheme. ``signature`` is base64 of an
-Ed25519 (default) or RSA-PSS-SHA256 signature over the canonical JSON of every other field
-(sorted keys, no whitespace, UTF-8), so adding, removing or changing any field breaks it.
+A manifest is one flat JSON object (``FORMAT``): chip, project, version, secure_version, sha256,
+size, created, expires, key_id, sig_scheme, an optional url and the signature. ``signature`` is
+base64 of an Ed25519 (default) or RSA-PSS-SHA256 signature over the canonical JSON of every other
+field (sorted keys, no whitespace, UTF-8), so adding, removing or changing any field breaks it.
+There is one format and one reader (:func:`read_manifest`): ``hilfarm ota release`` writes it,
+``hilfarm rollout`` and the exporters read it with the same code (``rollout`` re-exports it).
+The reader checks shape and plausibility (chip, hash, size, eFuse-sized secure_version, URL
+scheme); trust (signature, key, expiry) is :func:`verify_release`'s job.
 
 Why not TUF metadata (``tuf.api.metadata``)? TUF's protection comes from its four roles (root,
 targets, snapshot, timestamp) and a repository a client walks; one release signed by one key
@@ -21,22 +24,41 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
-from pytest_hilfarm.errors import ImageError, SignatureError, UsageError
+from pytest_hilfarm.errors import ConfigError, ImageError, SignatureError, UsageError
 from pytest_hilfarm.ota.image import parse_image
 from pytest_hilfarm.ota.keys import PublicKey, load_private_key, load_public_key
 
 FORMAT = "hilfarm-release/1"
 DEFAULT_EXPIRES = timedelta(days=30)
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+# eFuse secure_version field sizes in bits (notes §3.4): the counter is stored as set bits, so a
+# secure_version above the field size can never be burned and the device would refuse the image.
+_SECURE_VERSION_BITS = MappingProxyType({"esp32": 32, "esp32c2": 4, "esp32c5": 9})
+_DEFAULT_SECURE_VERSION_BITS = 16
+KNOWN_CHIPS = (
+    "esp32", "esp32s2", "esp32s3", "esp32c2", "esp32c3", "esp32c5", "esp32c6", "esp32c61",
+    "esp32h2", "esp32p4",
+)
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ManifestError(ConfigError, SignatureError):
+    """A manifest file is malformed or implausible.
+
+    It is a :class:`ConfigError` (a bad input file) and a :class:`SignatureError` (a release
+    that cannot be trusted as written), so callers catching either keep working.
+    """
 
 
 def _utc(dt: datetime) -> datetime:
@@ -110,6 +132,15 @@ class Manifest:
     def expires_at(self) -> datetime:
         return _parse_time(self.expires, "manifest: expires")
 
+    def job_document(self) -> dict[str, Any]:
+        """The device-facing OTA document the exporters embed (notes §6.1, custom document)."""
+        doc: dict[str, Any] = {"operation": "ota", "url": self.url, "sha256": self.sha256,
+                               "size": self.size, "chip": self.chip, "version": self.version,
+                               "secure_version": self.secure_version}
+        if self.signature is not None:
+            doc["signature"] = self.signature
+        return doc
+
 
 def canonical_json(data: dict[str, Any]) -> bytes:
     """The bytes that are signed: sorted keys, no whitespace, UTF-8."""
@@ -174,29 +205,64 @@ _STR_FIELDS = ("chip", "project", "version", "sha256", "created", "expires", "ke
 
 
 def manifest_from_dict(data: Any, where: str) -> Manifest:
-    """Check a decoded manifest's shape (not its signature)."""
+    """Check a decoded manifest's shape and plausibility (not its signature).
+
+    Raises :class:`ManifestError` naming the field, e.g. ``release.json: secure_version``.
+    """
     if not isinstance(data, dict):
-        raise SignatureError("a release manifest must be a JSON object", where=where)
+        raise ManifestError("a release manifest must be a JSON object", where=where,
+                            hint="write it with `hilfarm ota release IMAGE --key KEY -o FILE`")
     known = {f.name for f in fields(Manifest)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise SignatureError(f"unknown manifest field(s) {', '.join(unknown)}", where=where,
-                             hint="the manifest was edited or written by another tool")
-    if data.get("format") != FORMAT:
-        raise SignatureError(f"manifest format is {data.get('format')!r}, expected {FORMAT!r}",
-                             where=f"{where}: format")
+        raise ManifestError(f"unknown manifest field(s) {', '.join(unknown)}", where=where,
+                            hint="the manifest was edited or written by another tool")
     missing = [k for k in _STR_FIELDS + ("secure_version", "size") if k not in data]
     if missing:
-        raise SignatureError(f"manifest lacks {', '.join(missing)}", where=where)
+        raise ManifestError(f"release manifest lacks {', '.join(missing)}", where=where,
+                            hint="`hilfarm ota release IMAGE --key KEY [--url URL] -o FILE` "
+                                 f"writes every field ({FORMAT})")
+    if data["format"] != FORMAT:
+        raise ManifestError(f"manifest format is {data['format']!r}, expected {FORMAT!r}",
+                            where=f"{where}: format")
     for k in _STR_FIELDS:
         if not isinstance(data[k], str):
-            raise SignatureError(f"{k} must be a string", where=f"{where}: {k}")
-    for k in ("secure_version", "size"):
-        if isinstance(data[k], bool) or not isinstance(data[k], int) or data[k] < 0:
-            raise SignatureError(f"{k} must be a non-negative integer", where=f"{where}: {k}")
+            raise ManifestError(f"{k} must be a string", where=f"{where}: {k}")
     for k in ("url", "signature"):
-        if data.get(k) is not None and not isinstance(data[k], str):
-            raise SignatureError(f"{k} must be a string", where=f"{where}: {k}")
+        if data.get(k) is not None and (not isinstance(data[k], str) or not data[k]):
+            raise ManifestError(f"{k} must be a non-empty string when present",
+                                where=f"{where}: {k}")
+    url = data.get("url")
+    if url is not None and not url.startswith(("https://", "http://")):
+        raise ManifestError(f"manifest url {url!r} is not an http(s) URL", where=f"{where}: url",
+                            hint="devices fetch the image over HTTP(S); give its full URL")
+    if not _SHA256.match(data["sha256"]):
+        raise ManifestError(f"manifest sha256 {data['sha256']!r} is not 64 lowercase hex digits",
+                            where=f"{where}: sha256", hint="use the SHA-256 of the signed .bin")
+    size = data["size"]
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise ManifestError(f"manifest size {size!r} must be a positive integer (bytes)",
+                            where=f"{where}: size")
+    chip = data["chip"]
+    if chip not in KNOWN_CHIPS:
+        raise ManifestError(f"manifest chip {chip!r} is not an ESP32-family chip",
+                            where=f"{where}: chip", hint=f"one of {', '.join(KNOWN_CHIPS)}")
+    if not data["version"].strip():
+        raise ManifestError("manifest version must be a non-empty string",
+                            where=f"{where}: version")
+    secure_version = data["secure_version"]
+    bits = _SECURE_VERSION_BITS.get(chip, _DEFAULT_SECURE_VERSION_BITS)
+    if (isinstance(secure_version, bool) or not isinstance(secure_version, int)
+            or not 0 <= secure_version <= bits):
+        raise ManifestError(
+            f"manifest secure_version {secure_version!r} must be an integer 0..{bits} for {chip}",
+            where=f"{where}: secure_version",
+            hint="the eFuse counter has that many bits; a larger value can never be accepted")
+    for k in ("created", "expires"):
+        try:
+            _parse_time(data[k], f"{where}: {k}")
+        except SignatureError as exc:
+            raise ManifestError(exc.what, where=exc.where) from None
     return Manifest(**data)
 
 
@@ -206,12 +272,13 @@ def read_manifest(path: str | Path) -> Manifest:
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
-        raise UsageError(f"cannot read manifest: {exc.strerror}", where=str(p)) from None
+        raise ManifestError(f"cannot read release manifest: {exc.strerror}", where=str(p),
+                            hint="pass the manifest written by `hilfarm ota release`") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise SignatureError(f"manifest is not JSON: {exc.msg}",
-                             where=f"{p}:{exc.lineno}") from None
+        raise ManifestError(f"release manifest is not JSON: {exc.msg}",
+                            where=f"{p}:{exc.lineno}") from None
     return manifest_from_dict(data, str(p))
 
 

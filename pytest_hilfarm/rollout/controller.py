@@ -3,11 +3,14 @@
 ::
 
     start --HIL gate--> waiting(ring i) --staging soak ok--> deploy --> soaking(ring i)
-    soaking --soak over, evidence--> evaluate --> promote --> waiting(ring i+1) ... --> complete
-                                              |-> extend soak (inconclusive, up to N times)
-                                              |-> paused (trigger + numbers)   --resume--> soaking
-                                              '-> rolled_back (rings 0..i reverted)
+    soaking --every ingest--> sequential gates --harm--> paused | rolled_back (at once)
+    soaking --min soak over, all gates pass--> promote --> waiting(ring i+1) ... --> complete
+            --soak deadline, no decision--> extend soak (up to N times) --> paused
     any non-terminal --abort--> aborted;  --rollback--> rolled_back;  --pause--> paused
+
+Sequential (exposure) gates are evaluated at every step that brings evidence, also while
+waiting and while paused (a paused rollout still rolls back on clear harm); per-device gates
+only when a soak ends, as they always were.
 
 :func:`decide` is pure (plan, row, now, evidence) -> transition or hold; :class:`Controller`
 applies one transition per store transaction, so a crash between two transitions loses nothing
@@ -27,7 +30,15 @@ from typing import Any
 
 from pytest_hilfarm.errors import UsageError
 
-from .gates import GateResult, RingEvidence, Verdict, combine, evaluate_ring, staging_soak_gate
+from .gates import (
+    GateResult,
+    RingEvidence,
+    Verdict,
+    combine,
+    evaluate_ring,
+    harm,
+    staging_soak_gate,
+)
 from .hil import HilSummary, hil_gate
 from .manifest import Manifest, manifest_from_dict
 from .plan import Plan, parse_plan
@@ -44,6 +55,17 @@ class State(str, Enum):
 
 
 TERMINAL = frozenset({State.ROLLED_BACK.value, State.ABORTED.value, State.COMPLETE.value})
+# Exit codes of `rollout step|status` and `fleet simulate` (the hilfarm command's one table).
+EXIT_OK, EXIT_PAUSED, EXIT_STOPPED = 0, 10, 11
+
+
+def exit_code(state: str) -> int:
+    """0 complete or progressing, 10 paused (waits for a person), 11 rolled back or aborted."""
+    if state == State.PAUSED.value:
+        return EXIT_PAUSED
+    if state in (State.ROLLED_BACK.value, State.ABORTED.value):
+        return EXIT_STOPPED
+    return EXIT_OK
 
 
 def iso(ts: float | None) -> str:
@@ -107,17 +129,65 @@ def _deploy(plan: Plan, row: RolloutRow, now: float) -> Transition:
                       numbers, ring.name)
 
 
+def _first_production(plan: Plan) -> int:
+    return next(i for i, r in enumerate(plan.rings) if r.production)
+
+
+def _evaluate(plan: Plan, index: int, ev: RingEvidence, legacy_due: bool
+              ) -> tuple[GateResult, ...]:
+    ring = plan.rings[index]
+    # Staging and the canary must be representative: every named stratum covered.
+    coverage = not ring.production or index == _first_production(plan)
+    return evaluate_ring(ring, ev, plan.targeting, legacy_due=legacy_due, coverage=coverage)
+
+
+def _stop(plan: Plan, row: RolloutRow, ring_name: str, action: str, why: tuple[GateResult, ...],
+          numbers: dict[str, Any], base: dict[str, Any]) -> Transition:
+    summary = "; ".join(f"{r.gate}: {r.reason}" for r in why)
+    numbers = {**numbers, "trigger": [r.gate for r in why]}
+    if action == "pause":
+        return Transition("pause", f"ring {ring_name} paused: {summary}",
+                          {"state": State.PAUSED.value, "paused_from": row.state, **base},
+                          numbers, ring_name)
+    return _rollback(plan, row, f"ring {ring_name} rolled back: {summary}", numbers, base)
+
+
+def _watch(plan: Plan, row: RolloutRow, evidence: EvidenceFn | None,
+           rollback_only: bool) -> Transition | None:
+    """Harm check between soaks (waiting, paused): the deployed rings' sequential gates."""
+    if row.deployed_index < 0 or evidence is None:
+        return None
+    ring = plan.rings[row.deployed_index]
+    if not ring.gates.sequential:
+        return None
+    ev = evidence(row)
+    if ev is None:
+        return None
+    results = _evaluate(plan, row.deployed_index, ev, legacy_due=False)
+    hit = harm(tuple(r for r in results if r.verdict is Verdict.FAIL and
+                     (not rollback_only or r.on_fail == "rollback")))
+    if hit is None:
+        return None
+    numbers = {"ring": ring.name, "action": hit[0], "evidence": asdict(ev),
+               "gates": [r.to_dict() for r in results],
+               "cumulative_percent": cumulative_percent(plan, row.deployed_index)}
+    return _stop(plan, row, ring.name, hit[0], hit[1], numbers, {})
+
+
 def decide(plan: Plan, row: RolloutRow, now: float,
            evidence: EvidenceFn | None = None) -> Transition | Hold:
     """The next transition of ``row`` at ``now``, or why there is none. Pure."""
     if row.state in TERMINAL:
         return Hold(f"rollout is {row.state}")
     if row.state == State.PAUSED.value:
-        return Hold("paused: resume, roll back or abort it")
+        stop = _watch(plan, row, evidence, rollback_only=True)
+        return stop or Hold("paused: resume, roll back or abort it")
     ring = plan.rings[row.ring_index]
     if row.state == State.WAITING.value:
-        first_prod = next(i for i, r in enumerate(plan.rings) if r.production)
-        if row.ring_index == first_prod:
+        stop = _watch(plan, row, evidence, rollback_only=False)
+        if stop is not None:
+            return stop
+        if row.ring_index == _first_production(plan):
             soaked = None if row.staging_since is None else (now - row.staging_since) / 3600
             gate = staging_soak_gate(soaked, ring.gates.staging_soak_hours)
             if gate.verdict is not Verdict.PASS:
@@ -126,13 +196,19 @@ def decide(plan: Plan, row: RolloutRow, now: float,
         return _deploy(plan, row, now)
     # SOAKING
     assert row.soak_until is not None
-    if now < row.soak_until:
-        return Hold(f"ring {ring.name} soaking until {iso(row.soak_until)}",
-                    {"soak_until": row.soak_until})
+    soaking = f"ring {ring.name} soaking until {iso(row.soak_until)}"
+    sequential = ring.gates.sequential
+    if now < row.soak_until and not sequential:
+        return Hold(soaking, {"soak_until": row.soak_until})
     ev = evidence(row) if evidence is not None else None
     if ev is None:
+        if now < row.soak_until:
+            return Hold(soaking, {"soak_until": row.soak_until})
         return Hold(f"ring {ring.name} soak is over; give telemetry to evaluate it")
-    results = evaluate_ring(ring, ev)
+    started = row.ring_started_at if row.ring_started_at is not None else now
+    min_soak_over = now >= started + ring.soak_hours * 3600
+    legacy_due = now >= row.soak_until if ring.gates.legacy else min_soak_over
+    results = _evaluate(plan, row.ring_index, ev, legacy_due)
     action, why = combine(results)
     numbers: dict[str, Any] = {"ring": ring.name, "action": action, "evidence": asdict(ev),
                                "gates": [r.to_dict() for r in results],
@@ -141,8 +217,9 @@ def decide(plan: Plan, row: RolloutRow, now: float,
     if ev.baseline_drain_mean is not None and ring.production:
         # Remember the old firmware's drain: the last ring leaves no device on it to compare with.
         base["baseline_drain"] = ev.baseline_drain_mean
-    summary = "; ".join(f"{r.gate}: {r.reason}" for r in why)
-    if action == "promote":
+    if action in ("rollback", "pause"):
+        return _stop(plan, row, ring.name, action, why, numbers, base)
+    if action == "promote" and legacy_due and min_soak_over:
         if row.ring_index == len(plan.rings) - 1:
             return Transition("complete", f"ring {ring.name} passed every gate; rollout complete",
                               {"state": State.COMPLETE.value, **base}, numbers, ring.name)
@@ -150,22 +227,19 @@ def decide(plan: Plan, row: RolloutRow, now: float,
         return Transition("promote", f"ring {ring.name} passed every gate; next: {nxt.name}",
                           {"state": State.WAITING.value, "ring_index": row.ring_index + 1, **base},
                           numbers, ring.name)
-    if action == "wait":
-        if row.extensions < ring.gates.max_soak_extensions:
-            return Transition(
-                "extend", f"ring {ring.name}: no decision yet ({summary}); soak extended",
-                {"soak_until": now + ring.soak_hours * 3600, "extensions": row.extensions + 1,
-                 **base}, numbers, ring.name)
+    summary = "; ".join(f"{r.gate}: {r.reason}" for r in why)
+    if now < row.soak_until:
+        return Hold(f"{soaking}; {summary or 'gates pass, minimum soak not over'}",
+                    {"soak_until": row.soak_until, "gates": numbers["gates"]})
+    if row.extensions < ring.gates.max_soak_extensions:
         return Transition(
-            "pause", f"ring {ring.name}: still no decision after {row.extensions} extensions "
-            f"({summary})", {"state": State.PAUSED.value, "paused_from": row.state, **base},
-            {**numbers, "trigger": [r.gate for r in why]}, ring.name)
-    if action == "pause":
-        return Transition("pause", f"ring {ring.name} paused: {summary}",
-                          {"state": State.PAUSED.value, "paused_from": row.state, **base},
-                          {**numbers, "trigger": [r.gate for r in why]}, ring.name)
-    return _rollback(plan, row, f"ring {ring.name} rolled back: {summary}",
-                     {**numbers, "trigger": [r.gate for r in why]}, base)
+            "extend", f"ring {ring.name}: no decision yet ({summary}); soak extended",
+            {"soak_until": now + ring.soak_hours * 3600, "extensions": row.extensions + 1,
+             **base}, numbers, ring.name)
+    return Transition(
+        "pause", f"ring {ring.name}: still no decision after {row.extensions} extensions "
+        f"({summary})", {"state": State.PAUSED.value, "paused_from": row.state, **base},
+        {**numbers, "trigger": [r.gate for r in why]}, ring.name)
 
 
 def deployed_rings(plan: Plan, row: RolloutRow) -> list[str]:
@@ -194,10 +268,15 @@ class Controller:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self._plans: dict[str, Plan] = {}
 
     def plan_of(self, row: RolloutRow) -> Plan:
         # The plan is snapshotted at start: editing the file later cannot change a running rollout.
-        return parse_plan(row.plan_text, row.plan_source)
+        # Parsed once per digest: a simulation steps the same rollout hundreds of times.
+        plan = self._plans.get(row.plan_digest)
+        if plan is None:
+            plan = self._plans[row.plan_digest] = parse_plan(row.plan_text, row.plan_source)
+        return plan
 
     @staticmethod
     def manifest_of(row: RolloutRow) -> Manifest:

@@ -1,41 +1,50 @@
 """Fleet simulator: a whole rollout in simulated time over a modelled fleet.
 
-Every device is modelled (one byte per device per property in ``array`` buffers, one float for
-its battery drain), and the real :class:`~.controller.Controller` drives the rollout against an
-in-memory store, so a dry run exercises the same decisions a live rollout makes. Rare events
-(crashes, boot failures, lost connectivity) are drawn by geometric skipping: the cost is the
-number of events, not the number of devices, which keeps a million devices to seconds.
+Devices are modelled as cohorts: one per ring and stratum cell (hardware revision x region x
+link type), every device in a cohort alike. Counts are drawn from the exact laws of the model
+(binomial boot failures and crashes per device-hour, normal drains, hypergeometric picks of
+which devices a ring takes), so the evidence has the distribution a device-by-device model
+would give, at a cost that does not grow with the fleet: ten million devices take as long as
+two thousand. The real :class:`~.controller.Controller` drives the rollout against an in-memory
+store with telemetry ingested every hour, so a dry run takes the decisions a live rollout takes.
 It models rates, not radio or firmware internals, and never touches a real fleet.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-import random
-from array import array
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
+
 from pytest_hilfarm.errors import UsageError
 
-from .controller import TERMINAL, Controller, StartBlocked, State, StepReport, Transition, iso
-from .gates import RingEvidence
+from .controller import TERMINAL, Controller, StartBlocked, State, StepReport, iso
+from .gates import RingEvidence, StratumEvidence
 from .hil import HilSummary
-from .manifest import Manifest
-from .plan import Plan
+from .manifest import FORMAT, Manifest
+from .plan import STRATA_DIMENSIONS, Plan
 from .store import AuditEntry, RolloutRow, Store
 
 FAULT_KINDS = MappingProxyType({
-    "crash": "extra chance per device per day of at least one crash",
-    "boot": "share of devices whose first boot fails (they roll back to the old app)",
-    "connectivity": "extra share of devices whose connected ratio drops below the gate's bar",
+    "crash": "extra chance per device of at least one crash: per day (0.02, 2%), or per hour "
+             "with /h (0.5%/h)",
+    "boot": "share of update attempts whose first boot fails (they roll back to the old app)",
+    "connectivity": "extra share of devices that lose their mesh link half of the time",
     "battery": "relative increase of battery drain (0.3 = +30 %)",
     "hil": "the HIL suite fails (value: number of failed tests)",
 })
 # Simulated clock origin: fixed so timelines and reports are reproducible.
 EPOCH = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+INGEST_HOURS = 1.0
+_FAULT = re.compile(r"^(?P<kind>[a-z]+)[:=](?P<value>[0-9.eE+-]+)(?P<pct>%)?"
+                    r"(?:/(?P<unit>[hd]))?(?:@(?P<hw>.+))?$")
 
 
 @dataclass(frozen=True)
@@ -43,28 +52,36 @@ class Fault:
     kind: str
     value: float
     hardware: str | None = None  # only devices of this hardware revision are affected
+    per_hour: bool = False  # crash only: `value` is per hour instead of per day
 
     def __str__(self) -> str:
-        return f"{self.kind}:{self.value:g}" + (f"@{self.hardware}" if self.hardware else "")
+        unit = "/h" if self.per_hour else ""
+        return f"{self.kind}:{self.value:g}{unit}" + (f"@{self.hardware}" if self.hardware else "")
+
+    def crash_hazard(self) -> float:
+        """Crash hazard per device-hour for a crash fault."""
+        p = min(self.value, 1.0 - 1e-12)
+        return -math.log1p(-p) / (1.0 if self.per_hour else 24.0)
 
 
 def parse_fault(text: str) -> Fault:
-    """``crash:0.02``, ``boot:0.01@B`` (hardware revision B only), ``battery:0.3``."""
-    spec, _, hw = text.partition("@")
-    kind, sep, value = spec.partition(":")
-    if not sep:
-        kind, sep, value = spec.partition("=")
-    if kind not in FAULT_KINDS or not sep:
-        raise UsageError(f"fault {text!r} is not KIND:VALUE[@HW]", where="--fault",
+    """``crash:0.02`` (per day), ``crash:2%/h``, ``boot:1%@B`` (revision B only),
+    ``battery:0.3``.
+    """
+    m = _FAULT.match(text.strip())
+    if m is None or m["kind"] not in FAULT_KINDS:
+        raise UsageError(f"fault {text!r} is not KIND:VALUE[%][/h|/d][@HW]", where="--fault",
                          hint="kinds: " + "; ".join(f"{k} ({v})" for k, v in FAULT_KINDS.items()))
     try:
-        v = float(value)
+        v = float(m["value"]) / (100.0 if m["pct"] else 1.0)
     except ValueError:
-        raise UsageError(f"fault value {value!r} is not a number", where="--fault") from None
-    if v < 0 or (kind in ("crash", "boot", "connectivity") and v > 1):
-        raise UsageError(f"fault value {v:g} out of range for {kind}", where="--fault",
-                         hint="rates are 0..1; battery is a relative increase >= 0")
-    return Fault(kind, v, hw or None)
+        raise UsageError(f"fault value {m['value']!r} is not a number", where="--fault") from None
+    if m["unit"] and m["kind"] != "crash":
+        raise UsageError(f"/{m['unit']} applies to crash faults only", where="--fault")
+    if v < 0 or (m["kind"] in ("crash", "boot", "connectivity") and v > 1):
+        raise UsageError(f"fault value {v:g} out of range for {m['kind']}", where="--fault",
+                         hint="rates are 0..1 (or 0..100%); battery is a relative increase >= 0")
+    return Fault(m["kind"], v, m["hw"] or None, m["unit"] == "h")
 
 
 @dataclass(frozen=True)
@@ -73,11 +90,13 @@ class FleetModel:
 
     crash_per_day: float = 0.00002
     disconnected_share: float = 0.001
+    degraded_connected_ratio: float = 0.5  # a device that lost its link is connected half the time
     boot_failure: float = 0.0
     drain_mean: float = 20.0  # mAh/day
     drain_sd: float = 2.0
     hardware_revisions: tuple[tuple[str, float], ...] = (("A", 0.5), ("B", 0.3), ("C", 0.2))
     regions: tuple[tuple[str, float], ...] = (("eu", 0.4), ("us", 0.4), ("apac", 0.2))
+    connectivity_types: tuple[tuple[str, float], ...] = (("wifi", 0.6), ("thread", 0.4))
 
 
 @dataclass(frozen=True)
@@ -104,23 +123,14 @@ class SimResult:
     timeline: tuple[TimelineEntry, ...]
     audit: tuple[AuditEntry, ...]
     rollout_id: str
+    hours: float = 0.0  # simulated hours from start to the final state
+    first_production_hours: float | None = None  # when the first production ring deployed
 
+    @property
+    def exit_code(self) -> int:
+        from .controller import exit_code
 
-def _geometric_positions(rng: random.Random, n: int, p: float) -> Iterator[int]:
-    """Positions 0..n-1 each chosen independently with probability p, in O(events)."""
-    if p <= 0 or n <= 0:
-        return
-    if p >= 1:
-        yield from range(n)
-        return
-    log_q = math.log1p(-p)
-    pos = -1
-    while True:
-        # 1 - random() is in (0, 1]: log() never sees zero.
-        pos += 1 + int(math.log(1.0 - rng.random()) / log_q)
-        if pos >= n:
-            return
-        yield pos
+        return 1 if self.final_state == "blocked" else exit_code(self.final_state)
 
 
 class Fleet:
@@ -130,195 +140,289 @@ class Fleet:
                  model: FleetModel | None = None, seed: int = 1) -> None:
         if devices < 1:
             raise UsageError(f"--devices {devices} must be at least 1", where="--devices")
-        self.plan, self.model, self.rng = plan, model or FleetModel(), random.Random(seed)
+        self.plan, self.model = plan, model or FleetModel()
+        self.rng = np.random.default_rng(seed)
         self.faults = tuple(faults)
-        self.staging = sum(r.devices or 0 for r in plan.rings if not r.production)
-        total = devices + self.staging
         self.devices = devices
-        m, rng = self.model, self.rng
-        hw_names = [h for h, _ in m.hardware_revisions]
-        self.hw_names = hw_names
-        self.hw = array("b", rng.choices(range(len(hw_names)),
-                                         [w for _, w in m.hardware_revisions], k=total))
-        region_names = [r for r, _ in m.regions]
-        self.region = array("b", rng.choices(range(len(region_names)),
-                                             [w for _, w in m.regions], k=total))
-        self.drain = array("f", (max(0.0, rng.gauss(m.drain_mean, m.drain_sd))
-                                 for _ in range(total)))
-        zeros = bytes(total)
-        self.on_candidate = array("b", zeros)
-        self.received = array("b", zeros)
-        self.crashed = array("b", zeros)
-        self.disconnected = array("b", zeros)
-        self.boot_failed = array("b", zeros)
-        # Targeting: which production devices the plan may reach. Staging devices sit after the
-        # production ones and are always targeted by their ring.
+        m = self.model
+        dims = (m.hardware_revisions, m.regions, m.connectivity_types)
+        self.names = [tuple(n for n, _ in d) for d in dims]
+        self.hw_names = list(self.names[0])
+        cells = list(itertools.product(*(range(len(d)) for d in dims)))
+        self.cells = np.array(cells, dtype=np.int64).reshape(len(cells), 3)
+        weights = np.array([dims[0][a][1] * dims[1][b][1] * dims[2][c][1] for a, b, c in cells])
+        self.weights = weights / weights.sum()
+        population = self.rng.multinomial(devices, self.weights)
         tg = plan.targeting
-        want_hw = {hw_names.index(h) for h in tg.hardware_revisions if h in hw_names}
-        want_rg = {region_names.index(r) for r in tg.regions if r in region_names}
-        if tg.hardware_revisions or tg.regions:
-            self.eligible: Sequence[int] = array("i", (
-                i for i in range(devices)
-                if (not tg.hardware_revisions or self.hw[i] in want_hw)
-                and (not tg.regions or self.region[i] in want_rg)))
-        else:
-            self.eligible = range(devices)
-        if not self.eligible:
+        wanted = (tg.hardware_revisions, tg.regions, tg.connectivity_types)
+        ok = np.ones(len(cells), dtype=bool)
+        for d, want in enumerate(wanted):
+            if want:
+                ok &= np.isin(self.cells[:, d], [i for i, n in enumerate(self.names[d])
+                                                 if n in want])
+        self.available = np.where(ok, population, 0).astype(np.int64)
+        self.eligible = int(self.available.sum())
+        if self.eligible == 0:
             raise UsageError("the plan's targeting matches no modelled device", where=plan.source,
-                             hint=f"modelled hardware {hw_names}, regions {region_names}")
-        self.total_drain = sum(self.drain[i] for i in self.eligible)
-        self.segments: list[Sequence[int]] = []  # index sequences that received the candidate
-        self.next_eligible = 0
-        self.next_staging = devices
-        self.n_deployed = self.n_crashed = self.n_disc = self.n_boot = self.n_received = 0
-        self.n_on = 0
-        self.cand_sum = self.cand_sq = 0.0
-        self.cand_n = 0
-        self.base_removed = 0.0  # drain of eligible devices now on the candidate
+                             hint=f"modelled hardware {self.names[0]}, regions {self.names[1]}, "
+                                  f"link types {self.names[2]}")
+        self.staging = sum(r.devices or 0 for r in plan.rings if not r.production)
+        self.deployed_index = -1
+        self.production_received = 0
+        self.staging_received = 0
+        self.reverted = False
+        # Per-cohort state (one entry per ring x cell that received devices).
+        z = np.zeros(0, dtype=np.int64)
+        self.c_cell, self.c_n, self.c_on, self.c_crashed = z.copy(), z.copy(), z.copy(), z.copy()
+        self.c_failed, self.c_degraded = z.copy(), z.copy()
+        f = np.zeros(0)
+        self.c_hazard, self.c_drain_sum, self.c_drain_sq = f.copy(), f.copy(), f.copy()
+        self.c_hours, self.c_events, self.c_disc = f.copy(), f.copy(), f.copy()
+        self._evidence: RingEvidence | None = None
 
-    def _fault(self, kind: str) -> list[Fault]:
-        return [f for f in self.faults if f.kind == kind]
-
-    def _rate(self, kind: str, base: float, hw: int | None) -> float:
-        extra = sum(f.value for f in self._fault(kind)
-                    if f.hardware is None or (hw is not None and self.hw_names[hw] == f.hardware))
-        return min(1.0, base + extra)
-
-    def _max_rate(self, kind: str, base: float) -> float:
-        return min(1.0, base + sum(f.value for f in self._fault(kind)))
-
-    def _sample(self, seq: Sequence[int], kind: str, base: float, flags: array) -> int:
-        """Mark devices of ``seq`` hit by ``kind``; thinning handles hardware-scoped faults."""
-        p_max = self._max_rate(kind, base)
-        hits = 0
-        for pos in _geometric_positions(self.rng, len(seq), p_max):
-            i = seq[pos]
-            if flags[i]:
+    # -- the candidate's effect on one cell ------------------------------------------------
+    def _extra(self, kind: str, cells: np.ndarray) -> np.ndarray:
+        extra = np.zeros(len(cells))
+        for flt in self.faults:
+            if flt.kind != kind:
                 continue
-            p = self._rate(kind, base, self.hw[i])
-            if p < p_max and self.rng.random() * p_max >= p:
-                continue
-            flags[i] = 1
-            hits += 1
-        return hits
+            value = flt.crash_hazard() if kind == "crash" else flt.value
+            if flt.hardware is None:
+                extra += value
+            elif flt.hardware in self.hw_names:
+                extra += np.where(self.cells[cells, 0] == self.hw_names.index(flt.hardware),
+                                  value, 0.0)
+        return extra
+
+    def _stratified(self, n: int, pool: np.ndarray | None) -> np.ndarray:
+        """``n`` devices that cover every named stratum with ``min_per_stratum`` first (as a
+        representative staging or canary group is picked), the rest at random.
+        """
+        tg = self.plan.targeting
+        need = tg.min_per_stratum
+        counts = np.zeros(len(self.cells), dtype=np.int64)
+        left = pool.copy() if pool is not None else None
+        wanted = (tg.hardware_revisions, tg.regions, tg.connectivity_types)
+        deficits = {(d, self.names[d].index(v)): need for d, vals in enumerate(wanted)
+                    for v in vals if v in self.names[d]}
+        while n - counts.sum() > 0 and any(v > 0 for v in deficits.values()):
+            def score(c: int) -> tuple[int, float]:
+                covers = sum(1 for (d, i), v in deficits.items() if v > 0 and
+                             self.cells[c, d] == i)
+                return covers, (left[c] if left is not None else self.weights[c])
+            candidates = [c for c in range(len(self.cells)) if left is None or left[c] > 0]
+            best = max(candidates, key=score, default=None)
+            if best is None or score(best)[0] == 0:
+                break
+            counts[best] += 1
+            if left is not None:
+                left[best] -= 1
+            for (d, i) in deficits:
+                if self.cells[best, d] == i:
+                    deficits[(d, i)] -= 1
+        rest = n - int(counts.sum())
+        if rest > 0:
+            counts += self._random(rest, left)
+        return counts
+
+    def _random(self, n: int, pool: np.ndarray | None) -> np.ndarray:
+        if pool is None:  # in-house staging devices: drawn from the model's mix
+            return self.rng.multinomial(n, self.weights).astype(np.int64)
+        n = min(n, int(pool.sum()))
+        if n <= 0:
+            return np.zeros(len(self.cells), dtype=np.int64)
+        return self.rng.multivariate_hypergeometric(pool, n).astype(np.int64)
 
     def deploy(self, ring_index: int) -> int:
         """Give the candidate to ring ``ring_index``; returns the number of devices it reached."""
         ring = self.plan.rings[ring_index]
+        first_prod = next(i for i, r in enumerate(self.plan.rings) if r.production)
+        representative = self.plan.targeting.min_per_stratum > 0 and (
+            not ring.production or ring_index == first_prod)
         if ring.production:
             assert ring.percent is not None
-            end = round(len(self.eligible) * ring.percent / 100)
-            seq = self.eligible[self.next_eligible:end]
-            self.next_eligible = max(end, self.next_eligible)
+            end = round(self.eligible * ring.percent / 100)
+            n = max(0, end - self.production_received)
+            counts = (self._stratified(n, self.available) if representative
+                      else self._random(n, self.available))
+            self.available -= counts
+            self.production_received += int(counts.sum())
         else:
             assert ring.devices is not None
-            seq = range(self.next_staging, self.next_staging + ring.devices)
-            self.next_staging += ring.devices
-        battery = 1.0 + sum(f.value for f in self._fault("battery") if f.hardware is None)
-        battery_hw = {self.hw_names.index(f.hardware): f.value for f in self._fault("battery")
-                      if f.hardware in self.hw_names}
-        on, received, drain, hw = self.on_candidate, self.received, self.drain, self.hw
-        s = sq = 0.0
-        for i in seq:
-            on[i] = 1
-            received[i] = 1
-            d = drain[i] * (battery + battery_hw.get(hw[i], 0.0))
-            s += d
-            sq += d * d
-            if i < self.devices:
-                self.base_removed += drain[i]
-        self.cand_sum += s
-        self.cand_sq += sq
-        self.cand_n += len(seq)
-        self.n_received += len(seq)
-        self.n_on += len(seq)
-        self.n_deployed += len(seq)
-        self.segments.append(seq)
-        boot = self._sample(seq, "boot", self.model.boot_failure, self.boot_failed)
-        self.n_boot += boot
-        if boot:
-            # A device that failed to boot the candidate is back on the old app (ESP-IDF rollback,
-            # notes §3.3); its drain no longer counts for the candidate.
-            for i in seq:
-                if self.boot_failed[i] and on[i]:
-                    on[i] = 0
-                    self.n_on -= 1
-        self.n_disc += self._sample(seq, "connectivity", self.model.disconnected_share,
-                                    self.disconnected)
-        return len(seq)
+            counts = (self._stratified(ring.devices, None) if representative
+                      else self._random(ring.devices, None))
+            self.staging_received += int(counts.sum())
+        cells = np.nonzero(counts)[0]
+        n_arr = counts[cells]
+        m = self.model
+        p_boot = np.minimum(1.0, m.boot_failure + self._extra("boot", cells))
+        failed = self.rng.binomial(n_arr, p_boot)
+        on = n_arr - failed
+        p_deg = np.minimum(1.0, m.disconnected_share + self._extra("connectivity", cells))
+        degraded = self.rng.binomial(on, p_deg)
+        factor = 1.0 + self._extra("battery", cells)
+        # Sum and sum of squares of `on` normal drains, drawn exactly: the sample mean is normal,
+        # the sample variance a scaled chi-square, and the two are independent.
+        mu, sd = m.drain_mean * factor, m.drain_sd * factor
+        safe = np.maximum(on, 1)
+        mean = self.rng.normal(mu, sd / np.sqrt(safe))
+        var = sd ** 2 * self.rng.chisquare(np.maximum(safe - 1, 1)) / np.maximum(safe - 1, 1)
+        drain_sum = np.where(on > 0, mean * on, 0.0)
+        drain_sq = np.where(on > 0, (on - 1) * var + on * mean ** 2, 0.0)
+        hazard = -math.log1p(-min(m.crash_per_day, 1 - 1e-12)) / 24.0 + self._extra("crash", cells)
+        z = np.zeros(len(cells))
+        self.c_cell = np.concatenate([self.c_cell, cells])
+        self.c_n = np.concatenate([self.c_n, n_arr])
+        self.c_on = np.concatenate([self.c_on, on])
+        self.c_crashed = np.concatenate([self.c_crashed, np.zeros(len(cells), dtype=np.int64)])
+        self.c_failed = np.concatenate([self.c_failed, failed])
+        self.c_degraded = np.concatenate([self.c_degraded, degraded])
+        self.c_hazard = np.concatenate([self.c_hazard, hazard])
+        self.c_drain_sum = np.concatenate([self.c_drain_sum, drain_sum])
+        self.c_drain_sq = np.concatenate([self.c_drain_sq, drain_sq])
+        self.c_hours = np.concatenate([self.c_hours, z])
+        self.c_events = np.concatenate([self.c_events, z])
+        self.c_disc = np.concatenate([self.c_disc, z])
+        self.deployed_index = ring_index
+        self._evidence = None
+        return int(n_arr.sum())
 
     def advance(self, hours: float) -> None:
-        """Let ``hours`` pass for every device running the candidate."""
-        if hours <= 0:
+        """Let ``hours`` pass for every device running the candidate (one ingest window)."""
+        if hours <= 0 or not len(self.c_on) or self.reverted:
             return
-        for seq in self.segments:
-            self.n_crashed += self._sample_window(seq, hours)
-
-    def _sample_window(self, seq: Sequence[int], hours: float) -> int:
-        def window(p_day: float) -> float:
-            # A per-day rate over a window of `hours`: 1 - (1 - p_day)^(hours/24).
-            return 1 - (1 - min(p_day, 1.0)) ** (hours / 24)
-        p_max = window(self._max_rate("crash", self.model.crash_per_day))
-        hits = 0
-        for pos in _geometric_positions(self.rng, len(seq), p_max):
-            i = seq[pos]
-            if self.crashed[i] or not self.on_candidate[i]:
-                continue
-            p = window(self._rate("crash", self.model.crash_per_day, self.hw[i]))
-            if p < p_max and self.rng.random() * p_max >= p:
-                continue
-            self.crashed[i] = 1
-            hits += 1
-        return hits
+        on = self.c_on
+        # Devices with at least one crash in the window: the crash-hours of a window of at most
+        # one hour (the simulator ingests hourly), one per device-hour however many crashes.
+        p = -np.expm1(-self.c_hazard * hours)
+        crashing = self.rng.binomial(on, p)
+        hit = np.nonzero(crashing)[0]
+        if len(hit):
+            # Which of the crashing devices crash for the first time (per-device gates).
+            fresh = on[hit] - self.c_crashed[hit]
+            self.c_crashed[hit] += self.rng.hypergeometric(fresh, self.c_crashed[hit],
+                                                           crashing[hit])
+        self.c_events = self.c_events + crashing
+        self.c_hours = self.c_hours + on * hours
+        lost = 1.0 - self.model.degraded_connected_ratio
+        self.c_disc = self.c_disc + self.rng.binomial(
+            np.round(self.c_degraded * hours).astype(np.int64), lost)
+        self._evidence = None
 
     def revert(self) -> None:
         """Roll every device back to the previous firmware."""
-        for seq in self.segments:
-            for i in seq:
-                self.on_candidate[i] = 0
-        self.n_on = 0
+        self.c_on = np.zeros_like(self.c_on)
+        self.reverted = True
+        self._evidence = None
+
+    def sync(self, row: RolloutRow) -> None:
+        """Follow the controller: deploy the rings it deployed, revert on rollback."""
+        while self.deployed_index < row.deployed_index:
+            self.deploy(self.deployed_index + 1)
+        if row.state == State.ROLLED_BACK.value and not self.reverted:
+            self.revert()
+
+    @property
+    def on_candidate(self) -> int:
+        return int(self.c_on.sum())
 
     def evidence(self, row: RolloutRow) -> RingEvidence:
-        n = self.n_deployed
-        mean = self.cand_sum / self.cand_n if self.cand_n else 0.0
-        var = (self.cand_sq - self.cand_n * mean * mean) / (self.cand_n - 1) if self.cand_n > 1 \
-            else 0.0
-        remaining = len(self.eligible) - min(self.next_eligible, len(self.eligible))
-        baseline = ((self.total_drain - self.base_removed) / remaining if remaining
-                    else row.baseline_drain)
-        return RingEvidence(devices=n, crashed=self.n_crashed, connected_ok=n - self.n_disc,
-                            connectivity_reported=n, boot_failed=self.n_boot, drain_n=self.cand_n,
-                            drain_mean=mean, drain_sd=math.sqrt(max(var, 0.0)),
-                            baseline_drain_mean=baseline)
+        self.sync(row)
+        if self._evidence is not None:
+            return self._evidence
+        n = int(self.c_n.sum())
+        on = int(self.c_on.sum())
+        mean = float(self.c_drain_sum.sum()) / on if on else 0.0
+        var = (float(self.c_drain_sq.sum()) - on * mean * mean) / (on - 1) if on > 1 else 0.0
+        remaining = int(self.available.sum())
+        baseline = (self.rng.normal(self.model.drain_mean, self.model.drain_sd /
+                                    math.sqrt(remaining)) if remaining else row.baseline_drain)
+        degraded = int(self.c_degraded.sum())
+        strata: list[StratumEvidence] = []
+        named = dict(zip(STRATA_DIMENSIONS, (
+            self.plan.targeting.hardware_revisions, self.plan.targeting.regions,
+            self.plan.targeting.connectivity_types)))
+        for d, dim in enumerate(STRATA_DIMENSIONS):
+            if not named[dim]:
+                continue
+            idx = self.cells[self.c_cell, d]
+            k = len(self.names[d])
+
+            def by(values: np.ndarray, idx: np.ndarray = idx, k: int = k) -> np.ndarray:
+                return np.bincount(idx, weights=values, minlength=k)
+            devs, hours = by(self.c_n), by(self.c_hours)
+            events, disc = by(self.c_events), by(self.c_disc)
+            failed = by(self.c_failed)
+            for i, name in enumerate(self.names[d]):
+                if devs[i]:
+                    strata.append(StratumEvidence(dim, name, int(devs[i]), float(hours[i]),
+                                                  float(events[i]), int(devs[i]),
+                                                  int(failed[i]), float(disc[i]),
+                                                  float(hours[i])))
+        hours_total = float(self.c_hours.sum())
+        self._evidence = RingEvidence(
+            devices=n, crashed=int(self.c_crashed.sum()), connected_ok=n - degraded,
+            connectivity_reported=n, boot_failed=int(self.c_failed.sum()), drain_n=on,
+            drain_mean=mean, drain_sd=math.sqrt(max(var, 0.0)), baseline_drain_mean=baseline,
+            device_hours=hours_total, crash_events=float(self.c_events.sum()),
+            attempts=n, failed_attempts=int(self.c_failed.sum()),
+            disconnected_hours=float(self.c_disc.sum()), connectivity_hours=hours_total,
+            strata=tuple(strata))
+        return self._evidence
 
 
 def synthetic_manifest(plan: Plan) -> Manifest:
     """A stand-in artifact when the plan names no manifest (the simulator ships nothing)."""
-    return Manifest(url=f"https://example.invalid/{plan.name}.bin", sha256="0" * 64, size=1,
-                    chip="esp32", version="candidate", secure_version=0)
+    stamp = datetime.fromtimestamp(EPOCH, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return Manifest(chip="esp32", project=plan.name, version="candidate", secure_version=0,
+                    sha256="0" * 64, size=1, created=stamp, expires=stamp, key_id="",
+                    sig_scheme="ed25519", url=f"https://example.invalid/{plan.name}.bin",
+                    format=FORMAT)
+
+
+def _horizon_hours(plan: Plan) -> float:
+    """Longest a rollout can run without a person: every soak extended to its limit."""
+    total = plan.gates.staging_soak_hours + 24.0
+    for r in plan.rings:
+        total += r.soak_hours * (1 + r.gates.max_soak_extensions) + INGEST_HOURS
+    return total
 
 
 def simulate(plan: Plan, plan_text: str, devices: int, faults: Sequence[Fault] = (), *,
              seed: int = 1, model: FleetModel | None = None,
-             manifest: Manifest | None = None) -> SimResult:
-    """Run the plan's rollout to its end (complete, paused, rolled back) in simulated time."""
+             manifest: Manifest | None = None, ingest_hours: float = INGEST_HOURS,
+             timeline: bool = True) -> SimResult:
+    """Run the plan's rollout to its end (complete, paused, rolled back) in simulated time.
+
+    Telemetry is ingested every ``ingest_hours`` (at most one hour: crash-hours are counted per
+    window) and at every soak deadline. ``timeline=False`` skips the per-transition record the
+    report needs (used by the trial runner).
+    """
+    if not 0 < ingest_hours <= 1.0:
+        raise UsageError(f"ingest interval {ingest_hours:g} h must be in (0, 1]",
+                         where="--ingest-minutes")
     fleet = Fleet(plan, devices, faults, model, seed)
     manifest = manifest or synthetic_manifest(plan)
     hil_fail = int(sum(f.value for f in faults if f.kind == "hil"))
     hil = HilSummary("simulated HIL suite", 40, hil_fail, 0, 0,
                      tuple(f"test_sim_{i}" for i in range(hil_fail)))
     now = EPOCH
-    timeline: list[TimelineEntry] = []
+    entries: list[TimelineEntry] = []
+    first_prod = next(i for i, r in enumerate(plan.rings) if r.production)
+    first_prod_at: list[float] = []
     # Without a staging ring, assume the staging soak already happened (the simulator models the
     # production fleet); a plan with a staging ring earns it in simulated time instead.
     has_staging = any(not r.production for r in plan.rings)
     staging_since = None if has_staging else now - plan.gates.staging_soak_hours * 3600
 
-    def record(report: StepReport) -> None:
+    def record(report: StepReport, row: RolloutRow) -> None:
+        fleet.sync(row)
         for t in report.transitions:
-            _apply(fleet, plan, t)
-            timeline.append(TimelineEntry(now, (now - EPOCH) / 3600, t.event, t.ring, t.reason,
-                                          fleet.n_on, t.numbers))
+            if t.event == "deploy" and t.ring == plan.rings[first_prod].name:
+                first_prod_at.append(now)
+            if timeline:
+                entries.append(TimelineEntry(now, (now - EPOCH) / 3600, t.event, t.ring,
+                                             t.reason, fleet.on_candidate, t.numbers))
 
     with Store(":memory:") as store:
         ctl = Controller(store)
@@ -327,32 +431,33 @@ def simulate(plan: Plan, plan_text: str, devices: int, faults: Sequence[Fault] =
                                   staging_since=staging_since, actor="simulator",
                                   evidence=fleet.evidence)
         except StartBlocked as exc:
-            timeline.append(TimelineEntry(now, 0.0, "blocked", None, str(exc.what), 0,
-                                          exc.result.to_dict()))
+            entries.append(TimelineEntry(now, 0.0, "blocked", None, str(exc.what), 0,
+                                         exc.result.to_dict()))
             return SimResult(devices, fleet.staging, "blocked", None, exc.what, 0, 0, 0.0,
-                             tuple(timeline), (), "-")
+                             tuple(entries), (), "-")
         rid = report.rollout_id
-        timeline.append(TimelineEntry(now, 0.0, "start", None, f"rollout {rid} started", 0,
-                                      {"hil": "passed"}))
-        record(report)
-        hold = report.hold
-        for _ in range(10_000):
+        if timeline:
+            entries.append(TimelineEntry(now, 0.0, "start", None, f"rollout {rid} started", 0,
+                                         {"hil": "passed"}))
+        record(report, store.get(rid))
+        end = now + _horizon_hours(plan) * 3600
+        while now < end:
             row = store.get(rid)
             if row.state in TERMINAL or row.state == State.PAUSED.value:
                 break
-            if row.state == State.SOAKING.value:
-                assert row.soak_until is not None
+            nxt = now + ingest_hours * 3600
+            # Land exactly on deadlines, so a soak of 90 minutes is judged at 90 minutes.
+            if row.state == State.SOAKING.value and row.soak_until is not None \
+                    and now < row.soak_until < nxt:
                 nxt = row.soak_until
-            else:  # waiting for the staging soak
-                assert row.staging_since is not None
-                nxt = row.staging_since + plan.gates.staging_soak_hours * 3600
-            if nxt <= now:
-                raise UsageError(f"simulation stalled in {row.state}: {hold}", where=plan.source)
+            elif row.state == State.WAITING.value and row.staging_since is not None:
+                due = row.staging_since + plan.gates.staging_soak_hours * 3600
+                if now < due < nxt:
+                    nxt = due
             fleet.advance((nxt - now) / 3600)
             now = nxt
             report = ctl.step(rid, now=now, evidence=fleet.evidence, actor="simulator")
-            record(report)
-            hold = report.hold
+            record(report, store.get(rid))
         row = store.get(rid)
         audit = tuple(store.audit(rid))
     last = audit[-1]
@@ -360,22 +465,11 @@ def simulate(plan: Plan, plan_text: str, devices: int, faults: Sequence[Fault] =
     return SimResult(
         devices=devices, staging_devices=fleet.staging, final_state=row.state,
         stopped_ring=stopped, stop_reason=last.reason,
-        blast_radius=_production_received(fleet), staging_exposed=fleet.next_staging - devices,
+        blast_radius=fleet.production_received, staging_exposed=fleet.staging_received,
         reached_percent=max((float(e.numbers.get("cumulative_percent") or 0.0) for e in audit
                              if e.event == "deploy"), default=0.0),
-        timeline=tuple(timeline), audit=audit, rollout_id=rid)
-
-
-def _production_received(fleet: Fleet) -> int:
-    return min(fleet.next_eligible, len(fleet.eligible))
-
-
-def _apply(fleet: Fleet, plan: Plan, t: Transition) -> None:
-    if t.event == "deploy":
-        idx = next(i for i, r in enumerate(plan.rings) if r.name == t.ring)
-        fleet.deploy(idx)
-    elif t.event == "rollback":
-        fleet.revert()
+        timeline=tuple(entries), audit=audit, rollout_id=rid, hours=(last.at - EPOCH) / 3600,
+        first_production_hours=(first_prod_at[0] - EPOCH) / 3600 if first_prod_at else None)
 
 
 def format_timeline(result: SimResult) -> str:
@@ -386,10 +480,12 @@ def format_timeline(result: SimResult) -> str:
         lines.append(f"{iso(e.at)} (+{e.hours:6.1f} h) {e.event:<8} "
                      f"{(e.ring or '-'):<10} on candidate: {e.on_candidate:>9,}  {e.reason}")
         for g in e.numbers.get("gates", []):
+            if "[" in g["gate"] and g["verdict"] == "pass":
+                continue  # per-stratum monitors: shown only when they alarm
             lines.append(f"{'':33}gate {g['gate']:<13} {g['verdict']:<12} {g['reason']}")
     lines.append(f"result: {result.final_state}"
                  + (f" in ring {result.stopped_ring}" if result.stopped_ring else "")
-                 + f"; reached {result.reached_percent:g}% of the fleet")
+                 + f" after {result.hours:.1f} h; reached {result.reached_percent:g}% of the fleet")
     lines.append(f"why: {result.stop_reason}")
     lines.append(f"blast radius: {result.blast_radius:,} production devices received the "
                  f"candidate ({result.blast_radius / result.devices:.2%})"

@@ -1,9 +1,15 @@
 """Gate evaluation: pure functions from evidence to a recorded decision.
 
 Every gate returns a :class:`GateResult` carrying the numbers that made it (counts, bound,
-threshold), so an audit log can replay why a ring grew or stopped. Rates are judged by a Wilson
-score bound, never by the raw ratio: a canary of 20 devices with no crash has an upper bound far
-above 0.1 % and cannot pass by luck. Nothing here reads files, clocks or the store.
+threshold), so an audit log can replay why a ring grew or stopped. Two families:
+
+* per-device shares (``per: device``, the original definition): a Wilson score bound, judged
+  once when the soak ends; a canary of 20 devices with no crash cannot pass a 0.1 % gate by luck.
+* exposure rates (``per: device_hour``, ``per: attempt``): anytime-valid sequential tests from
+  :mod:`.stats`, judged at every ingest. Clear harm fails at once; a pass needs enough exposure
+  that a release as bad as the gate's ``detect`` rate would have been caught.
+
+Nothing here reads files, clocks or the store.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ from enum import Enum
 from statistics import NormalDist
 from typing import Any
 
-from .plan import Gates, Ring
+from . import stats
+from .plan import PER_ATTEMPT, Gates, RateGate, Ring, Targeting
 
 
 class Verdict(str, Enum):
@@ -39,8 +46,30 @@ class GateResult:
 
 
 @dataclass(frozen=True)
+class StratumEvidence:
+    """The exposure counters of one stratum (a hardware revision, a region or a link type)."""
+
+    dimension: str
+    value: str
+    devices: int = 0
+    device_hours: float = 0.0
+    crash_events: float = 0.0
+    attempts: int = 0
+    failed_attempts: int = 0
+    disconnected_hours: float = 0.0
+    connectivity_hours: float = 0.0
+
+
+@dataclass(frozen=True)
 class RingEvidence:
-    """Aggregated telemetry of the devices running the candidate, plus the baseline's drain."""
+    """Aggregated telemetry of the devices running the candidate, plus the baseline's drain.
+
+    The first block is per device (the original gates); the exposure block counts device-hours
+    on the candidate, device-hours with at least one crash (one per device-hour at most, so a
+    single device in a crash loop adds one per hour, not hundreds), update attempts, attempts
+    that failed to boot, and device-hours without a mesh link. ``strata`` repeats the exposure
+    block per stratum value.
+    """
 
     devices: int = 0
     crashed: int = 0
@@ -54,6 +83,13 @@ class RingEvidence:
     # Telemetry lines that were malformed and skipped: recorded with the decision so a gate fed
     # half a file says so in the audit log.
     malformed_lines: int = 0
+    device_hours: float = 0.0
+    crash_events: float = 0.0
+    attempts: int = 0
+    failed_attempts: int = 0
+    disconnected_hours: float = 0.0
+    connectivity_hours: float = 0.0  # device-hours that reported a connected ratio
+    strata: tuple[StratumEvidence, ...] = ()
 
 
 def z_for(confidence: float) -> float:
@@ -175,19 +211,159 @@ def battery_gate(ev: RingEvidence, max_increase: float, min_devices: int, confid
                       on_fail)
 
 
-def evaluate_ring(ring: Ring, ev: RingEvidence) -> tuple[GateResult, ...]:
-    """All telemetry gates of one ring against its evidence."""
+def _exposure_counts(gate: str, e: RingEvidence | StratumEvidence) -> tuple[float, float]:
+    if gate == "crash_rate":
+        return e.crash_events, e.device_hours
+    if gate == "connectivity":
+        return e.disconnected_hours, e.connectivity_hours
+    return float(e.failed_attempts), float(e.attempts)
+
+
+def sequential_gate(gate: str, rg: RateGate, events: float, exposure: float, confidence: float,
+                    power: float, alpha: float | None = None, alarm_only: bool = False
+                    ) -> GateResult:
+    """An exposure gate: FAIL once the mixture test alarms (anytime-valid, false alarm <= alpha
+    over the whole rollout), PASS once a rate of ``detect`` or worse is ruled out (<= 1 - power
+    chance of passing such a release), INCONCLUSIVE while it monitors.
+
+    Connectivity is tested as its complement (disconnected device-hours per device-hour against
+    ``1 - min``) and reported as connectivity. ``per: attempt`` gates only alarm: their evidence
+    grows by deploying, not by soaking, so a pass means "no alarm after n attempts".
+    """
+    a = (1.0 - confidence) if alpha is None else alpha
+    beta = 1.0 - power
+    is_min = gate == "connectivity"
+    limit = 1.0 - rg.limit if is_min else rg.limit
+    unit = "attempts" if rg.per == PER_ATTEMPT else "device-hours"
+    numbers: dict[str, Any] = {"per": rg.per, "events": _r(events), "exposure": _r(exposure),
+                               "threshold": rg.limit, "alpha": _r(a), "confidence": confidence}
+    if exposure <= 0:
+        return GateResult(gate, Verdict.INSUFFICIENT, f"no {unit} on the candidate reported yet",
+                          numbers, rg.on_fail)
+    if rg.per == PER_ATTEMPT:
+        k, n = int(events), int(exposure)
+        log_alarm = stats.binomial_log_alarm(k, n, limit)
+        lo, hi = stats.clopper_pearson(k, n, confidence)
+    else:
+        k_f = events
+        log_alarm = stats.poisson_log_alarm(k_f, exposure, limit, cap=1.0)
+        lo, hi = stats.garwood(k_f, exposure, confidence)
+        hi = min(hi, 1.0)
+    rate = events / exposure
+    alarm_at = math.log(1.0 / a)
+    numbers.update(log_alarm=_r(min(log_alarm, 1e6)), alarm_at=_r(alarm_at))
+    if is_min:
+        numbers.update(rate=_r(1 - rate), lower=_r(1 - hi), upper=_r(1 - lo))
+    else:
+        numbers.update(rate=_r(rate), lower=_r(lo), upper=_r(hi))
+    shown = (f"connectivity {1 - rate:.3%} over {exposure:,.0f} {unit}" if is_min else
+             f"{events:g}/{exposure:,.0f} {unit} = {rate:.4%}")
+    if log_alarm >= alarm_at:
+        if rg.per != PER_ATTEMPT:
+            bound = stats.poisson_anytime_lower(events, exposure, a, cap=1.0)
+            numbers["anytime_bound"] = _r(1 - bound if is_min else bound)
+        what = "below" if is_min else "above"
+        return GateResult(gate, Verdict.FAIL,
+                          f"{shown}: sequential test alarms (ratio e^{log_alarm:.1f} >= 1/"
+                          f"{a:g}), the rate is {what} {rg.limit:g}", numbers, rg.on_fail)
+    if alarm_only or rg.per == PER_ATTEMPT:
+        return GateResult(gate, Verdict.PASS, f"{shown}: no alarm", numbers, rg.on_fail)
+    assert rg.detect is not None
+    detect = 1.0 - rg.detect if is_min else rg.detect
+    log_accept = stats.poisson_log_accept(events, exposure, limit, detect)
+    need = stats.poisson_exposure_to_accept(events, limit, detect, beta)
+    numbers.update(detect=rg.detect, beta=_r(beta), log_accept=_r(log_accept),
+                   accept_at=_r(math.log(beta)), exposure_needed=_r(need))
+    if log_accept <= math.log(beta):
+        return GateResult(gate, Verdict.PASS,
+                          f"{shown}: a rate of {rg.detect:g} or worse is ruled out "
+                          f"(power {power:g})", numbers, rg.on_fail)
+    return GateResult(gate, Verdict.INCONCLUSIVE,
+                      f"{shown}: monitoring, {need:,.0f} {unit} needed to rule out "
+                      f"{rg.detect:g} at these counts", numbers, rg.on_fail)
+
+
+def coverage_gate(targeting: Targeting, ev: RingEvidence) -> GateResult:
+    """Every named hardware revision, region and link type has ``min_per_stratum`` devices."""
+    need = targeting.min_per_stratum
+    seen = {(s.dimension, s.value): s.devices for s in ev.strata}
+    counts = {f"{d}={v}": seen.get((d, v), 0) for d, v in targeting.strata()}
+    missing = [f"{k} ({n} of {need})" for k, n in counts.items() if n < need]
+    numbers: dict[str, Any] = {"min_per_stratum": need, "devices": counts}
+    if missing:
+        return GateResult("coverage", Verdict.INSUFFICIENT,
+                          "strata without enough devices on the candidate: " + ", ".join(missing),
+                          numbers)
+    return GateResult("coverage", Verdict.PASS,
+                      f"every one of {len(counts)} strata has >= {need} devices", numbers)
+
+
+def evaluate_ring(ring: Ring, ev: RingEvidence, targeting: Targeting | None = None, *,
+                  legacy_due: bool = True, coverage: bool = False) -> tuple[GateResult, ...]:
+    """All telemetry gates of one ring against its evidence.
+
+    Per-device gates are judged only when ``legacy_due`` (the soak is over); sequential ones
+    always. With named strata, each sequential gate also runs per stratum (alarm only), the
+    false-alarm budget split in two halves: the pooled test and, equally, the strata, so a
+    failure confined to one hardware revision is not averaged away. ``coverage`` adds the
+    per-stratum device minimum (staging and canary rings).
+    """
     g: Gates = ring.gates
     n = ring.min_devices
-    return (
-        rate_ceiling("crash_rate", ev.crashed, ev.devices, g.crash_rate.limit, n, g.confidence,
-                     g.crash_rate.on_fail),
-        rate_floor("connectivity", ev.connected_ok, ev.connectivity_reported,
-                   g.connectivity.limit, n, g.confidence, g.connectivity.on_fail),
-        battery_gate(ev, g.battery_max_increase, n, g.confidence, g.battery_on_fail),
-        rate_ceiling("boot_failures", ev.boot_failed, ev.devices, g.boot_failures.limit, n,
-                     g.confidence, g.boot_failures.on_fail),
-    )
+    strata = targeting.strata() if targeting is not None else ()
+    alpha = 1.0 - g.confidence
+    pooled_alpha = alpha / 2 if strata else alpha
+    out: list[GateResult] = []
+
+    def later(gate: str, on_fail: str) -> GateResult:
+        return GateResult(gate, Verdict.INCONCLUSIVE, "judged when the soak ends", {}, on_fail)
+
+    for gate, rg in g.rate_gates():
+        if rg.sequential:
+            events, exposure = _exposure_counts(gate, ev)
+            out.append(sequential_gate(gate, rg, events, exposure, g.confidence, g.power,
+                                       pooled_alpha))
+        elif not legacy_due:
+            out.append(later(gate, rg.on_fail))
+        elif gate == "crash_rate":
+            out.append(rate_ceiling("crash_rate", ev.crashed, ev.devices, rg.limit, n,
+                                    g.confidence, rg.on_fail))
+        elif gate == "connectivity":
+            out.append(rate_floor("connectivity", ev.connected_ok, ev.connectivity_reported,
+                                  rg.limit, n, g.confidence, rg.on_fail))
+        else:
+            out.append(rate_ceiling("boot_failures", ev.boot_failed, ev.devices, rg.limit, n,
+                                    g.confidence, rg.on_fail))
+        if gate == "connectivity":
+            # Keep the original order of the audit log: crash, connectivity, battery, boot.
+            out.append(battery_gate(ev, g.battery_max_increase, n, g.confidence,
+                                    g.battery_on_fail) if legacy_due
+                       else later("battery_drain", g.battery_on_fail))
+    if strata:
+        by_key = {(s.dimension, s.value): s for s in ev.strata}
+        share = alpha / 2 / len(strata)
+        for gate, rg in g.rate_gates():
+            if not rg.sequential:
+                continue
+            for dim, value in strata:
+                s = by_key.get((dim, value))
+                if s is None:
+                    continue
+                events, exposure = _exposure_counts(gate, s)
+                if exposure <= 0:
+                    continue
+                r = sequential_gate(f"{gate}[{dim}={value}]", rg, events, exposure,
+                                    g.confidence, g.power, share, alarm_only=True)
+                out.append(r)
+    if coverage and targeting is not None and targeting.min_per_stratum > 0 and strata:
+        out.append(coverage_gate(targeting, ev))
+    return tuple(out)
+
+
+def harm(results: tuple[GateResult, ...]) -> tuple[str, tuple[GateResult, ...]] | None:
+    """The stop action (``rollback`` or ``pause``) when any gate failed, else None."""
+    action, why = combine(results)
+    return (action, why) if action in ("rollback", "pause") else None
 
 
 def staging_soak_gate(soaked_hours: float | None, min_hours: float) -> GateResult:

@@ -1,8 +1,10 @@
 """Rollout plan: YAML -> frozen records, with errors that name the key and the line.
 
 A plan lists the artifact, the rings (cumulative share of the production fleet, a minimum
-device count and a soak time), the targeting and the gates. This module only describes; it
-decides nothing and touches no store. Defaults live here, once.
+device count and a soak time), the targeting and the gates. Each rate gate says which definition
+it uses (``per``): ``device`` (the original per-device share, judged when the soak ends) or an
+exposure definition judged at every ingest (``device_hour``, ``attempt``). This module only
+describes; it decides nothing and touches no store. Defaults live here, once.
 """
 
 from __future__ import annotations
@@ -27,14 +29,31 @@ DEFAULT_RINGS: tuple[tuple[str, float], ...] = (
 DEFAULT_SOAK_HOURS = 24.0
 DEFAULT_MIN_DEVICES = 100
 _ACTIONS = ("pause", "rollback")
+# Rate definitions a gate can use. "device" is the original one (share of devices, Wilson bound,
+# judged at soak end); the others are sequential and judged at every telemetry ingest.
+PER_DEVICE, PER_DEVICE_HOUR, PER_ATTEMPT = "device", "device_hour", "attempt"
+SEQUENTIAL = frozenset({PER_DEVICE_HOUR, PER_ATTEMPT})
+# Without `detect`, an exposure gate promises to catch a rate this many times its limit.
+DEFAULT_DETECT_FACTOR = 5.0
 
 
 @dataclass(frozen=True)
 class RateGate:
-    """A rate judged by a confidence bound: ``limit`` is a maximum (bad events) or a minimum."""
+    """A rate judged by a confidence bound: ``limit`` is a maximum (bad events) or a minimum.
+
+    ``per`` is the rate definition; ``detect`` (exposure gates only) is the rate the gate
+    promises to catch: a release at least that bad is promoted with probability <= 1 - power.
+    For a minimum (connectivity) both are connectivity levels, e.g. limit 0.9, detect 0.8.
+    """
 
     limit: float
     on_fail: str  # "pause" or "rollback"
+    per: str = PER_DEVICE
+    detect: float | None = None
+
+    @property
+    def sequential(self) -> bool:
+        return self.per in SEQUENTIAL
 
 
 @dataclass(frozen=True)
@@ -42,6 +61,8 @@ class Gates:
     """Gate thresholds. Defaults come from issue 6 section 1; every one can be overridden."""
 
     confidence: float = 0.95
+    # Sequential gates: a release at the `detect` rate is promoted with probability <= 1 - power.
+    power: float = 0.95
     crash_rate: RateGate = RateGate(0.001, "rollback")
     connectivity: RateGate = RateGate(0.995, "pause")
     # A device counts as connected when its connected ratio reaches this; below it the device is
@@ -56,6 +77,19 @@ class Gates:
     # How many extra soak periods an inconclusive ring may take before the controller pauses for
     # a person: evidence that never arrives should not block silently forever.
     max_soak_extensions: int = 2
+
+    def rate_gates(self) -> tuple[tuple[str, RateGate], ...]:
+        return (("crash_rate", self.crash_rate), ("connectivity", self.connectivity),
+                ("boot_failures", self.boot_failures))
+
+    @property
+    def sequential(self) -> bool:
+        return any(g.sequential for _, g in self.rate_gates())
+
+    @property
+    def legacy(self) -> bool:
+        """Any gate judged once, when the soak ends (per-device shares, battery)."""
+        return any(not g.sequential for _, g in self.rate_gates())
 
 
 @dataclass(frozen=True)
@@ -73,11 +107,27 @@ class Ring:
     gates: Gates
 
 
+STRATA_DIMENSIONS = ("hardware_revision", "region", "connectivity_type")
+
+
 @dataclass(frozen=True)
 class Targeting:
+    """Which devices the release is for. Named hardware revisions, regions and connectivity
+    types are also the strata: staging and canary must cover each with ``min_per_stratum``
+    devices (0: not checked), and sequential gates also run per stratum.
+    """
+
     device_group: str | None = None
     hardware_revisions: tuple[str, ...] = ()
     regions: tuple[str, ...] = ()
+    connectivity_types: tuple[str, ...] = ()
+    min_per_stratum: int = 0
+
+    def strata(self) -> tuple[tuple[str, str], ...]:
+        """(dimension, value) of every named stratum."""
+        return tuple((dim, v) for dim, values in zip(
+            STRATA_DIMENSIONS, (self.hardware_revisions, self.regions, self.connectivity_types))
+            for v in values)
 
 
 @dataclass(frozen=True)
@@ -240,21 +290,55 @@ class _Reader:
         return _Reader(self.data.get(key), (*self.path, key), self.marks, allowed)
 
 
-_RATE_KEYS = ("max", "on_fail")
+_RATE_KEYS = ("max", "on_fail", "per", "detect")
+
+
+def default_detect(gate: str, limit: float) -> float:
+    """The rate an exposure gate catches when the plan names none: 5x the limit (crash), or a
+    disconnected share 2x the allowed one (connectivity: min 0.9 -> 0.8).
+    """
+    if gate == "connectivity":
+        return max(0.0, 1.0 - 2.0 * (1.0 - limit))
+    return limit * DEFAULT_DETECT_FACTOR if limit > 0 else 0.001
+
+
+def _rate_gate(c: _Reader, gate: str, base: RateGate, bound: str, pers: tuple[str, ...]
+               ) -> RateGate:
+    limit = c.number(bound, base.limit, 0.0, 1.0)
+    per = c.choice("per", base.per, pers)
+    detect = None
+    if c.has("detect"):
+        if per != PER_DEVICE_HOUR:
+            raise ConfigError(f"detect applies to per: {PER_DEVICE_HOUR} gates, not per: {per}",
+                              where=c.where("detect"),
+                              hint="per-device gates are judged by a Wilson bound at soak end; "
+                                   "per-attempt gates only alarm")
+        detect = c.number("detect", 0.0, 0.0, 1.0)
+    elif per == PER_DEVICE_HOUR:
+        # A new limit without a new detect gets the default for that limit.
+        keep = base.per == per and base.detect is not None and not c.has(bound)
+        detect = base.detect if keep else default_detect(gate, limit)
+    if detect is not None and (detect <= limit if bound == "max" else detect >= limit):
+        worse = "above the max" if bound == "max" else "below the min"
+        raise ConfigError(f"detect {detect:g} must be {worse} {limit:g}: it is the bad rate the "
+                          "gate promises to catch", where=c.where("detect" if c.has("detect")
+                                                                  else bound))
+    return RateGate(limit, c.choice("on_fail", base.on_fail, _ACTIONS), per, detect)
 
 
 def _parse_gates(r: _Reader, base: Gates) -> Gates:
     g = base
     g = replace(g, confidence=r.number("confidence", g.confidence, 0.5, 0.9999))
+    g = replace(g, power=r.number("power", g.power, 0.5, 0.9999))
     g = replace(g, max_soak_extensions=r.integer("max_soak_extensions", g.max_soak_extensions, 0))
     if r.has("crash_rate"):
         c = r.sub("crash_rate", _RATE_KEYS)
-        g = replace(g, crash_rate=RateGate(c.number("max", g.crash_rate.limit, 0.0, 1.0),
-                                           c.choice("on_fail", g.crash_rate.on_fail, _ACTIONS)))
+        g = replace(g, crash_rate=_rate_gate(c, "crash_rate", g.crash_rate, "max",
+                                             (PER_DEVICE, PER_DEVICE_HOUR)))
     if r.has("connectivity"):
-        c = r.sub("connectivity", ("min", "on_fail", "device_min_ratio"))
-        g = replace(g, connectivity=RateGate(c.number("min", g.connectivity.limit, 0.0, 1.0),
-                                             c.choice("on_fail", g.connectivity.on_fail, _ACTIONS)),
+        c = r.sub("connectivity", ("min", "on_fail", "device_min_ratio", "per", "detect"))
+        g = replace(g, connectivity=_rate_gate(c, "connectivity", g.connectivity, "min",
+                                               (PER_DEVICE, PER_DEVICE_HOUR)),
                     connectivity_device_min_ratio=c.number(
                         "device_min_ratio", g.connectivity_device_min_ratio, 0.0, 1.0))
     if r.has("battery_drain"):
@@ -263,9 +347,8 @@ def _parse_gates(r: _Reader, base: Gates) -> Gates:
                     battery_on_fail=c.choice("on_fail", g.battery_on_fail, _ACTIONS))
     if r.has("boot_failures"):
         c = r.sub("boot_failures", _RATE_KEYS)
-        g = replace(g, boot_failures=RateGate(c.number("max", g.boot_failures.limit, 0.0, 1.0),
-                                              c.choice("on_fail", g.boot_failures.on_fail,
-                                                       _ACTIONS)))
+        g = replace(g, boot_failures=_rate_gate(c, "boot_failures", g.boot_failures, "max",
+                                                (PER_DEVICE, PER_ATTEMPT)))
     if r.has("hil"):
         c = r.sub("hil", ("required", "allow_skipped"))
         g = replace(g, hil_required=c.boolean("required", g.hil_required),
@@ -277,8 +360,8 @@ def _parse_gates(r: _Reader, base: Gates) -> Gates:
     return g
 
 
-_GATE_KEYS = ("confidence", "crash_rate", "connectivity", "battery_drain", "boot_failures", "hil",
-              "staging_soak", "max_soak_extensions")
+_GATE_KEYS = ("confidence", "power", "crash_rate", "connectivity", "battery_drain",
+              "boot_failures", "hil", "staging_soak", "max_soak_extensions")
 _RING_KEYS = ("name", "percent", "devices", "min_devices", "soak", "production", "gates")
 
 
@@ -364,9 +447,11 @@ def parse_plan(text: str, source: str = "<plan>", base_dir: Path | None = None) 
         manifest_path = Path(manifest_text)
         if not manifest_path.is_absolute() and base_dir is not None:
             manifest_path = base_dir / manifest_path
-    tg = top.sub("targeting", ("device_group", "hardware_revisions", "regions"))
+    tg = top.sub("targeting", ("device_group", "hardware_revisions", "regions",
+                               "connectivity_types", "min_per_stratum"))
     targeting = Targeting(tg.text("device_group", None), tg.strings("hardware_revisions"),
-                          tg.strings("regions"))
+                          tg.strings("regions"), tg.strings("connectivity_types"),
+                          tg.integer("min_per_stratum", 0, 0))
     gates = _parse_gates(top.sub("gates", _GATE_KEYS), Gates())
     rings = _parse_rings(data.get("rings") if isinstance(data, dict) else None, marks, gates)
     exporters = data.get("exporters") or {}

@@ -7,7 +7,6 @@ from pytest_hilfarm.errors import UsageError
 from pytest_hilfarm.rollout.fleet import (
     Fault,
     Fleet,
-    _geometric_positions,
     format_timeline,
     parse_fault,
     simulate,
@@ -89,20 +88,22 @@ def test_simulation_is_deterministic_per_seed():
 def test_targeting_restricts_the_modelled_fleet():
     plan = parse_plan("name: fw\ntargeting: {hardware_revisions: [C]}\n")
     fleet = Fleet(plan, 10_000, seed=3)
-    assert all(fleet.hw_names[fleet.hw[i]] == "C" for i in fleet.eligible)
-    assert 1500 < len(fleet.eligible) < 2500
+    c = fleet.hw_names.index("C")
+    assert all(fleet.cells[i, 0] == c for i in fleet.available.nonzero()[0])
+    assert 1500 < fleet.eligible < 2500
     with pytest.raises(UsageError, match="matches no modelled device"):
         Fleet(parse_plan("name: fw\ntargeting: {regions: [mars]}\n"), 100)
 
 
-def test_geometric_positions_hit_the_rate():
-    import random
-
-    rng = random.Random(0)
-    hits = list(_geometric_positions(rng, 1_000_000, 0.01))
-    assert hits == sorted(set(hits)) and 9_500 < len(hits) < 10_500
-    assert list(_geometric_positions(rng, 5, 1.0)) == [0, 1, 2, 3, 4]
-    assert list(_geometric_positions(rng, 5, 0.0)) == []
+def test_cohort_model_draws_the_modelled_rates():
+    # 1,000,000 devices on a 1 %/h crash fault for one hour: crash-hours ~ Binomial(n, 0.01).
+    plan = parse_plan("name: fw\nrings:\n  - {name: all, percent: 100}\n")
+    fleet = Fleet(plan, 1_000_000, [parse_fault("crash:1%/h")], seed=4)
+    fleet.deploy(0)
+    fleet.advance(1.0)
+    assert 9_700 < fleet.c_events.sum() < 10_300  # 3 sd of the binomial
+    assert fleet.c_crashed.sum() == fleet.c_events.sum()  # first hour: every crash is new
+    assert fleet.c_hours.sum() == pytest.approx(1_000_000)
 
 
 @pytest.mark.parametrize("text, fault", [

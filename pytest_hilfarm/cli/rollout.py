@@ -2,7 +2,10 @@
 
 Thin argument handling over :mod:`pytest_hilfarm.rollout`: parse, call, print. Decisions live in
 the library so tests and the simulator use the same code; this module never decides a gate.
-Exit codes: 0 done, 1 error (printed by the dispatcher), 3 a gate blocked the command.
+Exit codes follow the hilfarm table: 0 complete or progressing, 1 a negative result (the HIL gate
+blocked ``start``, a signature did not verify), 2 a usage or configuration error (bad plan,
+manifest, telemetry file, argument, unknown rollout), 10 paused (waits for a person), 11 rolled
+back or aborted. ``rollout step``, ``rollout status ID`` and ``fleet simulate`` report the state.
 """
 
 from __future__ import annotations
@@ -16,7 +19,19 @@ from typing import Any
 
 from pytest_hilfarm.errors import ConfigError, UsageError
 
-BLOCKED = 3
+BLOCKED = 1  # the command ran and its result is negative: the HIL gate refused the start
+USAGE = 2
+
+
+def _guarded(handler: Any) -> Any:
+    """Usage and configuration errors exit 2 (the hilfarm table), with the error's where/hint."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return int(handler(args) or 0)
+        except (ConfigError, UsageError) as exc:
+            print(f"hilfarm: error: {exc}", file=sys.stderr)
+            return USAGE
+    return run
 
 
 def _now(args: argparse.Namespace) -> float:
@@ -53,7 +68,7 @@ def _print_report(report: Any) -> None:
 
 
 def _cmd_start(args: argparse.Namespace) -> int:
-    from pytest_hilfarm.rollout.controller import Controller, StartBlocked
+    from pytest_hilfarm.rollout.controller import Controller, StartBlocked, exit_code
     from pytest_hilfarm.rollout.hil import read_junit, read_results
     from pytest_hilfarm.rollout.manifest import load_manifest
     from pytest_hilfarm.rollout.plan import load_plan
@@ -86,11 +101,11 @@ def _cmd_start(args: argparse.Namespace) -> int:
             return BLOCKED
     print(("started" if created else "already started (no change)") + f": {report.rollout_id}")
     _print_report(report)
-    return 0
+    return exit_code(report.state)
 
 
 def _evidence_from_files(paths: list[str], candidate: str, min_ratio: float,
-                         baseline: float | None) -> Any:
+                         baseline: float | None, window: float | None = None) -> Any:
     from dataclasses import replace
 
     from pytest_hilfarm.rollout.telemetry import aggregate, read_telemetry
@@ -106,26 +121,52 @@ def _evidence_from_files(paths: list[str], candidate: str, min_ratio: float,
                   f"{len(tf.records)} used", file=sys.stderr)
         records.extend(tf.records)
         malformed += len(tf.problems)
-    return replace(aggregate(records, candidate, min_ratio, baseline), malformed_lines=malformed)
+    return replace(aggregate(records, candidate, min_ratio, baseline, window),
+                   malformed_lines=malformed)
+
+
+def _report_json(report: Any) -> dict[str, Any]:
+    from pytest_hilfarm.rollout.controller import exit_code
+
+    hold = report.hold
+    return {
+        "id": report.rollout_id, "state": report.state, "exit_code": exit_code(report.state),
+        "transitions": [{"event": t.event, "ring": t.ring, "reason": t.reason,
+                         "numbers": t.numbers} for t in report.transitions],
+        "hold": None if hold is None else {
+            "reason": hold.reason, "numbers": hold.numbers,
+            "gates": [g.to_dict() for g in hold.gates]},
+    }
 
 
 def _cmd_step(args: argparse.Namespace) -> int:
-    from pytest_hilfarm.rollout.controller import Controller
+    from pytest_hilfarm.rollout.controller import Controller, exit_code
+    from pytest_hilfarm.rollout.plan import parse_hours
 
+    window = parse_hours(args.window, "--window") if args.window else None
     with _store(args) as store:
         ctl = Controller(store)
         row = store.get(args.id)
         plan = ctl.plan_of(row)
         evidence_fn = None
         if args.telemetry:
+            cache: dict[tuple[str, float | None], Any] = {}
+
             def evidence_fn(r: Any) -> Any:
-                ring = plan.rings[r.ring_index]
-                return _evidence_from_files(args.telemetry, r.candidate,
-                                            ring.gates.connectivity_device_min_ratio,
-                                            r.baseline_drain)
+                # Read the files once per step, however often the controller asks.
+                ring = plan.rings[max(r.deployed_index, 0)]
+                key = (r.candidate, r.baseline_drain)
+                if key not in cache:
+                    cache[key] = _evidence_from_files(
+                        args.telemetry, r.candidate, ring.gates.connectivity_device_min_ratio,
+                        r.baseline_drain, window)
+                return cache[key]
         report = ctl.step(args.id, now=_now(args), evidence=evidence_fn, actor=args.actor)
-    _print_report(report)
-    return 0
+    if args.json:
+        print(json.dumps(_report_json(report), indent=2, sort_keys=True, default=str))
+    else:
+        _print_report(report)
+    return exit_code(report.state)
 
 
 def _manual(name: str) -> Any:
@@ -141,7 +182,7 @@ def _manual(name: str) -> Any:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from pytest_hilfarm.rollout.controller import Controller, deployed_rings, iso
+    from pytest_hilfarm.rollout.controller import Controller, deployed_rings, exit_code, iso
 
     with _store(args) as store:
         if not args.id:
@@ -160,13 +201,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
     ring = plan.rings[row.ring_index]
     if args.json:
         print(json.dumps({
-            "id": row.id, "state": row.state, "ring": ring.name, "candidate": row.candidate,
+            "id": row.id, "state": row.state, "exit_code": exit_code(row.state),
+            "ring": ring.name, "candidate": row.candidate,
             "previous": row.previous, "soak_until": iso(row.soak_until),
             "deployed_rings": deployed_rings(plan, row),
             "audit": [{"at": iso(e.at), "event": e.event, "from": e.from_state,
                        "to": e.to_state, "ring": e.ring, "actor": e.actor, "reason": e.reason,
                        "numbers": e.numbers} for e in audit]}, indent=2, sort_keys=True))
-        return 0
+        return exit_code(row.state)
     print(f"rollout {row.id}: {row.previous or '?'} -> {row.candidate}")
     print(f"state: {row.state}; ring {row.ring_index + 1}/{len(plan.rings)} ({ring.name}); "
           f"deployed: {', '.join(deployed_rings(plan, row)) or 'none'}")
@@ -176,7 +218,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for e in audit:
         print(f"  {iso(e.at)} {e.event:<9} {e.from_state or '-':>11} -> {e.to_state:<11} "
               f"{e.ring or '-':<10} [{e.actor}] {e.reason}")
-    return 0
+    return exit_code(row.state)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -224,11 +266,15 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan)
     text = Path(args.plan).read_text(encoding="utf-8")
     faults = [parse_fault(f) for f in args.fault or ()]
+    if args.trials is not None:
+        return _simulate_trials(args, plan, text, faults)
     manifest = plan.load_manifest() if plan.manifest_path else None
-    result = simulate(plan, text, args.devices, faults, seed=args.seed, manifest=manifest)
+    result = simulate(plan, text, args.devices, faults, seed=args.seed, manifest=manifest,
+                      ingest_hours=args.ingest_minutes / 60)
     if args.json:
         d = asdict(result)
         d.pop("audit")
+        d["exit_code"] = result.exit_code
         print(json.dumps(d, indent=2, sort_keys=True, default=str))
     else:
         print(format_timeline(result))
@@ -240,6 +286,30 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             plan.previous_version, result.audit, ring_labels(plan)))
         Path(args.report).write_text(page, encoding="utf-8")
         print(f"wrote {args.report}")
+    return result.exit_code
+
+
+def _simulate_trials(args: argparse.Namespace, plan: Any, text: str, faults: list[Any]) -> int:
+    from pytest_hilfarm.rollout.fleet import parse_fault
+    from pytest_hilfarm.rollout.trials import format_outcomes, outcomes_json, run_trials
+
+    if args.trials < 1:
+        raise UsageError(f"--trials {args.trials} must be at least 1", where="--trials")
+    if args.report:
+        raise UsageError("--report draws one rollout; drop it with --trials", where="--report")
+    good = [parse_fault(f) for f in args.good or ()]
+    if not faults:
+        crash = plan.gates.crash_rate
+        if crash.sequential and crash.detect:
+            # The bad release the plan promises to catch.
+            faults = [parse_fault(f"crash:{crash.detect}/h")]
+    scenarios = [("good firmware", good)] + ([("bad firmware", faults)] if faults else [])
+    outcomes = [run_trials(plan, text, args.devices, fs, args.trials, args.seed, args.jobs,
+                           label) for label, fs in scenarios]
+    if args.json:
+        print(json.dumps(outcomes_json(outcomes), indent=2, sort_keys=True))
+    else:
+        print(format_outcomes(outcomes))
     return 0
 
 
@@ -292,20 +362,25 @@ def register(subparsers: Any) -> None:
                                            "plan has no staging ring)")
     p.add_argument("--id", help="rollout id (default: PLAN-NAME-VERSION)")
     _common(p)
-    p.set_defaults(handler=_cmd_start)
+    p.set_defaults(handler=_guarded(_cmd_start))
 
-    p = rs.add_parser("status", help="list rollouts, or one rollout's state and audit log")
+    p = rs.add_parser("status", help="list rollouts, or one rollout's state and audit log "
+                                     "(exit 0 progressing/complete, 10 paused, 11 rolled back)")
     p.add_argument("id", nargs="?")
     p.add_argument("--json", action="store_true")
     _common(p, now=False)
-    p.set_defaults(handler=_cmd_status)
+    p.set_defaults(handler=_guarded(_cmd_status))
 
-    p = rs.add_parser("step", help="take every transition that is due (safe to re-run)")
+    p = rs.add_parser("step", help="take every transition that is due (safe to re-run; exit 0 "
+                                   "progressing/complete, 10 paused, 11 rolled back/aborted)")
     p.add_argument("id")
     p.add_argument("--telemetry", action="append", metavar="FILE",
-                   help="telemetry .jsonl or .csv (repeatable)")
+                   help="telemetry .jsonl or .csv (repeatable): every window since the start")
+    p.add_argument("--window", metavar="DURATION",
+                   help="window length for records without an `hours` field (e.g. 1h)")
+    p.add_argument("--json", action="store_true", help="machine-readable result")
     _common(p)
-    p.set_defaults(handler=_cmd_step)
+    p.set_defaults(handler=_guarded(_cmd_step))
 
     for name, what in (("pause", "stop promoting (devices keep what they have)"),
                        ("resume", "resume a paused rollout (its ring soaks again)"),
@@ -315,13 +390,13 @@ def register(subparsers: Any) -> None:
         p.add_argument("id")
         p.add_argument("--reason", required=True, help="recorded in the audit log")
         _common(p)
-        p.set_defaults(handler=_manual(name))
+        p.set_defaults(handler=_guarded(_manual(name)))
 
     p = rs.add_parser("report", help="write an HTML report with SVG charts")
     p.add_argument("id")
     p.add_argument("--out", help="output file (default: ID-report.html)")
     _common(p, now=False)
-    p.set_defaults(handler=_cmd_report)
+    p.set_defaults(handler=_guarded(_cmd_report))
 
     p = rs.add_parser("export", help="emit AWS IoT Jobs, hawkBit or Mender request bodies")
     p.add_argument("--plan", required=True)
@@ -331,20 +406,32 @@ def register(subparsers: Any) -> None:
                    help="targetPercentage semantics: new (hawkBit >= 0.5.0) or legacy")
     p.add_argument("--start", help="Mender: ISO start time of the first phase (default: now)")
     p.add_argument("--out")
-    p.set_defaults(handler=_cmd_export)
+    p.set_defaults(handler=_guarded(_cmd_export))
 
     fl = subparsers.add_parser("fleet", help="fleet model: dry-run a rollout")
     fs = fl.add_subparsers(dest="fleet_command", metavar="ACTION")
     fl.set_defaults(handler=lambda a: (fl.print_help(), 2)[1])
-    p = fs.add_parser("simulate", help="run a plan's rollout in simulated time")
+    p = fs.add_parser("simulate", help="run a plan's rollout in simulated time (exit 0 complete, "
+                                       "10 paused, 11 rolled back, 1 blocked)")
     p.add_argument("--devices", type=int, required=True)
     p.add_argument("--plan", required=True)
-    p.add_argument("--fault", action="append", metavar="KIND:VALUE[@HW]",
-                   help="crash:0.02, boot:0.01@B, connectivity:0.02, battery:0.3, hil:1")
+    p.add_argument("--fault", action="append", metavar="KIND:VALUE[%][/h][@HW]",
+                   help="crash:0.02 (per day), crash:2%%/h, boot:1%%@B, connectivity:0.02, "
+                        "battery:0.3, hil:1")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--trials", type=int, metavar="K",
+                   help="run K seeded simulations of a good firmware (--good) and of a bad one "
+                        "(--fault; default: crash at the plan's detect rate) and report false "
+                        "rollbacks, misses, time to decision and blast radius")
+    p.add_argument("--good", action="append", metavar="KIND:VALUE",
+                   help="with --trials: faults of the 'good' firmware (e.g. crash:0.1%%/h, "
+                        "at the limit)")
+    p.add_argument("--jobs", type=int, default=1, help="with --trials: processes to use")
+    p.add_argument("--ingest-minutes", type=float, default=60.0,
+                   help="telemetry ingest interval (default 60, at most 60)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--report", metavar="HTML", help="also write the HTML report")
-    p.set_defaults(handler=_cmd_simulate)
+    p.set_defaults(handler=_guarded(_cmd_simulate))
 
     p = subparsers.add_parser("advise", help="which test stages a product needs, and why")
     p.add_argument("--fleet-size", type=int, required=True)
@@ -356,4 +443,4 @@ def register(subparsers: Any) -> None:
     p.add_argument("--per-device-cost", type=float,
                    help="or: cost per affected device (times --fleet-size)")
     p.add_argument("--stage-cost", action="append", metavar="STAGE=COST")
-    p.set_defaults(handler=_cmd_advise)
+    p.set_defaults(handler=_guarded(_cmd_advise))

@@ -85,10 +85,14 @@ class Transition:
 
 @dataclass(frozen=True)
 class Hold:
-    """No transition now, and why (printed by ``step``; not written to the audit log)."""
+    """No transition now, and why (printed by ``step``; not written to the audit log).
+
+    ``gates`` are the results of the evaluation behind it, if there was one (``step --json``).
+    """
 
     reason: str
     numbers: dict[str, Any] = field(default_factory=dict)
+    gates: tuple[GateResult, ...] = ()
 
 
 class StartBlocked(UsageError):
@@ -210,6 +214,12 @@ def decide(plan: Plan, row: RolloutRow, now: float,
     legacy_due = now >= row.soak_until if ring.gates.legacy else min_soak_over
     results = _evaluate(plan, row.ring_index, ev, legacy_due)
     action, why = combine(results)
+    summary = "; ".join(f"{r.gate}: {r.reason}" for r in why)
+    if now < row.soak_until and action not in ("rollback", "pause") and not (
+            action == "promote" and legacy_due and min_soak_over):
+        # The common case while soaking: nothing to record, so build no audit numbers.
+        return Hold(f"{soaking}; {summary or 'gates pass, minimum soak not over'}",
+                    {"soak_until": row.soak_until}, results)
     numbers: dict[str, Any] = {"ring": ring.name, "action": action, "evidence": asdict(ev),
                                "gates": [r.to_dict() for r in results],
                                "cumulative_percent": cumulative_percent(plan, row.ring_index)}
@@ -227,10 +237,6 @@ def decide(plan: Plan, row: RolloutRow, now: float,
         return Transition("promote", f"ring {ring.name} passed every gate; next: {nxt.name}",
                           {"state": State.WAITING.value, "ring_index": row.ring_index + 1, **base},
                           numbers, ring.name)
-    summary = "; ".join(f"{r.gate}: {r.reason}" for r in why)
-    if now < row.soak_until:
-        return Hold(f"{soaking}; {summary or 'gates pass, minimum soak not over'}",
-                    {"soak_until": row.soak_until, "gates": numbers["gates"]})
     if row.extensions < ring.gates.max_soak_extensions:
         return Transition(
             "extend", f"ring {ring.name}: no decision yet ({summary}); soak extended",
@@ -291,6 +297,7 @@ class Controller:
         Returns the step report and whether the rollout was newly created.
         """
         rid = rollout_id or f"{plan.name}-{manifest.version}"
+        self._plans.setdefault(plan.digest, plan)
         gate = hil_gate(hil, plan.gates.hil_required, plan.gates.hil_allow_skipped)
         existing = self.store.find(rid)
         if existing is not None:

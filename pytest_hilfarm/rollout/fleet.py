@@ -171,13 +171,32 @@ class Fleet:
         self.production_received = 0
         self.staging_received = 0
         self.reverted = False
-        # Per-cohort state (one entry per ring x cell that received devices).
-        z = np.zeros(0, dtype=np.int64)
-        self.c_cell, self.c_n, self.c_on, self.c_crashed = z.copy(), z.copy(), z.copy(), z.copy()
-        self.c_failed, self.c_degraded = z.copy(), z.copy()
-        f = np.zeros(0)
-        self.c_hazard, self.c_drain_sum, self.c_drain_sq = f.copy(), f.copy(), f.copy()
-        self.c_hours, self.c_events, self.c_disc = f.copy(), f.copy(), f.copy()
+        # Per-cell state: devices in one cell behave alike whichever ring took them, so the
+        # evidence needs only these sums.
+        n_cells = len(cells)
+        every = np.arange(n_cells)
+        self.hazard = (-math.log1p(-min(m.crash_per_day, 1 - 1e-12)) / 24.0
+                       + self._extra("crash", every))
+        self.p_boot = np.minimum(1.0, m.boot_failure + self._extra("boot", every))
+        self.p_degraded = np.minimum(1.0, m.disconnected_share + self._extra("connectivity", every))
+        self.drain_factor = 1.0 + self._extra("battery", every)
+        self.n = np.zeros(n_cells, dtype=np.int64)
+        self.on = np.zeros(n_cells, dtype=np.int64)
+        self.crashed = np.zeros(n_cells, dtype=np.int64)
+        self.failed = np.zeros(n_cells, dtype=np.int64)
+        self.degraded = np.zeros(n_cells, dtype=np.int64)
+        self.drain_sum = np.zeros(n_cells)
+        self.drain_sq = np.zeros(n_cells)
+        self.hours = np.zeros(n_cells)
+        self.events = np.zeros(n_cells)
+        self.disc = np.zeros(n_cells)
+        # One column per named stratum: which cells belong to it.
+        named = (tg.hardware_revisions, tg.regions, tg.connectivity_types)
+        self.strata = [(STRATA_DIMENSIONS[d], v) for d in range(3) for v in named[d]
+                       if v in self.names[d]]
+        self.member = np.array([[self.cells[c, d] == self.names[d].index(v)
+                                 for d in range(3) for v in named[d] if v in self.names[d]]
+                                for c in range(n_cells)], dtype=float).reshape(n_cells, -1)
         self._evidence: RingEvidence | None = None
 
     # -- the candidate's effect on one cell ------------------------------------------------
@@ -252,66 +271,49 @@ class Fleet:
             counts = (self._stratified(ring.devices, None) if representative
                       else self._random(ring.devices, None))
             self.staging_received += int(counts.sum())
-        cells = np.nonzero(counts)[0]
-        n_arr = counts[cells]
-        m = self.model
-        p_boot = np.minimum(1.0, m.boot_failure + self._extra("boot", cells))
-        failed = self.rng.binomial(n_arr, p_boot)
-        on = n_arr - failed
-        p_deg = np.minimum(1.0, m.disconnected_share + self._extra("connectivity", cells))
-        degraded = self.rng.binomial(on, p_deg)
-        factor = 1.0 + self._extra("battery", cells)
+        failed = self.rng.binomial(counts, self.p_boot)
+        on = counts - failed
+        degraded = self.rng.binomial(on, self.p_degraded)
         # Sum and sum of squares of `on` normal drains, drawn exactly: the sample mean is normal,
         # the sample variance a scaled chi-square, and the two are independent.
-        mu, sd = m.drain_mean * factor, m.drain_sd * factor
+        m = self.model
+        mu, sd = m.drain_mean * self.drain_factor, m.drain_sd * self.drain_factor
         safe = np.maximum(on, 1)
         mean = self.rng.normal(mu, sd / np.sqrt(safe))
-        var = sd ** 2 * self.rng.chisquare(np.maximum(safe - 1, 1)) / np.maximum(safe - 1, 1)
-        drain_sum = np.where(on > 0, mean * on, 0.0)
-        drain_sq = np.where(on > 0, (on - 1) * var + on * mean ** 2, 0.0)
-        hazard = -math.log1p(-min(m.crash_per_day, 1 - 1e-12)) / 24.0 + self._extra("crash", cells)
-        z = np.zeros(len(cells))
-        self.c_cell = np.concatenate([self.c_cell, cells])
-        self.c_n = np.concatenate([self.c_n, n_arr])
-        self.c_on = np.concatenate([self.c_on, on])
-        self.c_crashed = np.concatenate([self.c_crashed, np.zeros(len(cells), dtype=np.int64)])
-        self.c_failed = np.concatenate([self.c_failed, failed])
-        self.c_degraded = np.concatenate([self.c_degraded, degraded])
-        self.c_hazard = np.concatenate([self.c_hazard, hazard])
-        self.c_drain_sum = np.concatenate([self.c_drain_sum, drain_sum])
-        self.c_drain_sq = np.concatenate([self.c_drain_sq, drain_sq])
-        self.c_hours = np.concatenate([self.c_hours, z])
-        self.c_events = np.concatenate([self.c_events, z])
-        self.c_disc = np.concatenate([self.c_disc, z])
+        dof = np.maximum(safe - 1, 1)
+        var = sd ** 2 * self.rng.chisquare(dof) / dof
+        self.drain_sum += np.where(on > 0, mean * on, 0.0)
+        self.drain_sq += np.where(on > 0, (on - 1) * var + on * mean ** 2, 0.0)
+        self.n += counts
+        self.on += on
+        self.failed += failed
+        self.degraded += degraded
         self.deployed_index = ring_index
         self._evidence = None
-        return int(n_arr.sum())
+        return int(counts.sum())
 
     def advance(self, hours: float) -> None:
         """Let ``hours`` pass for every device running the candidate (one ingest window)."""
-        if hours <= 0 or not len(self.c_on) or self.reverted:
+        if hours <= 0 or self.reverted or not self.on.any():
             return
-        on = self.c_on
+        on = self.on
         # Devices with at least one crash in the window: the crash-hours of a window of at most
         # one hour (the simulator ingests hourly), one per device-hour however many crashes.
-        p = -np.expm1(-self.c_hazard * hours)
-        crashing = self.rng.binomial(on, p)
+        crashing = self.rng.binomial(on, -np.expm1(-self.hazard * hours))
         hit = np.nonzero(crashing)[0]
         if len(hit):
             # Which of the crashing devices crash for the first time (per-device gates).
-            fresh = on[hit] - self.c_crashed[hit]
-            self.c_crashed[hit] += self.rng.hypergeometric(fresh, self.c_crashed[hit],
-                                                           crashing[hit])
-        self.c_events = self.c_events + crashing
-        self.c_hours = self.c_hours + on * hours
+            fresh = on[hit] - self.crashed[hit]
+            self.crashed[hit] += self.rng.hypergeometric(fresh, self.crashed[hit], crashing[hit])
+        self.events += crashing
+        self.hours += on * hours
         lost = 1.0 - self.model.degraded_connected_ratio
-        self.c_disc = self.c_disc + self.rng.binomial(
-            np.round(self.c_degraded * hours).astype(np.int64), lost)
+        self.disc += self.rng.binomial(np.round(self.degraded * hours).astype(np.int64), lost)
         self._evidence = None
 
     def revert(self) -> None:
         """Roll every device back to the previous firmware."""
-        self.c_on = np.zeros_like(self.c_on)
+        self.on = np.zeros_like(self.on)
         self.reverted = True
         self._evidence = None
 
@@ -324,50 +326,36 @@ class Fleet:
 
     @property
     def on_candidate(self) -> int:
-        return int(self.c_on.sum())
+        return int(self.on.sum())
 
     def evidence(self, row: RolloutRow) -> RingEvidence:
         self.sync(row)
         if self._evidence is not None:
             return self._evidence
-        n = int(self.c_n.sum())
-        on = int(self.c_on.sum())
-        mean = float(self.c_drain_sum.sum()) / on if on else 0.0
-        var = (float(self.c_drain_sq.sum()) - on * mean * mean) / (on - 1) if on > 1 else 0.0
+        n = int(self.n.sum())
+        on = int(self.on.sum())
+        mean = float(self.drain_sum.sum()) / on if on else 0.0
+        var = (float(self.drain_sq.sum()) - on * mean * mean) / (on - 1) if on > 1 else 0.0
         remaining = int(self.available.sum())
-        baseline = (self.rng.normal(self.model.drain_mean, self.model.drain_sd /
-                                    math.sqrt(remaining)) if remaining else row.baseline_drain)
-        degraded = int(self.c_degraded.sum())
-        strata: list[StratumEvidence] = []
-        named = dict(zip(STRATA_DIMENSIONS, (
-            self.plan.targeting.hardware_revisions, self.plan.targeting.regions,
-            self.plan.targeting.connectivity_types)))
-        for d, dim in enumerate(STRATA_DIMENSIONS):
-            if not named[dim]:
-                continue
-            idx = self.cells[self.c_cell, d]
-            k = len(self.names[d])
-
-            def by(values: np.ndarray, idx: np.ndarray = idx, k: int = k) -> np.ndarray:
-                return np.bincount(idx, weights=values, minlength=k)
-            devs, hours = by(self.c_n), by(self.c_hours)
-            events, disc = by(self.c_events), by(self.c_disc)
-            failed = by(self.c_failed)
-            for i, name in enumerate(self.names[d]):
-                if devs[i]:
-                    strata.append(StratumEvidence(dim, name, int(devs[i]), float(hours[i]),
-                                                  float(events[i]), int(devs[i]),
-                                                  int(failed[i]), float(disc[i]),
-                                                  float(hours[i])))
-        hours_total = float(self.c_hours.sum())
+        baseline = (float(self.rng.normal(self.model.drain_mean, self.model.drain_sd /
+                                          math.sqrt(remaining)))
+                    if remaining else row.baseline_drain)
+        strata: tuple[StratumEvidence, ...] = ()
+        if self.strata:
+            sums = np.stack([self.n, self.hours, self.events, self.failed, self.disc]) @ self.member
+            strata = tuple(StratumEvidence(dim, v, int(sums[0, j]), float(sums[1, j]),
+                                           float(sums[2, j]), int(sums[0, j]), int(sums[3, j]),
+                                           float(sums[4, j]), float(sums[1, j]))
+                           for j, (dim, v) in enumerate(self.strata) if sums[0, j])
+        hours_total = float(self.hours.sum())
+        failed = int(self.failed.sum())
         self._evidence = RingEvidence(
-            devices=n, crashed=int(self.c_crashed.sum()), connected_ok=n - degraded,
-            connectivity_reported=n, boot_failed=int(self.c_failed.sum()), drain_n=on,
-            drain_mean=mean, drain_sd=math.sqrt(max(var, 0.0)), baseline_drain_mean=baseline,
-            device_hours=hours_total, crash_events=float(self.c_events.sum()),
-            attempts=n, failed_attempts=int(self.c_failed.sum()),
-            disconnected_hours=float(self.c_disc.sum()), connectivity_hours=hours_total,
-            strata=tuple(strata))
+            devices=n, crashed=int(self.crashed.sum()), connected_ok=n - int(self.degraded.sum()),
+            connectivity_reported=n, boot_failed=failed, drain_n=on, drain_mean=mean,
+            drain_sd=math.sqrt(max(var, 0.0)), baseline_drain_mean=baseline,
+            device_hours=hours_total, crash_events=float(self.events.sum()), attempts=n,
+            failed_attempts=failed, disconnected_hours=float(self.disc.sum()),
+            connectivity_hours=hours_total, strata=strata)
         return self._evidence
 
 

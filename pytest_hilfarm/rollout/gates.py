@@ -241,16 +241,21 @@ def sequential_gate(gate: str, rg: RateGate, events: float, exposure: float, con
         return GateResult(gate, Verdict.INSUFFICIENT, f"no {unit} on the candidate reported yet",
                           numbers, rg.on_fail)
     if rg.per == PER_ATTEMPT:
-        k, n = int(events), int(exposure)
-        log_alarm = stats.binomial_log_alarm(k, n, limit)
-        lo, hi = stats.clopper_pearson(k, n, confidence)
+        log_alarm = stats.binomial_log_alarm(int(events), int(exposure), limit)
     else:
-        k_f = events
-        log_alarm = stats.poisson_log_alarm(k_f, exposure, limit, cap=1.0)
-        lo, hi = stats.garwood(k_f, exposure, confidence)
-        hi = min(hi, 1.0)
+        log_alarm = stats.poisson_log_alarm(events, exposure, limit, cap=1.0)
     rate = events / exposure
     alarm_at = math.log(1.0 / a)
+    if alarm_only and log_alarm < alarm_at:
+        # A quiet per-stratum monitor: the ratio is all it needs to record.
+        return GateResult(gate, Verdict.PASS, "no alarm", {
+            "events": _r(events), "exposure": _r(exposure), "log_alarm": _r(log_alarm),
+            "alarm_at": _r(alarm_at)}, rg.on_fail)
+    if rg.per == PER_ATTEMPT:
+        lo, hi = stats.clopper_pearson(int(events), int(exposure), confidence)
+    else:
+        lo, hi = stats.garwood(events, exposure, confidence)
+        hi = min(hi, 1.0)
     numbers.update(log_alarm=_r(min(log_alarm, 1e6)), alarm_at=_r(alarm_at))
     if is_min:
         numbers.update(rate=_r(1 - rate), lower=_r(1 - hi), upper=_r(1 - lo))
@@ -322,7 +327,7 @@ def evaluate_ring(ring: Ring, ev: RingEvidence, targeting: Targeting | None = No
         if rg.sequential:
             events, exposure = _exposure_counts(gate, ev)
             out.append(sequential_gate(gate, rg, events, exposure, g.confidence, g.power,
-                                       pooled_alpha))
+                                       pooled_alpha, alarm_only=ring.promote == "soak"))
         elif not legacy_due:
             out.append(later(gate, rg.on_fail))
         elif gate == "crash_rate":
@@ -334,30 +339,54 @@ def evaluate_ring(ring: Ring, ev: RingEvidence, targeting: Targeting | None = No
         else:
             out.append(rate_ceiling("boot_failures", ev.boot_failed, ev.devices, rg.limit, n,
                                     g.confidence, rg.on_fail))
-        if gate == "connectivity":
+        if gate == "connectivity" and g.battery_enabled:
             # Keep the original order of the audit log: crash, connectivity, battery, boot.
             out.append(battery_gate(ev, g.battery_max_increase, n, g.confidence,
                                     g.battery_on_fail) if legacy_due
                        else later("battery_drain", g.battery_on_fail))
     if strata:
-        by_key = {(s.dimension, s.value): s for s in ev.strata}
-        share = alpha / 2 / len(strata)
-        for gate, rg in g.rate_gates():
-            if not rg.sequential:
-                continue
-            for dim, value in strata:
-                s = by_key.get((dim, value))
-                if s is None:
-                    continue
-                events, exposure = _exposure_counts(gate, s)
-                if exposure <= 0:
-                    continue
-                r = sequential_gate(f"{gate}[{dim}={value}]", rg, events, exposure,
-                                    g.confidence, g.power, share, alarm_only=True)
-                out.append(r)
+        out.extend(_strata_monitors(g, ev, strata, alpha / 2 / len(strata)))
     if coverage and targeting is not None and targeting.min_per_stratum > 0 and strata:
         out.append(coverage_gate(targeting, ev))
     return tuple(out)
+
+
+def _strata_monitors(g: Gates, ev: RingEvidence, strata: tuple[tuple[str, str], ...],
+                     alpha: float) -> list[GateResult]:
+    """Per-stratum alarm tests: one summary result per gate while all are quiet, plus a full
+    result for each stratum that alarms (they run at every ingest, so they stay cheap).
+    """
+    by_key = {(s.dimension, s.value): s for s in ev.strata}
+    present = [by_key[k] for k in strata if k in by_key]
+    out: list[GateResult] = []
+    if not present:
+        return out
+    threshold = math.log(1.0 / alpha)
+    for gate, rg in g.rate_gates():
+        if not rg.sequential:
+            continue
+        limit = 1.0 - rg.limit if gate == "connectivity" else rg.limit
+        top, top_log = present[0], -math.inf
+        for s in present:
+            events, exposure = _exposure_counts(gate, s)
+            if exposure <= 0:
+                continue
+            if rg.per == PER_ATTEMPT:
+                log = stats.binomial_log_alarm(int(events), int(exposure), limit)
+            else:
+                log = stats.poisson_log_alarm(events, exposure, limit, cap=1.0)
+            if log > top_log:
+                top, top_log = s, log
+            if log >= threshold:
+                out.append(sequential_gate(f"{gate}[{s.dimension}={s.value}]", rg, events,
+                                           exposure, g.confidence, g.power, alpha,
+                                           alarm_only=True))
+        out.append(GateResult(
+            f"{gate}[strata]", Verdict.PASS if top_log < threshold else Verdict.FAIL,
+            f"{len(present)} strata monitored; highest ratio e^{min(top_log, 1e6):.1f} "
+            f"({top.dimension}={top.value}) against e^{threshold:.1f}",
+            {"alpha": _r(alpha), "alarm_at": _r(threshold)}, rg.on_fail))
+    return out
 
 
 def harm(results: tuple[GateResult, ...]) -> tuple[str, tuple[GateResult, ...]] | None:

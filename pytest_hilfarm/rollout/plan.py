@@ -70,6 +70,9 @@ class Gates:
     connectivity_device_min_ratio: float = 0.9
     battery_max_increase: float = 0.10
     battery_on_fail: str = "pause"
+    # `battery_drain: false` turns the gate off: a ring of ten devices cannot resolve a 10 %
+    # drain change (device-to-device spread is about that large), so it would only stall.
+    battery_enabled: bool = True
     boot_failures: RateGate = RateGate(0.005, "rollback")
     hil_required: bool = True
     hil_allow_skipped: bool = True
@@ -105,6 +108,10 @@ class Ring:
     soak_hours: float
     production: bool
     gates: Gates
+    # "evidence": exposure gates must rule out their `detect` rate before the ring grows;
+    # "soak": they must only not alarm by the end of the minimum soak (a small ring that cannot
+    # gather that much exposure; the risk it takes is stated by `hilfarm advise`).
+    promote: str = "evidence"
 
 
 STRATA_DIMENSIONS = ("hardware_revision", "region", "connectivity_type")
@@ -341,10 +348,13 @@ def _parse_gates(r: _Reader, base: Gates) -> Gates:
                                                (PER_DEVICE, PER_DEVICE_HOUR)),
                     connectivity_device_min_ratio=c.number(
                         "device_min_ratio", g.connectivity_device_min_ratio, 0.0, 1.0))
-    if r.has("battery_drain"):
+    if r.has("battery_drain") and r.data["battery_drain"] is False:
+        g = replace(g, battery_enabled=False)
+    elif r.has("battery_drain"):
         c = r.sub("battery_drain", ("max_increase", "on_fail"))
         g = replace(g, battery_max_increase=c.number("max_increase", g.battery_max_increase, 0, 10),
-                    battery_on_fail=c.choice("on_fail", g.battery_on_fail, _ACTIONS))
+                    battery_on_fail=c.choice("on_fail", g.battery_on_fail, _ACTIONS),
+                    battery_enabled=True)
     if r.has("boot_failures"):
         c = r.sub("boot_failures", _RATE_KEYS)
         g = replace(g, boot_failures=_rate_gate(c, "boot_failures", g.boot_failures, "max",
@@ -362,7 +372,9 @@ def _parse_gates(r: _Reader, base: Gates) -> Gates:
 
 _GATE_KEYS = ("confidence", "power", "crash_rate", "connectivity", "battery_drain",
               "boot_failures", "hil", "staging_soak", "max_soak_extensions")
-_RING_KEYS = ("name", "percent", "devices", "min_devices", "soak", "production", "gates")
+_RING_KEYS = ("name", "percent", "devices", "min_devices", "soak", "production", "gates",
+              "promote")
+PROMOTE = ("evidence", "soak")
 
 
 def _parse_rings(raw: Any, marks: _Marks, gates: Gates) -> tuple[Ring, ...]:
@@ -406,7 +418,7 @@ def _parse_rings(raw: Any, marks: _Marks, gates: Gates) -> tuple[Ring, ...]:
         soak = parse_hours(item.get("soak", DEFAULT_SOAK_HOURS), r.where("soak"))
         ring_gates = _parse_gates(r.sub("gates", _GATE_KEYS), gates) if r.has("gates") else gates
         rings.append(Ring(name, percent, devices, r.integer("min_devices", DEFAULT_MIN_DEVICES, 1),
-                          soak, production, ring_gates))
+                          soak, production, ring_gates, r.choice("promote", "evidence", PROMOTE)))
     prod = [x for x in rings if x.production]
     if not prod:
         raise ConfigError("a plan needs at least one production ring", where=marks.at(("rings",)))

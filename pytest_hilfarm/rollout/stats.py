@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 
 from scipy.special import betaincinv, gammaincinv
 
@@ -35,6 +36,7 @@ def _logmeanexp(values: Sequence[float]) -> float:
     return top + math.log(sum(math.exp(v - top) for v in values) / len(values))
 
 
+@lru_cache(maxsize=256)
 def _ratios(limit: float, cap: float | None) -> tuple[float, ...]:
     """Mixture ratios whose alternative rate stays within ``cap`` (a share cannot exceed 1)."""
     if cap is None:

@@ -63,13 +63,14 @@ def test_rollout_lifecycle_through_the_cli(tmp_path, db, junit, capsys):
     assert main(["rollout", "rollback", rid, "--db", db, "--reason", "support tickets",
                  "--now", "2026-03-03T02:00:00Z"]) == 0
     capsys.readouterr()
-    assert main(["rollout", "status", rid, "--db", db]) == 0
+    assert main(["rollout", "status", rid, "--db", db]) == 11  # rolled back
     out = capsys.readouterr().out
     for word in ("start", "deploy", "promote", "pause", "resume", "rollback", "holiday freeze",
                  "state: rolled_back"):
         assert word in out
-    assert main(["rollout", "status", rid, "--db", db, "--json"]) == 0
+    assert main(["rollout", "status", rid, "--db", db, "--json"]) == 11
     status = json.loads(capsys.readouterr().out)
+    assert status["exit_code"] == 11
     assert [a["event"] for a in status["audit"]] == [
         "start", "deploy", "promote", "deploy", "pause", "resume", "rollback"]
     assert status["audit"][-1]["numbers"]["reverted_rings"] == ["staging", "canary"]
@@ -82,11 +83,12 @@ def test_rollout_lifecycle_through_the_cli(tmp_path, db, junit, capsys):
     assert "<svg" in html.read_text()
 
 
-def test_failing_hil_blocks_start_with_exit_3(tmp_path, db, capsys):
+def test_failing_hil_blocks_start_with_exit_1(tmp_path, db, capsys):
+    # The command ran and its result is negative (exit 1); 3 means a rig fault in hilfarm.
     bad = tmp_path / "hil.xml"
     bad.write_text(JUNIT_BAD)
     assert main(["rollout", "start", "--plan", str(EXAMPLE_PLAN), "--hil-junit", str(bad),
-                 "--db", db]) == 3
+                 "--db", db]) == 1
     err = capsys.readouterr().err
     assert "HIL gate failed" in err and "test_rollback" in err
 
@@ -125,13 +127,15 @@ def test_export_each_format(tmp_path, capsys):
 def test_fleet_simulate_prints_the_timeline(tmp_path, capsys):
     html = tmp_path / "sim.html"
     assert main(["fleet", "simulate", "--devices", "200000", "--plan", str(EXAMPLE_PLAN),
-                 "--fault", "crash:0.02", "--seed", "1", "--report", str(html)]) == 0
+                 "--fault", "crash:0.02", "--seed", "1", "--report", str(html)]) == 11
     out = capsys.readouterr().out
     assert "gate crash_rate" in out and "blast radius:" in out and "result:" in out
     assert html.read_text().count("<svg") == 5
+    # 1,000 devices cannot satisfy the example plan's per-device gates: it pauses (exit 10).
     assert main(["fleet", "simulate", "--devices", "1000", "--plan", str(EXAMPLE_PLAN),
-                 "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["devices"] == 1000
+                 "--json"]) == 10
+    result = json.loads(capsys.readouterr().out)
+    assert result["devices"] == 1000 and result["exit_code"] == 10
     assert main(["fleet", "simulate", "--devices", "10", "--plan", str(EXAMPLE_PLAN),
                  "--fault", "bogus"]) == 2
 

@@ -101,9 +101,9 @@ def test_cohort_model_draws_the_modelled_rates():
     fleet = Fleet(plan, 1_000_000, [parse_fault("crash:1%/h")], seed=4)
     fleet.deploy(0)
     fleet.advance(1.0)
-    assert 9_700 < fleet.c_events.sum() < 10_300  # 3 sd of the binomial
-    assert fleet.c_crashed.sum() == fleet.c_events.sum()  # first hour: every crash is new
-    assert fleet.c_hours.sum() == pytest.approx(1_000_000)
+    assert 9_700 < fleet.events.sum() < 10_300  # 3 sd of the binomial
+    assert fleet.crashed.sum() == fleet.events.sum()  # first hour: every crash is new
+    assert fleet.hours.sum() == pytest.approx(1_000_000)
 
 
 @pytest.mark.parametrize("text, fault", [

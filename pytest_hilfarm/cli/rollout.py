@@ -326,6 +326,10 @@ def _cmd_advise(args: argparse.Namespace) -> int:
         if not sep:
             raise UsageError(f"--stage-cost {item!r} is not STAGE=COST", where="--stage-cost",
                              hint="e.g. --stage-cost hil=3000")
+    if args.write_plan:
+        _write_plan(args)
+        if args.field_failure_cost is None and args.per_device_cost is None:
+            return 0
     if args.field_failure_cost is None and args.per_device_cost is None:
         raise ConfigError("give --field-failure-cost or --per-device-cost", where="command line",
                           hint="what one defect reaching the fleet costs (recalls, truck rolls)")
@@ -334,6 +338,42 @@ def _cmd_advise(args: argparse.Namespace) -> int:
     print(format_advice(advise(args.fleet_size, args.safety_critical, args.hardware, cost,
                                costs)))
     return 0
+
+
+def _names(text: str | None) -> tuple[str, ...]:
+    return tuple(x.strip() for x in (text or "").split(",") if x.strip())
+
+
+def _advise_command(args: argparse.Namespace) -> str:
+    """The command line that reproduces the plan, recorded in its header."""
+    parts = ["hilfarm advise", f"--fleet-size {args.fleet_size}"]
+    if args.name != "firmware":
+        parts.append(f"--name {args.name}")
+    for opt in ("hardware_revisions", "regions", "connectivity_types"):
+        if getattr(args, opt):
+            parts.append(f"--{opt.replace('_', '-')} {getattr(args, opt)}")
+    if args.crash_max != 0.001:
+        parts.append(f"--crash-max {args.crash_max:g}")
+    if args.crash_detect != 0.005:
+        parts.append(f"--crash-detect {args.crash_detect:g}")
+    return " ".join(parts + [f"--write-plan {Path(args.write_plan).name}"])
+
+
+def _write_plan(args: argparse.Namespace) -> None:
+    from pytest_hilfarm.rollout.advise import plan_for_fleet
+    from pytest_hilfarm.rollout.plan import parse_plan
+
+    advice = plan_for_fleet(
+        args.fleet_size, name=args.name, crash_max=args.crash_max,
+        crash_detect=args.crash_detect, hardware_revisions=_names(args.hardware_revisions),
+        regions=_names(args.regions), connectivity_types=_names(args.connectivity_types),
+        command=_advise_command(args))
+    parse_plan(advice.text, args.write_plan)  # what we write must load
+    Path(args.write_plan).write_text(advice.text, encoding="utf-8")
+    print(f"wrote {args.write_plan}: a plan for {args.fleet_size:,} devices that completes a "
+          f"good release in about {advice.expected_hours:.0f} h. Risks it accepts:")
+    for r in advice.risks:
+        print(f"  - {r}")
 
 
 def _common(p: argparse.ArgumentParser, now: bool = True) -> None:
@@ -398,10 +438,10 @@ def register(subparsers: Any) -> None:
     _common(p, now=False)
     p.set_defaults(handler=_guarded(_cmd_report))
 
-    p = rs.add_parser("export", help="emit AWS IoT Jobs, hawkBit or Mender request bodies")
+    p = rs.add_parser("export", help="emit AWS IoT Jobs, hawkBit, Mender or balena requests")
     p.add_argument("--plan", required=True)
     p.add_argument("--manifest")
-    p.add_argument("--format", required=True, choices=("aws", "hawkbit", "mender"))
+    p.add_argument("--format", required=True, choices=("aws", "hawkbit", "mender", "balena"))
     p.add_argument("--hawkbit-style", default="new", choices=("new", "legacy"),
                    help="targetPercentage semantics: new (hawkBit >= 0.5.0) or legacy")
     p.add_argument("--start", help="Mender: ISO start time of the first phase (default: now)")
@@ -443,4 +483,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--per-device-cost", type=float,
                    help="or: cost per affected device (times --fleet-size)")
     p.add_argument("--stage-cost", action="append", metavar="STAGE=COST")
+    p.add_argument("--write-plan", metavar="PLAN.yaml",
+                   help="write an exposure-based rollout plan sized for this fleet (and print "
+                        "the risks it accepts)")
+    p.add_argument("--name", default="firmware", help="with --write-plan: the plan's name")
+    p.add_argument("--hardware-revisions", metavar="A,B,C",
+                   help="with --write-plan: strata the staging and canary rings must cover")
+    p.add_argument("--regions", metavar="eu,us", help="with --write-plan: region strata")
+    p.add_argument("--connectivity-types", metavar="wifi,thread",
+                   help="with --write-plan: link-type strata")
+    p.add_argument("--crash-max", type=float, default=0.001,
+                   help="with --write-plan: crash-hours per device-hour allowed (0.001 = 0.1%%/h)")
+    p.add_argument("--crash-detect", type=float, default=0.005,
+                   help="with --write-plan: crash rate the plan must catch (0.005 = 0.5%%/h)")
     p.set_defaults(handler=_guarded(_cmd_advise))

@@ -1,8 +1,10 @@
-"""Advice: how much testing a product needs, stage by stage, and why.
+"""Advice: how much testing a product needs, stage by stage, and a rollout plan that fits.
 
 The rule of thumb from issue 6: include a stage when a field failure costs more than ten times
 what the stage costs per release; some stages are required regardless (safety-critical products,
-heavy hardware interaction, large fleets). Pure: inputs in, reasons out; nothing is run.
+heavy hardware interaction, large fleets). :func:`plan_for_fleet` writes an exposure-based plan
+sized for the fleet and states the risk it accepts (what a small fleet cannot rule out before
+its bigger rings). Pure: inputs in, reasons and plan text out; nothing is run.
 """
 
 from __future__ import annotations
@@ -10,9 +12,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from scipy.special import pdtr
+
 from pytest_hilfarm.errors import UsageError
 
-from .gates import min_devices_to_pass
+from . import stats
+from .gates import POOLED_SHARE, min_devices_to_pass
 
 # Rough per-release costs (engineer time + rig time, in the user's currency); every one can be
 # overridden with --stage-cost. Orders of magnitude matter here, not the exact values.
@@ -93,14 +98,15 @@ def advise(fleet_size: int, safety_critical: bool, hardware: str, field_failure_
     need = min_devices_to_pass(crash_threshold, confidence)
     share = need / fleet_size * 100
     if share <= 100:
-        notes.append(f"canary: at least {need:,} devices ({share:.2g}% of the fleet) for a "
-                     f"{crash_threshold:.1%} crash gate to pass with zero crashes at "
-                     f"{confidence:.0%} confidence; smaller canaries can only catch gross "
-                     "failures")
+        notes.append(f"a per-device crash gate ({crash_threshold:.1%} of devices) needs a canary "
+                     f"of {need:,} devices ({share:.2g}% of the fleet) to pass with zero crashes "
+                     f"at {confidence:.0%} confidence; an exposure gate (per: device_hour) "
+                     "gathers its evidence from soak time instead")
     else:
         notes.append(f"the whole fleet ({fleet_size:,}) is smaller than the {need:,} devices a "
-                     f"{crash_threshold:.1%} crash gate needs: rely on HIL and staging, loosen "
-                     "the gate for early rings, or soak longer")
+                     f"per-device {crash_threshold:.1%} crash gate needs: use exposure gates "
+                     "(per: device_hour), which count device-hours, so soaking longer helps; "
+                     "`--write-plan` writes such a plan for this fleet")
     if safety_critical:
         notes.append("safety-critical: require manual approval (pause) between rings and set "
                      "crash and boot-failure gates to roll back, not pause")
@@ -122,3 +128,119 @@ def format_advice(a: Advice) -> str:
                  + " -> staged rollout")
     lines.extend(f"note: {n}" for n in a.notes)
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class PlanAdvice:
+    text: str  # the plan YAML
+    risks: tuple[str, ...]
+    expected_hours: float  # a good release, no crash: start to complete
+
+
+def _alarm_k(exposure: float, limit: float, alpha: float) -> int:
+    """Fewest crash-hours at which the alarm fires at this exposure."""
+    k = 0
+    while stats.poisson_log_alarm(k, exposure, limit, cap=1.0) < math.log(1 / alpha):
+        k += 1
+    return k
+
+
+def plan_for_fleet(fleet_size: int, *, name: str = "firmware", crash_max: float = 0.001,
+                   crash_detect: float = 0.005, connectivity_min: float = 0.90,
+                   confidence: float = 0.95, power: float = 0.95,
+                   hardware_revisions: tuple[str, ...] = (), regions: tuple[str, ...] = (),
+                   connectivity_types: tuple[str, ...] = (), staging_hours: float = 24.0,
+                   min_per_stratum: int = 2, command: str | None = None) -> PlanAdvice:
+    """A 1 % -> 5 % -> 25 % -> 100 % plan with a staging ring, exposure gates and the seed's hard
+    triggers (any failed boot, connectivity below ``connectivity_min``), sized so that a good
+    release finishes for this fleet; ``risks`` says what it accepts to get there.
+    """
+    if fleet_size < 100:
+        raise UsageError(f"fleet size {fleet_size} is below 100: a 1 % canary would hold no "
+                         "device", where="--fleet-size",
+                         hint="release to a fleet this small by hand, after HIL and staging")
+    if not 0 < crash_max < crash_detect < 1:
+        raise UsageError("need 0 < --crash-max < --crash-detect < 1", where="--crash-detect")
+    alpha, beta = 1 - confidence, 1 - power
+    staging = max(10, min(100, round(fleet_size * 0.005)))
+    strata = [v for v in (hardware_revisions, regions, connectivity_types) if v]
+    if strata:
+        staging = max(staging, max(len(v) for v in strata) * min_per_stratum)
+    canary = round(fleet_size * 0.01)
+    need = stats.poisson_exposure_to_accept(0, crash_max, crash_detect, beta)
+    staging_exposure = staging * staging_hours
+    small = fleet_size < 10_000
+    soaks = {"canary": 6.0, "early": 6.0, "broad": 6.0, "fleet": 12.0} if small else \
+        {"canary": 12.0, "early": 12.0, "broad": 24.0, "fleet": 24.0}
+    accept_in_canary = max(0.0, (need - staging_exposure) / (staging + canary))
+    canary_hours = max(soaks["canary"], math.ceil(accept_in_canary))
+    # Room for a few crashes of a good release before the canary's deadline pauses it.
+    extensions = max(2, math.ceil(2 * canary_hours / soaks["canary"]) - 1)
+    expected = staging_hours + canary_hours + soaks["early"] + soaks["broad"] + soaks["fleet"]
+    staging_promote = "evidence" if staging_exposure >= need else "soak"
+    risks = [
+        f"false alarm: each gate stops a release that is within its limits with probability "
+        f"<= {alpha:.0%} over the whole rollout, however often telemetry arrives",
+        f"crash: a release crashing at {crash_detect:.2%}/h or worse is promoted out of a ring "
+        f"with probability <= {beta:.0%}; rates between {crash_max:.2%}/h and "
+        f"{crash_detect:.2%}/h may pass (ruling them out needs far more exposure)",
+    ]
+    if staging_promote == "soak":
+        # No alarm by the end of staging means fewer crash-hours than the alarm boundary then
+        # (the boundary only rises with exposure): an upper bound on the escape probability.
+        pooled = alpha * POOLED_SHARE if strata else alpha
+        escape = float(pdtr(_alarm_k(staging_exposure, crash_max, pooled) - 1,
+                            crash_detect * staging_exposure))
+        risks.append(
+            f"staging ({staging} devices x {staging_hours:g} h = {staging_exposure:,.0f} "
+            f"device-hours) cannot rule out {crash_detect:.2%}/h ({need:,.0f} device-hours "
+            f"needed): it promotes after its soak without an alarm, so such a release reaches the "
+            f"canary ({canary} devices) with probability <= {escape:.0%}, and is held there")
+    risks.append(f"boot: any failed first boot rolls the release back; a failure hitting a "
+                 f"share f of devices passes a ring of n devices with probability (1 - f)^n, "
+                 f"e.g. {(1 - 0.01) ** canary:.0%} for f = 1 % and the {canary}-device canary")
+    risks.append(f"expected: a good release completes in about {expected:.0f} h "
+                 f"({expected / 24:.1f} days): staging {staging_hours:g} h, canary about "
+                 f"{canary_hours:g} h (the exposure to rule out {crash_detect:.2%}/h), then "
+                 f"{soaks['early']:g} + {soaks['broad']:g} + {soaks['fleet']:g} h of minimum soak")
+
+    def flow(values: tuple[str, ...]) -> str:
+        return "[" + ", ".join(values) + "]"
+
+    targeting = [f"  hardware_revisions: {flow(hardware_revisions)}" if hardware_revisions
+                 else "", f"  regions: {flow(regions)}" if regions else "",
+                 f"  connectivity_types: {flow(connectivity_types)}" if connectivity_types
+                 else "", f"  min_per_stratum: {min_per_stratum}" if strata else ""]
+    lines = [
+        f"# Rollout plan for a fleet of {fleet_size:,} devices, written by",
+        f"#   {command or f'hilfarm advise --fleet-size {fleet_size} --write-plan FILE'}",
+        "# Risks it accepts (docs/rollouts.md explains each):",
+        *(f"#  - {r}" for r in risks),
+        "version: 1",
+        f"name: {name}",
+        "artifact:",
+        "  manifest: manifest.json",
+    ]
+    targeting = [t for t in targeting if t]
+    if targeting:
+        lines += ["targeting:", *targeting]
+    lines += [
+        "gates:",
+        f"  confidence: {confidence:g}",
+        f"  power: {power:g}",
+        f"  crash_rate: {{max: {crash_max:g}, per: device_hour, detect: {crash_detect:g}, "
+        "on_fail: rollback}",
+        f"  connectivity: {{min: {connectivity_min:g}, per: device_hour, on_fail: rollback}}",
+        "  boot_failures: {max: 0, per: attempt, on_fail: rollback}",
+        "  battery_drain: false" if small else "  battery_drain: {max_increase: 0.10, "
+                                               "on_fail: pause}",
+        f"  staging_soak: {{min: {staging_hours:g}h}}",
+        f"  max_soak_extensions: {extensions}",
+        "rings:",
+        f"  - {{name: staging, production: false, devices: {staging}, min_devices: {staging}, "
+        f"soak: {staging_hours:g}h, promote: {staging_promote}}}",
+    ]
+    for ring, pct in (("canary", 1), ("early", 5), ("broad", 25), ("fleet", 100)):
+        lines.append(f"  - {{name: {ring}, percent: {pct}, min_devices: {min(staging, 100)}, "
+                     f"soak: {soaks[ring]:g}h}}")
+    return PlanAdvice("\n".join(lines) + "\n", tuple(risks), expected)

@@ -1,4 +1,5 @@
-"""Exporters: a plan + manifest -> the request bodies AWS IoT Jobs, hawkBit and Mender take.
+"""Exporters: a plan + manifest -> the request bodies AWS IoT Jobs, hawkBit, Mender and balena
+take.
 
 Field names and limits follow notes/esp-ota-and-rollout-facts.md §6. Each exporter is a pure
 function returning plain dicts (JSON-ready) and validates the platform's documented limits, so a
@@ -20,7 +21,7 @@ from pytest_hilfarm.errors import ConfigError
 from .manifest import Manifest
 from .plan import Plan, Ring
 
-EXPORTERS = ("aws", "hawkbit", "mender")
+EXPORTERS = ("aws", "hawkbit", "mender", "balena")
 
 
 def _opts(plan: Plan, name: str, overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -83,6 +84,11 @@ def aws_iot_jobs(plan: Plan, manifest: Manifest,
     if selection not in ("SNAPSHOT", "CONTINUOUS"):
         raise ConfigError(f"target_selection {selection!r} is not SNAPSHOT or CONTINUOUS",
                           where=where)
+    if manifest.url is None:
+        raise ConfigError("the release manifest has no url, and an AWS IoT job document tells "
+                          "the device where to download the image", where=where,
+                          hint="make the manifest with `hilfarm ota release IMAGE --key KEY "
+                               "--url URL -o FILE`")
     document = json.dumps(manifest.job_document(), sort_keys=True, separators=(",", ":"))
     jobs = []
     for ring in _production(plan):
@@ -232,6 +238,82 @@ def mender_deployment(plan: Plan, manifest: Manifest, start: datetime,
     }
 
 
+def _positive_int(opts: dict[str, Any], key: str, where: str, hint: str) -> int:
+    v = opts.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ConfigError(f"{key} {v!r} must be a positive integer", where=where, hint=hint)
+    return v
+
+
+def _odata(text: str) -> str:
+    """An OData string literal: single quotes doubled."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def balena_pinning(plan: Plan, manifest: Manifest,
+                   overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """balena has no percentage rollout: a ring is the devices tagged ``ring_tag=RING``, pinned
+    to the candidate release (notes §6.4; balena API v7 resources ``device``, ``application``).
+
+    * ``prepare``: pin the fleet to the previous release, so that pushing the candidate release
+      does not update every device that tracks the latest one;
+    * per ring: ``PATCH /v7/device`` filtered by the ring's tag with
+      ``{"is_pinned_on__release": <release id>}`` (device pinning; ``should_be_running__release``
+      is the device's *computed* target in the current API, not the field to write);
+    * last ring: pin the fleet (``should_be_running__release``, ``should_track_latest_release``
+      false) and unpin the ring devices so they track it;
+    * ``rollback``: pin the fleet back and unpin every device pinned to the candidate.
+
+    Release ids are balena's integer ids (``balena release list``), not the firmware version.
+    """
+    where = f"{plan.source}: exporters.balena"
+    o = _opts(plan, "balena", overrides)
+    hint = "ids as shown by `balena fleet` / `balena releases`"
+    fleet = _positive_int(o, "fleet_id", where, hint)
+    release = _positive_int(o, "release_id", where, hint)
+    previous = _positive_int(o, "previous_release_id", where, hint)
+    if release == previous:
+        raise ConfigError("release_id equals previous_release_id", where=where,
+                          hint="a rollout must change the release")
+    tag = o.get("ring_tag", "rollout-ring")
+    if not isinstance(tag, str) or not re.match(r"^[A-Za-z0-9_.-]+$", tag):
+        raise ConfigError(f"ring_tag {tag!r} must be letters, digits, . _ -", where=where)
+    api = str(o.get("api_version", "v7"))
+    app = f"/{api}/application({fleet})"
+    in_fleet = f"belongs_to__application eq {fleet}"
+
+    def pin_fleet(rid: int, why: str) -> dict[str, Any]:
+        return {"method": "PATCH", "path": app, "why": why,
+                "body": {"should_be_running__release": rid, "should_track_latest_release": False}}
+
+    def pin_devices(flt: str, rid: int | None, why: str) -> dict[str, Any]:
+        return {"method": "PATCH", "path": f"/{api}/device", "query": {"$filter": flt},
+                "why": why, "body": {"is_pinned_on__release": rid}}
+
+    rings = _production(plan)
+    steps = []
+    for i, ring in enumerate(rings):
+        tagged = (f"{in_fleet} and device_tag/any(dt:dt/tag_key eq {_odata(tag)} and "
+                  f"dt/value eq {_odata(ring.name)})")
+        if i < len(rings) - 1:
+            reqs = [pin_devices(tagged, release, f"ring {ring.name}: cumulative "
+                                f"{ring.percent:g}% (devices tagged {tag}={ring.name})")]
+        else:
+            reqs = [pin_fleet(release, f"ring {ring.name}: the whole fleet"),
+                    pin_devices(f"{in_fleet} and is_pinned_on__release eq {release}", None,
+                                "earlier rings track the fleet again")]
+        steps.append({"ring": ring.name, "requests": reqs})
+    return {
+        "version": manifest.version,
+        "prepare": [pin_fleet(previous, "keep the fleet on the previous release while the "
+                                        "candidate is pushed")],
+        "rings": steps,
+        "rollback": [pin_fleet(previous, "the fleet back to the previous release"),
+                     pin_devices(f"{in_fleet} and is_pinned_on__release eq {release}", None,
+                                 "every device pinned to the candidate tracks the fleet again")],
+    }
+
+
 def export(kind: str, plan: Plan, manifest: Manifest, *, start: datetime | None = None,
            hawkbit_style: str = "new") -> Any:
     if kind == "aws":
@@ -240,5 +322,7 @@ def export(kind: str, plan: Plan, manifest: Manifest, *, start: datetime | None 
         return hawkbit_rollout(plan, manifest, hawkbit_style)
     if kind == "mender":
         return mender_deployment(plan, manifest, start or datetime.now(timezone.utc))
+    if kind == "balena":
+        return balena_pinning(plan, manifest)
     raise ConfigError(f"unknown exporter {kind!r}", where="--format",
                       hint=f"one of {', '.join(EXPORTERS)}")

@@ -24,6 +24,11 @@ from . import stats
 from .plan import PER_ATTEMPT, Gates, RateGate, Ring, Targeting
 
 
+# Share of a gate's false-alarm budget (1 - confidence) given to the pooled test when strata
+# are named; the strata share the rest. A whole-fleet failure is best seen pooled.
+POOLED_SHARE = 0.75
+
+
 class Verdict(str, Enum):
     PASS = "pass"
     FAIL = "fail"
@@ -309,15 +314,15 @@ def evaluate_ring(ring: Ring, ev: RingEvidence, targeting: Targeting | None = No
 
     Per-device gates are judged only when ``legacy_due`` (the soak is over); sequential ones
     always. With named strata, each sequential gate also runs per stratum (alarm only), the
-    false-alarm budget split in two halves: the pooled test and, equally, the strata, so a
-    failure confined to one hardware revision is not averaged away. ``coverage`` adds the
+    false-alarm budget split: ``POOLED_SHARE`` to the pooled test, the rest equally to the
+    strata (Bonferroni), so a failure confined to one hardware revision is not averaged away. ``coverage`` adds the
     per-stratum device minimum (staging and canary rings).
     """
     g: Gates = ring.gates
     n = ring.min_devices
     strata = targeting.strata() if targeting is not None else ()
     alpha = 1.0 - g.confidence
-    pooled_alpha = alpha / 2 if strata else alpha
+    pooled_alpha = alpha * POOLED_SHARE if strata else alpha
     out: list[GateResult] = []
 
     def later(gate: str, on_fail: str) -> GateResult:
@@ -345,7 +350,7 @@ def evaluate_ring(ring: Ring, ev: RingEvidence, targeting: Targeting | None = No
                                     g.battery_on_fail) if legacy_due
                        else later("battery_drain", g.battery_on_fail))
     if strata:
-        out.extend(_strata_monitors(g, ev, strata, alpha / 2 / len(strata)))
+        out.extend(_strata_monitors(g, ev, strata, alpha * (1 - POOLED_SHARE) / len(strata)))
     if coverage and targeting is not None and targeting.min_per_stratum > 0 and strata:
         out.append(coverage_gate(targeting, ev))
     return tuple(out)

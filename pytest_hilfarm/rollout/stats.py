@@ -24,9 +24,11 @@ from functools import lru_cache
 
 from scipy.special import betaincinv, gammaincinv
 
-# Alternatives of the alarm mixture, as multiples of the limit. A spread of effect sizes: a gross
-# failure (50x) is caught from the first few events, a moderate one (2x) once exposure builds up.
-RATIOS: tuple[float, ...] = (2.0, 5.0, 10.0, 20.0, 50.0)
+# Alternatives of the alarm mixture, as multiples of the limit, equally weighted. A spread of
+# effect sizes: a gross failure (30x) is caught from its first few events, a moderate one (3x)
+# once exposure builds up. Chosen by computing, for the 2,000-device plan, the chance of an alarm
+# at 2 %/h within 300 device-hours and at 0.5 %/h within 3,000 (docs/rollouts.md).
+RATIOS: tuple[float, ...] = (3.0, 10.0, 30.0)
 
 
 def _logmeanexp(values: Sequence[float]) -> float:

@@ -252,8 +252,9 @@ def _odata(text: str) -> str:
 
 def balena_pinning(plan: Plan, manifest: Manifest,
                    overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """balena has no percentage rollout: a ring is the devices tagged ``ring_tag=RING``, pinned
-    to the candidate release (notes §6.4; balena API v7 resources ``device``, ``application``).
+    """Pin each ring's devices to the release: balena has no percentage rollout, so a ring is
+    the devices tagged ``ring_tag=RING``, pinned to the candidate release (notes §6.4; balena
+    API v7 resources ``device`` and ``application``).
 
     * ``prepare``: pin the fleet to the previous release, so that pushing the candidate release
       does not update every device that tracks the latest one;

@@ -23,7 +23,6 @@ from typing import Any
 from . import stats
 from .plan import PER_ATTEMPT, Gates, RateGate, Ring, Targeting
 
-
 # Share of a gate's false-alarm budget (1 - confidence) given to the pooled test when strata
 # are named; the strata share the rest. A whole-fleet failure is best seen pooled.
 POOLED_SHARE = 0.75
@@ -315,8 +314,8 @@ def evaluate_ring(ring: Ring, ev: RingEvidence, targeting: Targeting | None = No
     Per-device gates are judged only when ``legacy_due`` (the soak is over); sequential ones
     always. With named strata, each sequential gate also runs per stratum (alarm only), the
     false-alarm budget split: ``POOLED_SHARE`` to the pooled test, the rest equally to the
-    strata (Bonferroni), so a failure confined to one hardware revision is not averaged away. ``coverage`` adds the
-    per-stratum device minimum (staging and canary rings).
+    strata (Bonferroni), so a failure confined to one hardware revision is not averaged away.
+    ``coverage`` adds the per-stratum device minimum (staging and canary rings).
     """
     g: Gates = ring.gates
     n = ring.min_devices

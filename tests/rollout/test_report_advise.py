@@ -59,7 +59,7 @@ def test_advise_forces_stages_for_safety_and_hardware():
     assert all(s.included for s in a.stages if s.stage != "integration")
     text = format_advice(a)
     assert "required: heavy hardware interaction" in text
-    assert "canary: at least 2,703 devices" in text
+    assert "needs a canary of 2,703 devices" in text
 
 
 def test_advise_small_fleet_note_and_bad_input():

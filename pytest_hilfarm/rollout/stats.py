@@ -40,13 +40,17 @@ def _logmeanexp(values: Sequence[float]) -> float:
 
 @lru_cache(maxsize=256)
 def _ratios(limit: float, cap: float | None) -> tuple[float, ...]:
-    """Mixture ratios whose alternative rate stays within ``cap`` (a share cannot exceed 1)."""
-    if cap is None:
+    """Mixture ratios whose alternative rate stays within ``cap`` (a share cannot exceed 1).
+
+    Near the cap (a connectivity gate allows 10 % loss: at most 10x) the fixed grid has no
+    room, so three ratios from 1.5x to the headroom (at most 10x) are used instead.
+    """
+    if cap is None or cap / limit >= RATIOS[-1]:
         return RATIOS
-    keep = tuple(r for r in RATIOS if r * limit <= cap)
-    if keep:
-        return keep
-    return (cap / limit,) if cap > limit else ()
+    top = min(10.0, cap / limit)
+    if top <= 1.5:
+        return (top,) if top > 1.0 else ()
+    return (1.5, math.sqrt(1.5 * top), top)
 
 
 def poisson_log_alarm(k: float, exposure: float, limit: float, cap: float | None = None) -> float:

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from pytest_hilfarm.errors import ImageError, SignatureError, UsageError
+from pytest_hilfarm.errors import ConfigError, ImageError, SignatureError, UsageError
 from pytest_hilfarm.ota.keys import generate_signing_key, load_private_key, write_public_key
 from pytest_hilfarm.ota.manifest import (
     FORMAT,
+    ManifestError,
     make_release,
     read_manifest,
     verify_release,
@@ -161,3 +162,43 @@ def test_rsa_release_key(tmp_path: Path, image: Path, rsa_key: Path) -> None:
     assert m.sig_scheme == "rsa-pss-sha256"
     path = write_manifest(m, tmp_path / "m.json")
     verify_release(path, image, rsa_key, now=NOW)
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "rollout"
+
+
+def test_the_example_manifest_is_a_real_signed_release() -> None:
+    m = verify_release(EXAMPLES / "manifest.json", None, EXAMPLES / "release.pub.pem",
+                       now=datetime(2026, 12, 4, tzinfo=timezone.utc))
+    assert (m.format, m.version, m.chip, m.secure_version) == (FORMAT, "2.4.0", "esp32c3", 3)
+
+
+def test_one_reader_for_release_and_rollout(tmp_path: Path, image: Path,
+                                            release_keys: tuple[Path, Path, Path]) -> None:
+    """What `hilfarm ota release` writes without --url, the rollout reads (and starts)."""
+    from pytest_hilfarm.cli import main
+    from pytest_hilfarm.rollout import manifest as rollout_manifest
+
+    assert rollout_manifest.load_manifest is read_manifest  # the same code, not a copy
+    out = tmp_path / "release.json"
+    assert main(["ota", "release", str(image), "--key", str(release_keys[0]), "-o",
+                 str(out)]) == 0
+    assert "url" not in json.loads(out.read_text())
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"name: fw\nartifact: {{manifest: {out}}}\ngates: {{hil: {{required: "
+                    "false}}\n")
+    db = str(tmp_path / "r.sqlite")
+    assert main(["rollout", "start", "--plan", str(plan), "--db", db,
+                 "--release-pubkey", str(release_keys[1]), "--staging-since",
+                 "2026-01-01T00:00:00Z"]) == 0
+    assert main(["rollout", "export", "--plan", str(plan), "--format", "aws"]) == 2
+
+
+def test_pre_format_manifests_are_refused_with_the_way_forward(tmp_path: Path) -> None:
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"url": "https://x/app.bin", "sha256": "ab" * 32, "size": 10,
+                               "chip": "esp32c3", "version": "2.4.0", "secure_version": 3}))
+    with pytest.raises(ManifestError, match="lacks project, created, expires") as exc:
+        read_manifest(old)
+    assert "hilfarm ota release" in (exc.value.hint or "")
+    assert isinstance(exc.value, ConfigError) and isinstance(exc.value, SignatureError)

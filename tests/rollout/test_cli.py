@@ -204,3 +204,114 @@ def test_start_verifies_a_signed_release_manifest(tmp_path, db, junit, capsys):
                  "--release-pubkey", str(pub), "--hil-junit", junit, "--db", db,
                  "--id", "tampered"]) == 1
     assert "signature" in capsys.readouterr().err.lower()
+
+
+SEQ_PLAN = """\
+name: fw
+artifact: {manifest: MANIFEST, previous_version: 2.3.1}
+gates:
+  crash_rate: {max: 0.001, per: device_hour, detect: 0.005, on_fail: rollback}
+  connectivity: {min: 0.9, per: device_hour, on_fail: pause}
+  boot_failures: {max: 0, per: attempt, on_fail: rollback}
+  battery_drain: false
+rings:
+  - {name: canary, percent: 10, soak: 2h}
+  - {name: fleet, percent: 100, soak: 2h}
+"""
+
+
+def _window(path: Path, devices: int, *, crashes: int = 0, ratio: float = 1.0) -> Path:
+    with path.open("a") as fh:
+        for i in range(devices):
+            fh.write(json.dumps({"device_id": f"d{i}", "firmware": "2.4.0", "hours": 1,
+                                 "crashes": 1 if i < crashes else 0,
+                                 "connected_ratio": ratio}) + "\n")
+    return path
+
+
+@pytest.fixture
+def seq_plan(tmp_path: Path) -> Path:
+    from rollout_helpers import EXAMPLE_MANIFEST
+
+    p = tmp_path / "seq.yaml"
+    p.write_text(SEQ_PLAN.replace("MANIFEST", str(EXAMPLE_MANIFEST)))
+    return p
+
+
+def _start(seq_plan: Path, db: str, junit: str) -> None:
+    assert main(["rollout", "start", "--plan", str(seq_plan), "--hil-junit", junit, "--db", db,
+                 "--staging-since", "2026-02-27T00:00:00Z", "--now", "2026-03-01T00:00:00Z"]) == 0
+
+
+def test_step_exit_codes_and_json(tmp_path, db, junit, seq_plan, capsys):
+    _start(seq_plan, db, junit)
+    tele = _window(tmp_path / "t.jsonl", 300)
+    step = ["rollout", "step", "fw-2.4.0", "--db", db, "--telemetry", str(tele), "--json"]
+    capsys.readouterr()
+    assert main([*step, "--now", "2026-03-01T01:00:00Z"]) == 0  # soaking: progressing
+    out = json.loads(capsys.readouterr().out)
+    assert out["state"] == "soaking" and out["exit_code"] == 0
+    assert {g["gate"] for g in out["hold"]["gates"]} >= {"crash_rate", "connectivity",
+                                                           "boot_failures"}
+    _window(tele, 300, crashes=12)  # a second hour with 12 crashing devices
+    assert main([*step, "--now", "2026-03-01T01:30:00Z"]) == 11
+    out = json.loads(capsys.readouterr().out)
+    assert out["state"] == "rolled_back" and out["transitions"][0]["event"] == "rollback"
+    assert out["transitions"][0]["numbers"]["trigger"] == ["crash_rate"]
+    assert main(["rollout", "status", "fw-2.4.0", "--db", db]) == 11
+
+
+def test_paused_exits_10(tmp_path, db, junit, seq_plan, capsys):
+    _start(seq_plan, db, junit)
+    tele = _window(tmp_path / "t.jsonl", 300, ratio=0.5)  # half the time without a mesh link
+    assert main(["rollout", "step", "fw-2.4.0", "--db", db, "--telemetry", str(tele),
+                 "--now", "2026-03-01T01:00:00Z"]) == 10
+    assert "connectivity" in capsys.readouterr().out
+    assert main(["rollout", "status", "fw-2.4.0", "--db", db]) == 10
+    assert main(["rollout", "status", "--db", db]) == 0  # the list is not a state
+
+
+def test_step_window_option_gives_exposure_to_records_without_hours(tmp_path, db, junit,
+                                                                    seq_plan, capsys):
+    _start(seq_plan, db, junit)
+    tele = tmp_path / "t.jsonl"
+    tele.write_text("".join(json.dumps({"device_id": f"d{i}", "firmware": "2.4.0",
+                                        "crashes": int(i < 12)}) + "\n" for i in range(300)))
+    step = ["rollout", "step", "fw-2.4.0", "--db", db, "--telemetry", str(tele),
+            "--now", "2026-03-01T01:00:00Z"]
+    assert main(step) == 0  # no hours, no exposure: no decision
+    assert main([*step, "--window", "1h"]) == 11
+
+
+def test_fleet_simulate_trials_report(capsys):
+    plan = str(EXAMPLE_PLAN.parent / "fleet-2000.yaml")
+    assert main(["fleet", "simulate", "--devices", "2000", "--plan", plan, "--trials", "3",
+                 "--json"]) == 0
+    good, bad = json.loads(capsys.readouterr().out)
+    assert good["trials"] == bad["trials"] == 3 and bad["faults"] == ["crash:0.005/h"]
+    assert good["complete"] == 1.0 and bad["complete"] == 0.0
+    assert main(["fleet", "simulate", "--devices", "2000", "--plan", plan, "--trials", "2",
+                 "--fault", "crash:2%/h", "--good", "crash:0.1%/h"]) == 0
+    out = capsys.readouterr().out
+    assert "good firmware (faults: crash:0.001/h)" in out and "blast radius" in out
+
+
+def test_single_simulation_exit_codes(capsys):
+    plan = str(EXAMPLE_PLAN.parent / "fleet-2000.yaml")
+    assert main(["fleet", "simulate", "--devices", "2000", "--plan", plan]) == 0
+    assert main(["fleet", "simulate", "--devices", "2000", "--plan", plan,
+                 "--fault", "crash:2%/h"]) == 11
+    assert main(["fleet", "simulate", "--devices", "2000", "--plan", plan, "--fault",
+                 "hil:1"]) == 1
+
+
+def test_advise_writes_the_example_plans(tmp_path, capsys):
+    base = EXAMPLE_PLAN.parent
+    for size, name in ((2000, "fleet-2000.yaml"), (1_000_000, "fleet-1m.yaml")):
+        out = tmp_path / name
+        assert main(["advise", "--fleet-size", str(size), "--name", "mesh-sensor",
+                     "--hardware-revisions", "A,B,C", "--regions", "eu,us,apac",
+                     "--connectivity-types", "wifi,thread", "--write-plan", str(out)]) == 0
+        assert out.read_text() == (base / name).read_text(), name
+    text = capsys.readouterr().out
+    assert "Risks it accepts" in text and "reaches the canary" in text

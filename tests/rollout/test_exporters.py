@@ -11,6 +11,7 @@ from rollout_helpers import EXAMPLE_PLAN
 from pytest_hilfarm.errors import ConfigError
 from pytest_hilfarm.rollout.exporters import (
     aws_iot_jobs,
+    balena_pinning,
     hawkbit_groups,
     hawkbit_rollout,
     mender_deployment,
@@ -107,3 +108,75 @@ def test_mender_whole_percents_only():
                       "percent: 100}\nexporters: {mender: {filter_id: f}}\n")
     with pytest.raises(ConfigError, match="whole percent"):
         mender_deployment(plan, MANIFEST, START)
+
+
+# balena API v7 fields, from docs.balena.io/reference/api/resources/device and .../fleet
+# ("Available Fields"), and the device_tag resource (device, tag_key, value).
+BALENA_DEVICE_FIELDS = {
+    "id", "belongs_to__application", "belongs_to__user", "actor", "device_name",
+    "is_of__device_type", "uuid", "is_running__release", "is_pinned_on__release",
+    "should_be_running__release", "note", "local_id", "status", "overall_status", "is_online",
+    "should_be_operated_by__release", "should_be_managed_by__release", "is_web_accessible",
+    "is_locked_until__date", "created_at", "is_active"}
+BALENA_FLEET_FIELDS = {
+    "id", "uuid", "organization", "actor", "app_name", "slug", "should_be_running__release",
+    "application_type", "is_for__device_type", "should_track_latest_release",
+    "is_accessible_by_support_until__date", "is_public", "is_host", "is_archived",
+    "is_discoverable", "is_stored_at__repository_url", "created_at"}
+BALENA = {"fleet_id": 1987213, "release_id": 3072946, "previous_release_id": 3071850}
+
+
+def _requests(body: dict) -> list[dict]:
+    reqs = list(body["prepare"]) + list(body["rollback"])
+    for ring in body["rings"]:
+        reqs += ring["requests"]
+    return reqs
+
+
+def test_balena_golden_and_field_names():
+    body = balena_pinning(PLAN, MANIFEST, BALENA)
+    check_golden("balena_pinning.json", body)
+    assert [r["ring"] for r in body["rings"]] == ["canary", "early", "broad", "fleet"]
+    for req in _requests(body):
+        assert req["method"] == "PATCH"
+        if req["path"].startswith("/v7/device"):
+            assert set(req["body"]) <= BALENA_DEVICE_FIELDS
+            # Pinning writes is_pinned_on__release; should_be_running__release is the device's
+            # computed target release in API v7, not the field to set.
+            assert set(req["body"]) == {"is_pinned_on__release"}
+            flt = req["query"]["$filter"]
+            assert flt.startswith("belongs_to__application eq 1987213 and ")
+        else:
+            assert req["path"] == "/v7/application(1987213)"
+            assert set(req["body"]) <= BALENA_FLEET_FIELDS
+            assert req["body"]["should_track_latest_release"] is False
+    canary = body["rings"][0]["requests"][0]
+    assert canary["body"] == {"is_pinned_on__release": 3072946}
+    assert "device_tag/any(dt:dt/tag_key eq 'rollout-ring' and dt/value eq 'canary')" in \
+        canary["query"]["$filter"]
+    assert body["prepare"][0]["body"]["should_be_running__release"] == 3071850
+    assert body["rollback"][1]["body"] == {"is_pinned_on__release": None}
+
+
+@pytest.mark.parametrize("patch, what", [
+    ({"fleet_id": 0}, "fleet_id"), ({"release_id": "abc"}, "release_id"),
+    ({"previous_release_id": 3072946}, "equals previous_release_id"),
+    ({"ring_tag": "ring's"}, "ring_tag")])
+def test_balena_options_checked(patch, what):
+    with pytest.raises(ConfigError, match=what):
+        balena_pinning(PLAN, MANIFEST, {**BALENA, **patch})
+
+
+def test_balena_escapes_ring_names_in_the_filter():
+    plan = parse_plan("name: fw\nrings:\n  - {name: \"o'brien\", percent: 10}\n"
+                      "  - {name: all, percent: 100}\n")
+    body = balena_pinning(plan, MANIFEST, BALENA)
+    assert "dt/value eq 'o''brien'" in body["rings"][0]["requests"][0]["query"]["$filter"]
+
+
+def test_aws_needs_a_download_url():
+    from dataclasses import replace
+
+    with pytest.raises(ConfigError, match="no url") as exc:
+        aws_iot_jobs(PLAN, replace(MANIFEST, url=None))
+    assert "--url" in (exc.value.hint or "")

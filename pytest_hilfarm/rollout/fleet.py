@@ -342,11 +342,12 @@ class Fleet:
                     if remaining else row.baseline_drain)
         strata: tuple[StratumEvidence, ...] = ()
         if self.strata:
-            sums = np.stack([self.n, self.hours, self.events, self.failed, self.disc]) @ self.member
-            strata = tuple(StratumEvidence(dim, v, int(sums[0, j]), float(sums[1, j]),
-                                           float(sums[2, j]), int(sums[0, j]), int(sums[3, j]),
-                                           float(sums[4, j]), float(sums[1, j]))
-                           for j, (dim, v) in enumerate(self.strata) if sums[0, j])
+            devs, hours, events, failed_s, disc = (
+                np.stack([self.n, self.hours, self.events, self.failed, self.disc])
+                @ self.member).tolist()
+            strata = tuple(StratumEvidence(dim, v, int(devs[j]), hours[j], events[j],
+                                           int(devs[j]), int(failed_s[j]), disc[j], hours[j])
+                           for j, (dim, v) in enumerate(self.strata) if devs[j])
         hours_total = float(self.hours.sum())
         failed = int(self.failed.sum())
         self._evidence = RingEvidence(

@@ -370,11 +370,11 @@ def _strata_monitors(g: Gates, ev: RingEvidence, strata: tuple[tuple[str, str], 
         if not rg.sequential:
             continue
         limit = 1.0 - rg.limit if gate == "connectivity" else rg.limit
-        top, top_log = present[0], -math.inf
+        top, top_log = present[0], 0.0
         for s in present:
             events, exposure = _exposure_counts(gate, s)
-            if exposure <= 0:
-                continue
+            if exposure <= 0 or events <= 0:
+                continue  # no event: the ratio is at most 1, far below any alarm
             if rg.per == PER_ATTEMPT:
                 log = stats.binomial_log_alarm(int(events), int(exposure), limit)
             else:

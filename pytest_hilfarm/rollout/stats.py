@@ -53,14 +53,20 @@ def _ratios(limit: float, cap: float | None) -> tuple[float, ...]:
     return (1.5, math.sqrt(1.5 * top), top)
 
 
+@lru_cache(maxsize=256)
+def _terms(limit: float, cap: float | None) -> tuple[tuple[float, float], ...]:
+    """(log r, (r - 1) * limit) per mixture component: the per-look work is two multiplies."""
+    return tuple((math.log(r), (r - 1.0) * limit) for r in _ratios(limit, cap))
+
+
 def poisson_log_alarm(k: float, exposure: float, limit: float, cap: float | None = None) -> float:
     """Log of the mixture ratio ``M`` for a rate; ``inf`` when ``limit`` is 0 and ``k > 0``."""
     if limit <= 0:
         return math.inf if k > 0 else 0.0
-    ratios = _ratios(limit, cap)
-    if not ratios:
+    terms = _terms(limit, cap)
+    if not terms:
         return -math.inf
-    return _logmeanexp([k * math.log(r) - (r - 1.0) * limit * exposure for r in ratios])
+    return _logmeanexp([k * lr - d * exposure for lr, d in terms])
 
 
 def poisson_log_accept(k: float, exposure: float, limit: float, detect: float) -> float:

@@ -150,12 +150,12 @@ def _cmd_step(args: argparse.Namespace) -> int:
         plan = ctl.plan_of(row)
         evidence_fn = None
         if args.telemetry:
-            cache: dict[tuple[str, float | None], Any] = {}
+            cache: dict[tuple[str, float | None, float], Any] = {}
 
             def evidence_fn(r: Any) -> Any:
                 # Read the files once per step, however often the controller asks.
                 ring = plan.rings[max(r.deployed_index, 0)]
-                key = (r.candidate, r.baseline_drain)
+                key = (r.candidate, r.baseline_drain, ring.gates.connectivity_device_min_ratio)
                 if key not in cache:
                     cache[key] = _evidence_from_files(
                         args.telemetry, r.candidate, ring.gates.connectivity_device_min_ratio,

@@ -1,12 +1,12 @@
 """Fleet simulator: a whole rollout in simulated time over a modelled fleet.
 
-Devices are modelled as cohorts: one per ring and stratum cell (hardware revision x region x
-link type), every device in a cohort alike. Counts are drawn from the exact laws of the model
-(binomial boot failures and crashes per device-hour, normal drains, hypergeometric picks of
-which devices a ring takes), so the evidence has the distribution a device-by-device model
-would give, at a cost that does not grow with the fleet: ten million devices take as long as
-two thousand. The real :class:`~.controller.Controller` drives the rollout against an in-memory
-store with telemetry ingested every hour, so a dry run takes the decisions a live rollout takes.
+Devices are modelled per cell (hardware revision x region x link type), every device in a cell
+alike whichever ring took it. Counts are drawn from the exact laws of the model (binomial boot
+failures and crashes per device-hour, normal drains, hypergeometric picks of which devices a
+ring takes), so the evidence has the distribution a device-by-device model would give, at a
+cost that does not grow with the fleet: ten million devices take as long as two thousand.
+The real :class:`~.controller.Controller` drives the rollout against an in-memory store with
+telemetry ingested every hour, so a dry run takes the decisions a live rollout takes.
 It models rates, not radio or firmware internals, and never touches a real fleet.
 """
 

@@ -261,3 +261,12 @@ def test_a_crashing_release_on_300000_devices_is_stopped_within_hours_not_days()
         assert new.first_production_hours is None or \
             new.hours - new.first_production_hours <= 3.0, new.hours
         assert new.blast_radius <= 3_000
+
+
+def test_the_controller_names_a_stratum_the_staging_ring_cannot_cover():
+    text = FLEET_2000.read_text().replace("hardware_revisions: [A, B, C]",
+                                          "hardware_revisions: [A, B, C, D]")
+    r = simulate(parse_plan(text), text, 2000, seed=1, timeline=False)
+    assert r.final_state == "paused" and r.stopped_ring == "staging"
+    assert "hardware_revision=D (0 of 2)" in r.stop_reason
+    assert r.blast_radius == 0

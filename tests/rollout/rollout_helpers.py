@@ -10,6 +10,19 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_PLAN = ROOT / "examples" / "rollout" / "plan.yaml"
 EXAMPLE_MANIFEST = ROOT / "examples" / "rollout" / "manifest.json"
 T0 = "2026-03-01T00:00:00Z"
+# A two-ring plan with the exposure definitions and the seed's hard triggers.
+SEQ_PLAN = """\
+name: fw
+artifact: {previous_version: 2.3.1}
+gates:
+  crash_rate: {max: 0.001, per: device_hour, detect: 0.005, on_fail: rollback}
+  connectivity: {min: 0.9, per: device_hour, on_fail: pause}
+  boot_failures: {max: 0, per: attempt, on_fail: rollback}
+  battery_drain: false
+rings:
+  - {name: canary, percent: 10, soak: 2h}
+  - {name: fleet, percent: 100, soak: 2h}
+"""
 
 
 def write_telemetry(path: Path, candidate: int, baseline: int, *, version: str = "2.4.0",

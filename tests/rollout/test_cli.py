@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
-from rollout_helpers import EXAMPLE_PLAN, write_telemetry
+from rollout_helpers import EXAMPLE_PLAN, SEQ_PLAN, write_telemetry
 
 from pytest_hilfarm.cli import build_parser, main
 
@@ -206,20 +206,6 @@ def test_start_verifies_a_signed_release_manifest(tmp_path, db, junit, capsys):
     assert "signature" in capsys.readouterr().err.lower()
 
 
-SEQ_PLAN = """\
-name: fw
-artifact: {manifest: MANIFEST, previous_version: 2.3.1}
-gates:
-  crash_rate: {max: 0.001, per: device_hour, detect: 0.005, on_fail: rollback}
-  connectivity: {min: 0.9, per: device_hour, on_fail: pause}
-  boot_failures: {max: 0, per: attempt, on_fail: rollback}
-  battery_drain: false
-rings:
-  - {name: canary, percent: 10, soak: 2h}
-  - {name: fleet, percent: 100, soak: 2h}
-"""
-
-
 def _window(path: Path, devices: int, *, crashes: int = 0, ratio: float = 1.0) -> Path:
     with path.open("a") as fh:
         for i in range(devices):
@@ -234,7 +220,7 @@ def seq_plan(tmp_path: Path) -> Path:
     from rollout_helpers import EXAMPLE_MANIFEST
 
     p = tmp_path / "seq.yaml"
-    p.write_text(SEQ_PLAN.replace("MANIFEST", str(EXAMPLE_MANIFEST)))
+    p.write_text(SEQ_PLAN.replace("artifact: {", f"artifact: {{manifest: {EXAMPLE_MANIFEST}, "))
     return p
 
 

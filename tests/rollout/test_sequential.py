@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from rollout_helpers import EXAMPLE_PLAN, ROOT
+from rollout_helpers import EXAMPLE_PLAN, ROOT, SEQ_PLAN
 
 from pytest_hilfarm.errors import ConfigError
 from pytest_hilfarm.rollout.advise import plan_for_fleet
@@ -26,18 +26,6 @@ from pytest_hilfarm.rollout.telemetry import DeviceTelemetry, aggregate
 FLEET_2000 = ROOT / "examples" / "rollout" / "fleet-2000.yaml"
 CRASH = RateGate(0.001, "rollback", "device_hour", 0.005)
 
-SEQ_PLAN = """\
-name: fw
-artifact: {previous_version: 2.3.1}
-gates:
-  crash_rate: {max: 0.001, per: device_hour, detect: 0.005, on_fail: rollback}
-  connectivity: {min: 0.9, per: device_hour, on_fail: pause}
-  boot_failures: {max: 0, per: attempt, on_fail: rollback}
-  battery_drain: false
-rings:
-  - {name: canary, percent: 10, soak: 2h}
-  - {name: fleet, percent: 100, soak: 2h}
-"""
 H = 3600.0
 T0 = 1_800_000_000.0
 

@@ -32,7 +32,8 @@ SCENARIOS = (("good (no fault)", []), ("at the limit (crash 0.1%/h)", ["crash:0.
              ("bad (crash 2%/h)", ["crash:2%/h"]),
              ("bad (crash 2%/h, hardware C only)", ["crash:2%/h@C"]),
              ("bad (boot failures 1%)", ["boot:1%"]),
-             ("bad (20% of devices lose the mesh)", ["connectivity:0.2"]))
+             ("bad (40% of devices lose the mesh half the time: 80% connected)",
+              ["connectivity:0.4"]))
 
 
 def cpu() -> float:

@@ -17,21 +17,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pytest_hilfarm.cli.common import NEGATIVE, OK, PAUSED, ROLLED_BACK, example
 from pytest_hilfarm.errors import ConfigError, UsageError
 
-BLOCKED = 1  # the command ran and its result is negative: the HIL gate refused the start
-USAGE = 2
+BLOCKED = NEGATIVE  # the command ran and its result is negative: the HIL gate refused the start
 
 
-def _guarded(handler: Any) -> Any:
-    """Usage and configuration errors exit 2 (the hilfarm table), with the error's where/hint."""
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return int(handler(args) or 0)
-        except (ConfigError, UsageError) as exc:
-            print(f"hilfarm: error: {exc}", file=sys.stderr)
-            return USAGE
-    return run
+def state_exit_code(state: str) -> int:
+    """A rollout's state as an exit code: 0 complete or progressing, 10 paused, 11 rolled back
+    or aborted; a simulated start blocked by the HIL gate is a negative result (1).
+    """
+    if state == "paused":
+        return PAUSED
+    if state in ("rolled_back", "aborted"):
+        return ROLLED_BACK
+    if state == "blocked":
+        return NEGATIVE
+    return OK
 
 
 def _now(args: argparse.Namespace) -> float:
@@ -68,7 +70,7 @@ def _print_report(report: Any) -> None:
 
 
 def _cmd_start(args: argparse.Namespace) -> int:
-    from pytest_hilfarm.rollout.controller import Controller, StartBlocked, exit_code
+    from pytest_hilfarm.rollout.controller import Controller, StartBlocked
     from pytest_hilfarm.rollout.hil import read_junit, read_results
     from pytest_hilfarm.rollout.manifest import load_manifest
     from pytest_hilfarm.rollout.plan import load_plan
@@ -101,7 +103,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
             return BLOCKED
     print(("started" if created else "already started (no change)") + f": {report.rollout_id}")
     _print_report(report)
-    return exit_code(report.state)
+    return state_exit_code(report.state)
 
 
 def _evidence_from_files(paths: list[str], candidate: str, min_ratio: float,
@@ -126,11 +128,9 @@ def _evidence_from_files(paths: list[str], candidate: str, min_ratio: float,
 
 
 def _report_json(report: Any) -> dict[str, Any]:
-    from pytest_hilfarm.rollout.controller import exit_code
-
     hold = report.hold
     return {
-        "id": report.rollout_id, "state": report.state, "exit_code": exit_code(report.state),
+        "id": report.rollout_id, "state": report.state, "exit_code": state_exit_code(report.state),
         "transitions": [{"event": t.event, "ring": t.ring, "reason": t.reason,
                          "numbers": t.numbers} for t in report.transitions],
         "hold": None if hold is None else {
@@ -140,7 +140,7 @@ def _report_json(report: Any) -> dict[str, Any]:
 
 
 def _cmd_step(args: argparse.Namespace) -> int:
-    from pytest_hilfarm.rollout.controller import Controller, exit_code
+    from pytest_hilfarm.rollout.controller import Controller
     from pytest_hilfarm.rollout.plan import parse_hours
 
     window = parse_hours(args.window, "--window") if args.window else None
@@ -166,7 +166,7 @@ def _cmd_step(args: argparse.Namespace) -> int:
         print(json.dumps(_report_json(report), indent=2, sort_keys=True, default=str))
     else:
         _print_report(report)
-    return exit_code(report.state)
+    return state_exit_code(report.state)
 
 
 def _manual(name: str) -> Any:
@@ -182,7 +182,7 @@ def _manual(name: str) -> Any:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from pytest_hilfarm.rollout.controller import Controller, deployed_rings, exit_code, iso
+    from pytest_hilfarm.rollout.controller import Controller, deployed_rings, iso
 
     with _store(args) as store:
         if not args.id:
@@ -201,14 +201,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
     ring = plan.rings[row.ring_index]
     if args.json:
         print(json.dumps({
-            "id": row.id, "state": row.state, "exit_code": exit_code(row.state),
+            "id": row.id, "state": row.state, "exit_code": state_exit_code(row.state),
             "ring": ring.name, "candidate": row.candidate,
             "previous": row.previous, "soak_until": iso(row.soak_until),
             "deployed_rings": deployed_rings(plan, row),
             "audit": [{"at": iso(e.at), "event": e.event, "from": e.from_state,
                        "to": e.to_state, "ring": e.ring, "actor": e.actor, "reason": e.reason,
                        "numbers": e.numbers} for e in audit]}, indent=2, sort_keys=True))
-        return exit_code(row.state)
+        return state_exit_code(row.state)
     print(f"rollout {row.id}: {row.previous or '?'} -> {row.candidate}")
     print(f"state: {row.state}; ring {row.ring_index + 1}/{len(plan.rings)} ({ring.name}); "
           f"deployed: {', '.join(deployed_rings(plan, row)) or 'none'}")
@@ -218,7 +218,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for e in audit:
         print(f"  {iso(e.at)} {e.event:<9} {e.from_state or '-':>11} -> {e.to_state:<11} "
               f"{e.ring or '-':<10} [{e.actor}] {e.reason}")
-    return exit_code(row.state)
+    return state_exit_code(row.state)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -274,7 +274,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if args.json:
         d = asdict(result)
         d.pop("audit")
-        d["exit_code"] = result.exit_code
+        d["exit_code"] = state_exit_code(result.final_state)
         print(json.dumps(d, indent=2, sort_keys=True, default=str))
     else:
         print(format_timeline(result))
@@ -286,7 +286,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             plan.previous_version, result.audit, ring_labels(plan)))
         Path(args.report).write_text(page, encoding="utf-8")
         print(f"wrote {args.report}")
-    return result.exit_code
+    return state_exit_code(result.final_state)
 
 
 def _simulate_trials(args: argparse.Namespace, plan: Any, text: str, faults: list[Any]) -> int:
@@ -386,12 +386,21 @@ def _common(p: argparse.ArgumentParser, now: bool = True) -> None:
 
 def register(subparsers: Any) -> None:
     """Add the ``rollout``, ``fleet`` and ``advise`` command groups."""
-    ro = subparsers.add_parser("rollout", help="staged rollouts gated on HIL and telemetry")
+    ro = subparsers.add_parser(
+        "rollout", help="staged rollouts gated on HIL and telemetry",
+        epilog=example("hilfarm rollout start --plan plan.yaml --hil-junit hil.xml",
+                       "hilfarm rollout step mesh-sensor-2.4.0 --telemetry windows.jsonl"))
     rs = ro.add_subparsers(dest="rollout_command", metavar="ACTION")
     ro.set_defaults(handler=lambda a: (ro.print_help(), 2)[1])
+    rid = "rollout id (PLAN-NAME-VERSION unless started with --id)"
 
-    p = rs.add_parser("start", help="create a rollout from a plan and deploy its first ring")
-    p.add_argument("--plan", required=True)
+    p = rs.add_parser(
+        "start", help="create a rollout from a plan and deploy its first ring",
+        description="Create a rollout from a plan and take its first steps. Exit 1 when the HIL "
+                    "gate blocks the start, 2 for a bad plan or manifest.",
+        epilog=example("hilfarm rollout start --plan plan.yaml --manifest manifest.json "
+                       "--release-pubkey release.pub.pem --hil-junit hil.xml"))
+    p.add_argument("--plan", required=True, help="rollout plan YAML (docs/rollouts.md)")
     p.add_argument("--manifest", help="signed release manifest JSON (default: plan's artifact)")
     p.add_argument("--release-pubkey", metavar="PEM",
                    help="verify the manifest's signature and expiry with this release public key "
@@ -402,63 +411,84 @@ def register(subparsers: Any) -> None:
                                            "plan has no staging ring)")
     p.add_argument("--id", help="rollout id (default: PLAN-NAME-VERSION)")
     _common(p)
-    p.set_defaults(handler=_guarded(_cmd_start))
+    p.set_defaults(handler=_cmd_start)
 
-    p = rs.add_parser("status", help="list rollouts, or one rollout's state and audit log "
-                                     "(exit 0 progressing/complete, 10 paused, 11 rolled back)")
-    p.add_argument("id", nargs="?")
-    p.add_argument("--json", action="store_true")
+    p = rs.add_parser(
+        "status", help="list rollouts, or one rollout's state and audit log",
+        description="One rollout's state and audit log (exit 0 progressing or complete, 10 "
+                    "paused, 11 rolled back or aborted), or the list of rollouts (exit 0).",
+        epilog=example("hilfarm rollout status mesh-sensor-2.4.0 --json"))
+    p.add_argument("id", nargs="?", help=rid + "; none: list every rollout")
+    p.add_argument("--json", action="store_true", help="machine-readable state and audit log")
     _common(p, now=False)
-    p.set_defaults(handler=_guarded(_cmd_status))
+    p.set_defaults(handler=_cmd_status)
 
-    p = rs.add_parser("step", help="take every transition that is due (safe to re-run; exit 0 "
-                                   "progressing/complete, 10 paused, 11 rolled back/aborted)")
-    p.add_argument("id")
+    p = rs.add_parser(
+        "step", help="take every transition that is due (safe to re-run)",
+        description="Ingest telemetry and take every transition that is due; safe to run as "
+                    "often as you like. Exit 0 progressing or complete, 10 paused, 11 rolled "
+                    "back or aborted, 2 a bad telemetry file or unknown rollout.",
+        epilog=example("hilfarm rollout step mesh-sensor-2.4.0 --telemetry windows.jsonl --json"))
+    p.add_argument("id", help=rid)
     p.add_argument("--telemetry", action="append", metavar="FILE",
                    help="telemetry .jsonl or .csv (repeatable): every window since the start")
     p.add_argument("--window", metavar="DURATION",
                    help="window length for records without an `hours` field (e.g. 1h)")
-    p.add_argument("--json", action="store_true", help="machine-readable result")
+    p.add_argument("--json", action="store_true",
+                   help="machine-readable result: state, exit code, transitions, gate verdicts")
     _common(p)
-    p.set_defaults(handler=_guarded(_cmd_step))
+    p.set_defaults(handler=_cmd_step)
 
     for name, what in (("pause", "stop promoting (devices keep what they have)"),
                        ("resume", "resume a paused rollout (its ring soaks again)"),
                        ("abort", "end the rollout; updated devices keep the candidate"),
                        ("rollback", "end the rollout and revert every deployed ring")):
-        p = rs.add_parser(name, help=what)
-        p.add_argument("id")
+        p = rs.add_parser(name, help=what, epilog=example(
+            f'hilfarm rollout {name} mesh-sensor-2.4.0 --reason "support tickets"'))
+        p.add_argument("id", help=rid)
         p.add_argument("--reason", required=True, help="recorded in the audit log")
         _common(p)
-        p.set_defaults(handler=_guarded(_manual(name)))
+        p.set_defaults(handler=_manual(name))
 
-    p = rs.add_parser("report", help="write an HTML report with SVG charts")
-    p.add_argument("id")
+    p = rs.add_parser("report", help="write an HTML report with SVG charts",
+                      epilog=example("hilfarm rollout report mesh-sensor-2.4.0 --out report.html"))
+    p.add_argument("id", help=rid)
     p.add_argument("--out", help="output file (default: ID-report.html)")
     _common(p, now=False)
-    p.set_defaults(handler=_guarded(_cmd_report))
+    p.set_defaults(handler=_cmd_report)
 
-    p = rs.add_parser("export", help="emit AWS IoT Jobs, hawkBit, Mender or balena requests")
-    p.add_argument("--plan", required=True)
-    p.add_argument("--manifest")
-    p.add_argument("--format", required=True, choices=("aws", "hawkbit", "mender", "balena"))
+    p = rs.add_parser("export", help="emit AWS IoT Jobs, hawkBit, Mender or balena requests",
+                      epilog=example("hilfarm rollout export --plan plan.yaml --format balena "
+                                     "--out balena.json"))
+    p.add_argument("--plan", required=True, help="rollout plan YAML with an exporters section")
+    p.add_argument("--manifest", help="release manifest (default: the plan's artifact)")
+    p.add_argument("--format", required=True, choices=("aws", "hawkbit", "mender", "balena"),
+                   help="which platform's request bodies")
     p.add_argument("--hawkbit-style", default="new", choices=("new", "legacy"),
                    help="targetPercentage semantics: new (hawkBit >= 0.5.0) or legacy")
     p.add_argument("--start", help="Mender: ISO start time of the first phase (default: now)")
-    p.add_argument("--out")
-    p.set_defaults(handler=_guarded(_cmd_export))
+    p.add_argument("--out", help="write the JSON here instead of standard output")
+    p.set_defaults(handler=_cmd_export)
 
-    fl = subparsers.add_parser("fleet", help="fleet model: dry-run a rollout")
+    fl = subparsers.add_parser(
+        "fleet", help="fleet model: dry-run a rollout",
+        epilog=example("hilfarm fleet simulate --devices 2000 --plan plan.yaml --trials 1000"))
     fs = fl.add_subparsers(dest="fleet_command", metavar="ACTION")
     fl.set_defaults(handler=lambda a: (fl.print_help(), 2)[1])
-    p = fs.add_parser("simulate", help="run a plan's rollout in simulated time (exit 0 complete, "
-                                       "10 paused, 11 rolled back, 1 blocked)")
-    p.add_argument("--devices", type=int, required=True)
-    p.add_argument("--plan", required=True)
+    p = fs.add_parser(
+        "simulate", help="run a plan's rollout in simulated time",
+        description="Run a plan's rollout over a modelled fleet in simulated time. One run exits "
+                    "with its result (0 complete, 10 paused, 11 rolled back, 1 blocked by the "
+                    "HIL gate); --trials reports operating characteristics and exits 0.",
+        epilog=example("hilfarm fleet simulate --devices 2000 --plan plan.yaml --fault crash:2%/h",
+                       "hilfarm fleet simulate --devices 2000 --plan plan.yaml --trials 1000 "
+                       "--jobs 2"))
+    p.add_argument("--devices", type=int, required=True, help="production devices to model")
+    p.add_argument("--plan", required=True, help="rollout plan YAML")
     p.add_argument("--fault", action="append", metavar="KIND:VALUE[%][/h][@HW]",
                    help="crash:0.02 (per day), crash:2%%/h, boot:1%%@B, connectivity:0.02, "
                         "battery:0.3, hil:1")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="random seed (the first, with --trials)")
     p.add_argument("--trials", type=int, metavar="K",
                    help="run K seeded simulations of a good firmware (--good) and of a bad one "
                         "(--fault; default: crash at the plan's detect rate) and report false "
@@ -468,21 +498,28 @@ def register(subparsers: Any) -> None:
                         "at the limit)")
     p.add_argument("--jobs", type=int, default=1, help="with --trials: processes to use")
     p.add_argument("--ingest-minutes", type=float, default=60.0,
-                   help="telemetry ingest interval (default 60, at most 60)")
-    p.add_argument("--json", action="store_true")
+                   help="telemetry ingest interval, at most 60")
+    p.add_argument("--json", action="store_true", help="machine-readable result")
     p.add_argument("--report", metavar="HTML", help="also write the HTML report")
-    p.set_defaults(handler=_guarded(_cmd_simulate))
+    p.set_defaults(handler=_cmd_simulate)
 
-    p = subparsers.add_parser("advise", help="which test stages a product needs, and why")
-    p.add_argument("--fleet-size", type=int, required=True)
-    p.add_argument("--safety-critical", action="store_true")
+    p = subparsers.add_parser(
+        "advise", help="which test stages a product needs, and a rollout plan that fits",
+        epilog=example("hilfarm advise --fleet-size 50000 --hardware heavy "
+                       "--field-failure-cost 250000",
+                       "hilfarm advise --fleet-size 2000 --write-plan plan.yaml"))
+    p.add_argument("--fleet-size", type=int, required=True, help="devices in the fleet")
+    p.add_argument("--safety-critical", action="store_true",
+                   help="the firmware acts on the physical world (heating, locks, medical)")
     p.add_argument("--hardware", default="some", choices=("none", "some", "heavy"),
                    help="how much the firmware interacts with hardware")
     p.add_argument("--field-failure-cost", type=float,
                    help="cost of one defect reaching the fleet")
     p.add_argument("--per-device-cost", type=float,
                    help="or: cost per affected device (times --fleet-size)")
-    p.add_argument("--stage-cost", action="append", metavar="STAGE=COST")
+    p.add_argument("--stage-cost", action="append", metavar="STAGE=COST",
+                   help="override a stage's cost per release (unit, integration, simulation, "
+                        "hil, staging)")
     p.add_argument("--write-plan", metavar="PLAN.yaml",
                    help="write an exposure-based rollout plan sized for this fleet (and print "
                         "the risks it accepts)")
@@ -496,4 +533,4 @@ def register(subparsers: Any) -> None:
                    help="with --write-plan: crash-hours per device-hour allowed (0.001 = 0.1%%/h)")
     p.add_argument("--crash-detect", type=float, default=0.005,
                    help="with --write-plan: crash rate the plan must catch (0.005 = 0.5%%/h)")
-    p.set_defaults(handler=_guarded(_cmd_advise))
+    p.set_defaults(handler=_cmd_advise)

@@ -55,17 +55,6 @@ class State(str, Enum):
 
 
 TERMINAL = frozenset({State.ROLLED_BACK.value, State.ABORTED.value, State.COMPLETE.value})
-# Exit codes of `rollout step|status` and `fleet simulate` (the hilfarm command's one table).
-EXIT_OK, EXIT_PAUSED, EXIT_STOPPED = 0, 10, 11
-
-
-def exit_code(state: str) -> int:
-    """0 complete or progressing, 10 paused (waits for a person), 11 rolled back or aborted."""
-    if state == State.PAUSED.value:
-        return EXIT_PAUSED
-    if state in (State.ROLLED_BACK.value, State.ABORTED.value):
-        return EXIT_STOPPED
-    return EXIT_OK
 
 
 def iso(ts: float | None) -> str:

@@ -126,12 +126,6 @@ class SimResult:
     hours: float = 0.0  # simulated hours from start to the final state
     first_production_hours: float | None = None  # when the first production ring deployed
 
-    @property
-    def exit_code(self) -> int:
-        from .controller import exit_code
-
-        return 1 if self.final_state == "blocked" else exit_code(self.final_state)
-
 
 class Fleet:
     """The modelled devices and what the candidate does to them."""

@@ -301,3 +301,23 @@ def test_advise_writes_the_example_plans(tmp_path, capsys):
         assert out.read_text() == (base / name).read_text(), name
     text = capsys.readouterr().out
     assert "Risks it accepts" in text and "reaches the canary" in text
+
+
+def test_every_rollout_argument_has_help_and_every_command_ends_with_an_example():
+    import argparse
+
+    from pytest_hilfarm.cli import walk_parsers
+
+    seen = 0
+    for path, parser in walk_parsers(build_parser()):
+        if len(path) < 2 or path[1] not in ("rollout", "fleet", "advise"):
+            continue
+        seen += 1
+        name = " ".join(path)
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            assert action.help, f"`{name}`: {action.dest} has no help text"
+        last = parser.format_help().rstrip().splitlines()[-1].strip()
+        assert "example:" in parser.format_help() and last.startswith("hilfarm "), name
+    assert seen == 13  # rollout + 9 actions, fleet + simulate, advise

@@ -114,6 +114,11 @@ fault), no prompt. Errors: ``error: unknown command '<word>' (try 'help')``,
 ``error: usage: <usage>``, ``error: no mesh radio``, ``error: mesh not joined``,
 ``error: no route to <node-id>``, ``error: cannot send to self``.
 
+A Unity unit-test image (built with ``Faults(unity_menu=True)``) runs ESP-IDF's Unity menu
+instead of the console (see :class:`_UnityMenu`): ``Press ENTER to see the list of tests.``, the
+menu on an empty line, cases run by number, ``"name"``, ``[group]`` (``!`` inverts) or ``*``,
+with Unity's result lines and summary; one case fails, one is ignored, one panics.
+
 Boot lines after ``main_task: Calling app_main()``: ``I (312) hilfarm-demo: running partition
 <label> at 0x<hex>, ota_state <state>`` and ``I (312) hilfarm-demo: initializing``; then
 (``slow_boot`` seconds later) the self-test line when the slot is ``PENDING_VERIFY``
@@ -205,6 +210,12 @@ class DemoApp:
         self._prompt_shown = False
         self._inbox: deque[Packet] = deque(maxlen=INBOX_SIZE)
         self._ota: _OtaJob | None = None
+        self._unity: _UnityMenu | None = None
+
+    @property
+    def wants_empty_lines(self) -> bool:
+        """A Unity menu reads empty lines (ENTER shows the test list); the console does not."""
+        return self._unity is not None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -231,6 +242,10 @@ class DemoApp:
             # The main task spins without yielding: no console, only the watchdog.
             self._state = _State.HUNG
             self._host.call_later(WDT_PERIOD, self._watchdog)
+        elif faults.unity_menu:
+            self._state = _State.READY
+            self._unity = _UnityMenu(self)
+            self._unity.start()
         elif faults.slow_boot > 0:
             self._host.call_later(faults.slow_boot, self._finish_init)
         else:
@@ -296,6 +311,9 @@ class DemoApp:
         if self._state is not _State.READY:
             return
         line = line.strip("\r\n")
+        if self._unity is not None:
+            self._unity.feed_line(line)
+            return
         self._host.emit(line + EOL)
         self._prompt_shown = False
         words = line.split()
@@ -459,6 +477,123 @@ class DemoApp:
         lead = EOL if self._prompt_shown else ""
         self._prompt_shown = False
         self._host.emit(f"{lead}{level} ({ms}) {tag}: {text}{EOL}")
+
+
+# The Unity test app's cases: (name, tags as the menu prints them, what the case does).
+UNITY_FILE = "main/test_demo_app.c"
+UNITY_CASES = (
+    ("sensor values are plausible", "[sensor]", "pass"),
+    ("battery voltage is in range", "[sensor][power]", "pass"),
+    ("mesh node id is stable", "[mesh]", "pass"),
+    ("config checksum matches", "[storage]", "fail"),
+    ("wear levelling on this flash", "[storage]", "ignore"),
+    ("null pointer store", "[panic]", "panic"),
+    ("sensor soak over an hour", "[sensor][ignore]", "pass"),
+)
+UNITY_CASE_S = 0.05  # how long a case runs (scheduled, never slept)
+
+
+class _UnityMenu:
+    """ESP-IDF's ``unity_run_menu()`` (components/unity/unity_runner.c) over the demo app.
+
+    Prints ``Press ENTER to see the list of tests.``; an empty line prints the menu
+    (``(n)<TAB>"name" [tags]`` lines, then ``Enter test for running.``); a line starting with
+    a digit runs that case and prints ``Test ran in <n>ms``, ``"name"`` runs by name, ``[tag]``
+    runs the cases whose tags contain it (``Running tests matching '[tag]'...``; ``!`` inverts),
+    ``*`` runs all. Each case prints ``Running <name>...``, its output, then Unity's
+    ``<file>:<line>:<name>:PASS`` / ``:FAIL: <message>`` / ``:IGNORE: <message>``; a selection
+    ends with Unity's summary (``N Tests F Failures I Ignored`` then ``OK`` or ``FAIL``) and
+    ``Enter next test, or 'enter' to see menu``. Input that arrives while cases run is dropped,
+    as ``unity_gets`` flushes the UART first. The panicking case resets the board, which boots
+    back into the menu.
+    """
+
+    def __init__(self, app: DemoApp) -> None:
+        self._app = app
+        self._busy = False
+        self._counts = [0, 0, 0]  # tests, failures, ignored since UNITY_BEGIN
+
+    def _emit(self, *lines: str) -> None:
+        self._app._host.emit("".join(line + EOL for line in lines))
+
+    def start(self) -> None:
+        self._emit("", "", "Press ENTER to see the list of tests.")
+
+    def feed_line(self, line: str) -> None:
+        if self._busy:
+            return
+        cmd = line.rstrip()
+        if not cmd:
+            menu = [f'({i})\t"{name}" {tags}' for i, (name, tags, _) in
+                    enumerate(UNITY_CASES, 1)]
+            self._emit("", "", "Here's the test menu, pick your combo:", *menu, "",
+                       "Enter test for running.")
+            return
+        self._counts = [0, 0, 0]
+        invert = cmd.startswith("!")
+        body = cmd[1:] if invert else cmd
+        chosen: list[int] = []
+        timed = False
+        if body.startswith("*"):
+            chosen = list(range(len(UNITY_CASES)))
+        elif body.startswith("["):
+            self._emit(f"Running tests {'NOT ' if invert else ''}matching '{body}'...")
+            chosen = [i for i, (_, tags, _) in enumerate(UNITY_CASES)
+                      if (body in tags) != invert]
+        elif body.startswith('"') and body.rfind('"') > 0:
+            wanted = body[1 : body.rfind('"')]
+            chosen = [i for i, (name, _, _) in enumerate(UNITY_CASES) if name == wanted]
+        elif body[0].isdigit():
+            digits = re.match(r"\d+", body)
+            index = int(digits.group(0)) if digits else 0
+            if 1 <= index <= len(UNITY_CASES):
+                chosen, timed = [index - 1], True
+        self._busy = True
+        self._run(chosen, timed, self._app._host.now())
+
+    def _run(self, pending: list[int], timed: bool, started: float) -> None:
+        if self._app._state is not _State.READY:
+            return
+        if not pending:
+            if timed:
+                ms = round((self._app._host.now() - started) * 1000)
+                self._emit(f"Test ran in {ms}ms")
+            tests, failures, ignored = self._counts
+            self._emit("", "-----------------------",
+                       f"{tests} Tests {failures} Failures {ignored} Ignored ",
+                       "FAIL" if failures else "OK", "Enter next test, or 'enter' to see menu")
+            self._busy = False
+            return
+        index, rest = pending[0], pending[1:]
+        name, _, kind = UNITY_CASES[index]
+        self._emit(f"Running {name}...")
+        line = 20 + 12 * index  # where the case's TEST_CASE sits in the test file
+        host = self._app._host
+        if kind == "panic":
+            self._app.stop()
+            host.panic(panic_text(host.chip, self._app._info.image_sha256, store=True,
+                                  elf_sha256=self._app._info.elf_sha256))
+            return
+
+        def finish() -> None:
+            if self._app._state is not _State.READY:
+                return
+            self._counts[0] += 1
+            if kind == "pass":
+                temp, _, _ = sensor_values(host.mac, host.now())
+                self._emit(f"I ({round(self._app._uptime() * 1000)}) test: temperature "
+                           f"{temp:.2f} C", f"{UNITY_FILE}:{line}:{name}:PASS")
+            elif kind == "fail":
+                self._counts[1] += 1
+                self._emit(f"{UNITY_FILE}:{line + 7}:{name}:FAIL: Expected 0x5A17C0DE "
+                           "Was 0x5A17C0DF")
+            else:
+                self._counts[2] += 1
+                self._emit(f"{UNITY_FILE}:{line + 2}:{name}:IGNORE: not supported on a "
+                           "virtual board")
+            self._run(rest, timed, started)
+
+        host.call_later(UNITY_CASE_S, finish)
 
 
 class _OtaJob:

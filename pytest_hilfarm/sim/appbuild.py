@@ -91,9 +91,19 @@ def flash_freq_of(chip: str) -> str:
 
 
 def encode_faults(faults: Faults) -> bytes:
-    """``HILFARM-FAULTS`` + compact sorted JSON of every field + NUL."""
-    body = json.dumps(dataclasses.asdict(faults), sort_keys=True, separators=(",", ":"))
+    """``HILFARM-FAULTS`` + compact sorted JSON of every field + NUL.
+
+    ``unity_menu`` is written only when set, so every other demo image keeps its bytes.
+    """
+    body = json.dumps(_fault_fields(faults), sort_keys=True, separators=(",", ":"))
     return FAULTS_MARKER + body.encode() + b"\0"
+
+
+def _fault_fields(faults: Faults) -> dict[str, object]:
+    fields = dataclasses.asdict(faults)
+    if not faults.unity_menu:
+        del fields["unity_menu"]
+    return fields
 
 
 def _check_faults(faults: Faults) -> None:
@@ -136,6 +146,7 @@ def faults_from_desc_segment(segment_data: bytes) -> Faults:
             fail_self_test=bool(values.get("fail_self_test", False)),
             slow_boot=float(values.get("slow_boot", 0.0)),
             drop_mesh=float(values.get("drop_mesh", 0.0)),
+            unity_menu=bool(values.get("unity_menu", False)),
         )
     except (TypeError, ValueError) as exc:
         raise ImageError(f"bad value in fault record {text!r}: {exc}") from None
@@ -198,7 +209,7 @@ def build_app(
         project_name=project, version=version, secure_version=secure_version, idf_ver=idf_ver,
         time=BUILD_TIME, date=BUILD_DATE,
         app_elf_sha256=_elf_sha(chip, project, version, str(secure_version), idf_ver,
-                                json.dumps(dataclasses.asdict(faults), sort_keys=True)),
+                                json.dumps(_fault_fields(faults), sort_keys=True)),
         mmu_page_size=16,  # log2(64 KiB), CONFIG_MMU_PAGE_SIZE
     )
     rodata = encode_faults(faults) + f"{project} {version}\0".encode()

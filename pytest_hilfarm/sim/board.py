@@ -648,6 +648,7 @@ class VirtualBoard:
         self._app: Any = None
         self._app_info: AppInfo | None = None
         self._console_line = bytearray()
+        self._console_cr = False  # the last console byte was a CR (CR LF is one line end)
         self._pending_boot = False
         self._pending_wdt = False
         self._pending_baud: int | None = None
@@ -983,8 +984,13 @@ class VirtualBoard:
 
     def _console_input(self, data: bytes) -> None:
         for byte in data:
+            after_cr, self._console_cr = self._console_cr, byte == 0x0D
             if byte in (0x0A, 0x0D):
-                if self._console_line:
+                # An app that reads empty lines (a Unity menu: ENTER shows the test list) gets
+                # them, with CR LF taken as one line end.
+                empty_ok = getattr(self._app, "wants_empty_lines", False) and not (
+                    byte == 0x0A and after_cr)
+                if self._console_line or empty_ok:
                     line = self._console_line.decode("utf-8", "replace")
                     self._console_line.clear()
                     if self._app is not None:

@@ -29,6 +29,9 @@ class Faults:
     fail_self_test: bool = False
     slow_boot: float = 0.0
     drop_mesh: float = 0.0
+    # Not a fault: the image is a Unity unit-test app (ESP-IDF's unity_run_menu() from
+    # app_main), so the demo app shows the Unity test menu instead of its console.
+    unity_menu: bool = False
 
 
 @dataclass(frozen=True)

@@ -243,7 +243,7 @@ class Farm:
         url = rack.backend or os.environ.get("HILFARM_DATABASE_URL")
         if url and "store" not in kwargs and "reserver" not in kwargs:
             from pytest_hilfarm.pg import is_database_url, open_backend
-            from pytest_hilfarm.pg.reservation import PgReserver
+            from pytest_hilfarm.reservation.postgresql import PgReserver
             from pytest_hilfarm.rigclient import remote_board_spec
 
             if is_database_url(url):

@@ -264,6 +264,7 @@ class FarmStoreProtocol(Protocol):
         board_outcomes: Mapping[str, str] | None = None,
     ) -> bool: ...
     def history(self, board: str | None = None, limit: int = 100) -> list[ReservationRecord]: ...
+    def hold_times(self, test_id: str, limit: int = 50) -> list[float]: ...
     def record_result(
         self,
         board: str,
@@ -347,6 +348,11 @@ _MIGRATIONS: tuple[str, ...] = (
         at REAL NOT NULL
     );
     CREATE INDEX IF NOT EXISTS results_board_at ON results (board, at);
+    """,
+    # 3: a test's past holds, looked up on every reservation (expected hold for backfill)
+    """
+    CREATE INDEX IF NOT EXISTS reservations_test
+        ON reservations (json_extract(owner, '$.test_id'), requested_at);
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -724,6 +730,21 @@ class FarmStore:
             )
             for r in rows
         ]
+
+    def hold_times(self, test_id: str, limit: int = 50) -> list[float]:
+        """How long ``test_id``'s last ``limit`` leases held their boards, newest first.
+
+        Only leases that ended with the holder giving them back count: a holder that died, and
+        requests that timed out, say nothing about how long the test takes.
+        """
+        rows = self._connect().execute(
+            "SELECT released_at - granted_at FROM reservations"
+            " WHERE json_extract(owner, '$.test_id') = ? AND granted_at IS NOT NULL"
+            " AND released_at IS NOT NULL AND outcome NOT IN (?, ?)"
+            " ORDER BY requested_at DESC LIMIT ?",
+            (test_id, LeaseOutcome.HOLDER_DIED.value, LeaseOutcome.TIMEOUT.value, limit),
+        ).fetchall()
+        return [max(0.0, float(r[0])) for r in rows]
 
     # -- test results ----------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from pytest_hilfarm.errors import ConfigError
 if TYPE_CHECKING:
     from pytest_hilfarm.rack import RackSpec
 
-    from .reservation import PgReserver
+    from pytest_hilfarm.reservation.postgresql import PgReserver
     from .store import PgFarmStore
 
 __all__ = ["is_database_url", "open_backend"]
@@ -43,7 +43,7 @@ def open_backend(url: str, rack: RackSpec | None = None) -> tuple[PgFarmStore, P
             hint="use postgresql://USER@HOST:PORT/DBNAME (or leave backend unset for the "
             "single-host default)",
         )
-    from .reservation import PgReserver
+    from pytest_hilfarm.reservation.postgresql import PgReserver
     from .store import PgFarmStore
 
     store = PgFarmStore(url)

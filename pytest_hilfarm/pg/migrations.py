@@ -131,6 +131,16 @@ MIGRATIONS: tuple[str, ...] = (
         created_at DOUBLE PRECISION NOT NULL
     );
     """,
+    # 3: the scheduler: expected ends of leases, priorities and expected holds of waiters, the
+    # time a waiter last took its ticket lock (to keep its place across a server restart), and
+    # a test's past holds by test id
+    """
+    ALTER TABLE board_owners ADD COLUMN expected_end DOUBLE PRECISION;
+    ALTER TABLE waiters ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE waiters ADD COLUMN hold DOUBLE PRECISION;
+    ALTER TABLE waiters ADD COLUMN registered_at DOUBLE PRECISION;
+    CREATE INDEX reservations_test ON reservations ((owner->>'test_id'), requested_at);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

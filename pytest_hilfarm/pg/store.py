@@ -6,7 +6,7 @@ board stays quarantined whatever infra fault is reported), and record rig hosts 
 liveness lock) and the boards they export. Every "now" written here is the database server's
 clock, so history from hosts with skewed clocks still orders correctly.
 
-Must not: hold board locks (``pg/reservation.py`` does); talk to hardware; import pytest; keep a
+Must not: hold board locks (``reservation/postgresql.py`` does); talk to hardware; import pytest; keep a
 connection across ``fork`` (one connection per thread and process, opened on first use).
 
 The module-level ``_sql_*`` helpers take a connection inside a caller's transaction: the
@@ -31,6 +31,7 @@ from pytest_hilfarm.store import (
     FlashRecord,
     HealthEvent,
     HoldRecord,
+    LeaseOutcome,
     PassRate,
     ReservationRecord,
     TestResult,
@@ -578,6 +579,17 @@ class PgFarmStore:
             ]
 
         return self._run(op)
+
+    def hold_times(self, test_id: str, limit: int = 50) -> list[float]:
+        """How long ``test_id``'s last ``limit`` leases held their boards (see FarmStore)."""
+        rows = self._run(lambda conn: conn.execute(
+            "SELECT released_at - granted_at FROM reservations"
+            " WHERE owner->>'test_id' = %s AND granted_at IS NOT NULL"
+            " AND released_at IS NOT NULL AND outcome NOT IN (%s, %s)"
+            " ORDER BY requested_at DESC LIMIT %s",
+            (test_id, LeaseOutcome.HOLDER_DIED.value, LeaseOutcome.TIMEOUT.value, limit),
+        ).fetchall())
+        return [max(0.0, float(r[0])) for r in rows]
 
     # -- test results --------------------------------------------------------------------------
 

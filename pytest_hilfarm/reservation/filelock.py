@@ -1,0 +1,708 @@
+"""The single-host reservation backend: one flock per board, owner records and ticket files.
+
+Job: what is particular to one host sharing a lock directory: how a board lock is taken (an
+exclusive ``flock``, all boards of a request at once, never blocking on one while holding another),
+where owner records and waiting tickets live (files), and how a waiter wakes (inotify). The policy
+(fairness, backfill, priorities, timeouts, holds) is :mod:`.core` and :mod:`.scheduler`.
+
+A holder killed with SIGKILL frees its boards at once because the kernel drops its flocks; the
+next reserver finds its owner record on a free lock, marks the board UNKNOWN in the store and
+reports it on :attr:`Lease.needs_check`.
+
+Must not: reclaim any lock by its age (only the kernel frees a lock, when its holder dies); block
+on one board while holding another; talk to hardware; import pytest.
+
+Lock directory layout (one host, a local filesystem: flock is not reliable over NFS)::
+
+    <board>.lock          flock held for the whole lease, through a descriptor opened for
+                          writing: closing it (a release, or the kernel after a SIGKILL) is an
+                          inotify IN_CLOSE_WRITE event that wakes waiters. Never deleted, so
+                          every process locks the same inode. Probes open it read-only, which
+                          wakes nobody.
+    <board>.owner.json    who holds it: pid, host, user, test id, CI job, since, lease id and
+                          the lease's expected end (for backfill); emptied on a clean release,
+                          so a non-empty record on a board whose lock is free was left by a
+                          holder that died
+    queue.lock            scheduling lock: held for one decision while anyone waits, never while
+                          waiting; a request finds its boards without it when nobody waits
+    queue.counter         arrival sequence numbers
+    queue/<seq>.ticket    a waiting request (priority, arrival, expected hold); its waiter holds
+                          a flock on it, so a dead waiter's ticket is recognisably dead, and the
+                          kernel closing it wakes the others
+    nudge                 written when a bench hold ends, to wake waiters
+
+Wake-ups: a waiter sleeps on inotify (lock directory: IN_CLOSE_WRITE; queue: IN_CLOSE_WRITE and
+IN_DELETE) and decides again on each event, with no periodic loop. Two things have no event: the
+kernel queues a close event just before it drops a dead process's flock, so after a close event
+that did not let it through, a waiter checks once more shortly after; and a person restoring a
+quarantined board in the store, caught by the long :data:`~.core.SAFETY_RECHECK`. Without
+inotify (not Linux, or the per-user instance limit reached) a waiter rechecks every
+:data:`FALLBACK_RECHECK` seconds instead.
+
+Why fcntl.flock directly instead of the ``filelock`` package: we need exactly "one open file
+description per acquisition": exclusive between threads of one process as much as between
+processes, never reentrant, dropped by the kernel when the holder dies, and never a soft
+(existence-file) lock, which outlives a SIGKILL and is then only reclaimable by age. filelock's
+per-thread reentrancy registry and its soft fallback work against each of these. Corollary: a
+process that ``fork()``s while holding a lease shares the lock with its child (POSIX semantics),
+so spawn, not fork, worker processes while holding boards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import select
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pytest_hilfarm.allocate import (
+    BoardDescription,
+    BoardInfo,
+    BoardRequest,
+    natural_sorted,
+    rank,
+)
+from pytest_hilfarm.errors import InfrastructureError, ReservationTimeout, UsageError
+from pytest_hilfarm.store import (
+    BoardHealth,
+    FarmStoreProtocol,
+    HoldRecord,
+    LeaseOutcome,
+    overall_outcome,
+)
+
+from .core import (
+    SAFETY_RECHECK,
+    STAGGER_STEP,
+    BoardView,
+    Lease,
+    ReserverCore,
+    Waiting,
+    dead_holder_reason,
+    lease_end_reasons,
+    owner_record,
+    utc_iso,
+)
+from .protocol import UNREADABLE, BoardStatus, HoldResult, Owner, OwnerRecord
+from .scheduler import Ask, Policy, Snapshot, decide
+
+try:  # Linux only; without it waiters fall back to a short periodic recheck
+    import inotify_simple
+except ImportError:  # pragma: no cover - every supported Linux has it installed
+    inotify_simple = None
+
+# Recheck period when inotify is not available.
+FALLBACK_RECHECK = 0.05
+# A decision that lost a race for a board it chose is made again at once, at most this often.
+_RACES = 3
+# After a close event that did not let a waiter through, look once more after this long: the
+# kernel reports a dead process's close just before it drops that process's flocks.
+AFTER_CLOSE_RECHECK = 0.02
+
+
+# -- the lock primitive -----------------------------------------------------------------------
+
+
+class _Flock:
+    """An exclusive flock through one private open file description (see module docstring).
+
+    ``probe=True`` opens the file read-only: its close wakes nobody, so probing is silent.
+    """
+
+    __slots__ = ("path", "fd", "probe")
+
+    def __init__(self, path: Path, *, probe: bool = False) -> None:
+        self.path = path
+        self.fd: int | None = None
+        self.probe = probe
+
+    def try_acquire(self) -> bool:
+        flags = (os.O_RDONLY if self.probe else os.O_RDWR) | os.O_CREAT | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags, 0o666)
+        except PermissionError as exc:
+            raise UsageError(
+                f"cannot open lock file: {exc.strerror}",
+                where=str(self.path),
+                hint="everyone sharing a rack needs write access to its lock_dir: give them a "
+                "common group, make the directory setgid and use umask 002",
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        self.fd = fd
+        return True
+
+    def acquire(self, deadline: float) -> bool:
+        # Non-blocking tries, so a stopped holder cannot hang us past the deadline; the pause
+        # between tries grows, so many waiters do not eat the CPU the holder needs to finish.
+        pause = 0.00005
+        while not self.try_acquire():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.002)
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            # Unlock before close: the close is what wakes waiters, so the lock must be free
+            # by then (and close() alone would not unlock a duplicated descriptor).
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+
+    def busy(self) -> bool:
+        """Whether someone holds this lock right now (a silent probe)."""
+        probe = _Flock(self.path, probe=True)
+        if probe.try_acquire():
+            probe.release()
+            return False
+        return True
+
+
+class _Watch:
+    """What a waiter sleeps on: inotify on the lock directory and the queue, or a timer."""
+
+    def __init__(self, lock_dir: Path, queue_dir: Path) -> None:
+        self._inotify: Any = None
+        self._after_close = False
+        if inotify_simple is None:
+            return
+        flags = inotify_simple.flags
+        try:
+            self._inotify = inotify_simple.INotify()
+        except OSError:  # EMFILE: the per-user limit of inotify instances is reached
+            return
+        try:
+            self._inotify.add_watch(lock_dir, flags.CLOSE_WRITE)
+            self._inotify.add_watch(queue_dir, flags.CLOSE_WRITE | flags.DELETE)
+        except OSError:
+            self.close()
+
+    def wait(self, seconds: float) -> None:
+        if self._inotify is None:
+            time.sleep(max(0.0, min(seconds, FALLBACK_RECHECK)))
+            return
+        if self._after_close:
+            seconds = min(seconds, AFTER_CLOSE_RECHECK)
+            self._after_close = False
+        ready, _, _ = select.select([self._inotify.fileno()], [], [], max(0.0, seconds))
+        if ready:
+            events = self._inotify.read(timeout=0)
+            self._after_close = any(e.name.endswith((".lock", ".ticket")) for e in events)
+
+    def close(self) -> None:
+        if self._inotify is not None:
+            inotify, self._inotify = self._inotify, None
+            inotify.close()
+
+
+@dataclass(frozen=True)
+class _Grant:
+    """What one successful decision hands to reserve(): locks taken, owner records written."""
+
+    lease_id: str
+    locks: dict[str, _Flock]
+    needs_check: frozenset[str]
+    stale: dict[str, OwnerRecord]  # dead holders' records found on the granted boards
+    granted_at: float
+
+
+@dataclass
+class _FileWait(Waiting):
+    deadline: float = 0.0
+    ticket_lock: _Flock | None = None
+    watch: _Watch | None = None
+
+
+class Reserver(ReserverCore):
+    """File-based reservation backend (the single-host default).
+
+    ``boards`` are the rack's boards (anything with ``id``, ``chip`` and ``features``); health
+    and manual holds come from ``store``. Every process on the host that shares ``lock_dir``
+    (and the store) shares the boards, fairly.
+    """
+
+    def __init__(
+        self,
+        boards: Sequence[BoardDescription],
+        lock_dir: str | os.PathLike[str],
+        store: FarmStoreProtocol,
+        *,
+        stagger_step: float = STAGGER_STEP,
+        safety_recheck: float = SAFETY_RECHECK,
+        max_failures: int | None = None,
+        policy: Policy | None = None,
+    ) -> None:
+        if policy is None and max_failures is not None:
+            policy = Policy(max_failures=max_failures)
+        super().__init__(store, policy=policy, stagger_step=stagger_step,
+                         safety_recheck=safety_recheck)
+        seen: set[str] = set()
+        for board in boards:
+            bid = board.id
+            if not bid or bid in {".", ".."} or "/" in bid or "\0" in bid or bid.startswith("."):
+                raise UsageError(
+                    f"board id {bid!r} cannot name a lock file",
+                    where="rack boards",
+                    hint="use ids made of letters, digits, '-', '_' and '.'",
+                )
+            if bid in seen:
+                raise UsageError(
+                    f"board id {bid!r} appears twice", where="rack boards",
+                    hint="give every board a unique id",
+                )
+            seen.add(bid)
+        self._boards = {b.id: BoardInfo.of(b) for b in boards}
+        self._order = natural_sorted(self._boards)
+        self._ids = frozenset(self._order)
+        self.lock_dir = Path(lock_dir)
+        self._queue_dir = self.lock_dir / "queue"
+        try:
+            self._queue_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot create the lock directory: {exc}",
+                where=str(self.lock_dir),
+                hint="set the rack's lock_dir to a writable directory on a local filesystem",
+            ) from exc
+        # Built once: every decision touches these.
+        self._lock_paths = {b: self.lock_dir / f"{b}.lock" for b in self._order}
+        self._owner_paths = {b: self.lock_dir / f"{b}.owner.json" for b in self._order}
+
+    @property
+    def where(self) -> str:
+        return f"lock dir {self.lock_dir}"
+
+    def _catalogue(self) -> list[BoardInfo]:
+        return list(self._boards.values())
+
+    def _board_ids(self) -> list[str]:
+        return self._order
+
+    def _now(self) -> float:
+        return time.time()
+
+    # -- owner records ----------------------------------------------------------------------------
+
+    def _read_owner(self, board: str) -> OwnerRecord | None:
+        """The board's owner record, or None if it is empty (nobody has it, or left cleanly)."""
+        try:
+            text = self._owner_paths[board].read_text()
+        except FileNotFoundError:
+            return None
+        if not text:
+            return None
+        try:
+            return OwnerRecord.from_json(text)
+        except (ValueError, KeyError, TypeError):
+            # A torn or foreign file: treat as "someone held it and did not clean up".
+            return OwnerRecord(board, "", "", UNREADABLE)
+
+    def _owner_busy(self, board: str) -> bool:
+        try:
+            return os.stat(self._owner_paths[board]).st_size > 0
+        except FileNotFoundError:
+            return False
+
+    def _write_owner(self, record: OwnerRecord) -> None:
+        # Rewritten in place, not via a temporary file and rename: creating an inode per grant
+        # cost more than the rest of a reservation on ext4. Only the lock holder writes this
+        # file, and a reader that catches it mid-write gets unparsable text, which it reports
+        # as such (see _read_owner).
+        data = record.to_json().encode()
+        fd = os.open(self._owner_paths[record.board], os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC,
+                     0o666)
+        try:
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
+        finally:
+            os.close(fd)
+
+    def _clear_owner(self, board: str) -> None:
+        # Emptied, not deleted: an empty record means "released cleanly".
+        with contextlib.suppress(FileNotFoundError):
+            os.truncate(self._owner_paths[board], 0)
+
+    def _nudge(self) -> None:
+        """Wake every waiter (a bench hold ended): one close of a file opened for writing."""
+        fd = os.open(self.lock_dir / "nudge", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        os.close(fd)
+
+    @contextlib.contextmanager
+    def _scheduling_lock(self, deadline: float | None = None) -> Iterator[None]:
+        lock = _Flock(self.lock_dir / "queue.lock", probe=True)
+        limit = time.monotonic() + 30.0 if deadline is None else max(deadline, time.monotonic())
+        if not lock.acquire(limit + 0.5):
+            raise ReservationTimeout(
+                "the reservation scheduling lock stayed busy",
+                where=str(self.lock_dir / "queue.lock"),
+                hint="a process holding it may be stopped (SIGSTOP/debugger); "
+                "find it with `fuser -v` on that file",
+            )
+        try:
+            yield
+        finally:
+            lock.release()
+
+    # -- the wait queue -------------------------------------------------------------------------
+
+    def _ticket_path(self, seq: int) -> Path:
+        return self._queue_dir / f"{seq:016d}.ticket"
+
+    def _queue_empty(self) -> bool:
+        try:
+            with os.scandir(self._queue_dir) as entries:
+                return not any(e.name.endswith(".ticket") for e in entries)
+        except FileNotFoundError:
+            return True
+
+    def _live_tickets(self) -> list[Ask]:
+        """Waiting requests in arrival order; dead waiters' tickets are removed."""
+        tickets: list[Ask] = []
+        for name in os.listdir(self._queue_dir):
+            if not name.endswith(".ticket"):
+                continue
+            path = self._queue_dir / name
+            probe = _Flock(path, probe=True)
+            try:
+                dead = probe.try_acquire()
+            except FileNotFoundError:
+                continue
+            if dead:
+                # Its waiter died (the kernel dropped its lock): forget the ticket.
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                probe.release()
+                continue
+            ask = self._parse_ticket(path)
+            if ask is not None:
+                tickets.append(ask)
+        tickets.sort(key=lambda t: t.seq)
+        return tickets
+
+    @staticmethod
+    def _parse_ticket(path: Path) -> Ask | None:
+        try:
+            data = json.loads(path.read_text())
+            hold = data.get("hold")
+            return Ask(int(data["seq"]), BoardRequest.from_json(data), frozenset(data["boards"]),
+                       int(data.get("priority", 0)), float(data.get("since", 0.0)),
+                       None if hold is None else float(hold), str(data["owner"]))
+        except (OSError, ValueError, KeyError, TypeError, UsageError):
+            return None  # being written, or by a waiter of another version; skip this round
+
+    def _new_ticket(self, ask: Ask, state: _FileWait) -> None:
+        """Append a ticket to the queue. Needs the scheduling lock (it orders arrivals)."""
+        counter = self.lock_dir / "queue.counter"
+        try:
+            last = int(counter.read_text() or "0")
+        except (FileNotFoundError, ValueError):
+            last = 0  # missing, or torn by a writer killed mid-write
+        # Never below a live ticket, even if the counter file was lost: arrival order must hold.
+        queued = [int(n.split(".")[0]) for n in os.listdir(self._queue_dir)
+                  if n.endswith(".ticket") and n.split(".")[0].isdigit()]
+        seq = max([last, *queued]) + 1
+        counter.write_text(str(seq))
+        path = self._ticket_path(seq)
+        lock = _Flock(path)
+        if not lock.try_acquire():  # pragma: no cover - seq is above every ticket seen
+            raise InfrastructureError(
+                f"queue ticket {path.name} is locked by another waiter",
+                where=str(self._queue_dir),
+                hint="another program writes to this lock directory; give the rack its own",
+            )
+        assert lock.fd is not None
+        ticket = Ask(seq, ask.request, ask.boards, ask.priority, ask.since, ask.hold, ask.owner)
+        data = {"seq": seq, **ask.request.to_json(), "boards": self._order, "owner": ask.owner,
+                "priority": ask.priority, "since": ask.since, "hold": ask.hold}
+        os.pwrite(lock.fd, json.dumps(data).encode(), 0)  # through the lock's own descriptor
+        state.ticket = ticket
+        state.ticket_lock = lock
+
+    def _drop_ticket(self, state: _FileWait) -> None:
+        if state.ticket is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._ticket_path(state.ticket.seq).unlink()  # IN_DELETE: the queue moved
+        if state.ticket_lock is not None:
+            state.ticket_lock.release()
+        state.ticket = None
+        state.ticket_lock = None
+
+    # -- one scheduling decision ----------------------------------------------------------------
+
+    def _infos(self) -> dict[str, BoardInfo]:
+        health = self.store.all_health(self._order)
+        return {b: BoardInfo(i.id, i.chip, i.features, health[b].health, health[b].failures)
+                for b, i in self._boards.items()}
+
+    def _open_wait(self, deadline: float) -> _FileWait:
+        return _FileWait(requested_at=time.time(), deadline=deadline)
+
+    def _attempt(self, ask: Ask, owner: Owner, state: Waiting,
+                 as_person: str | None) -> _Grant | None:
+        assert isinstance(state, _FileWait)
+        # Health is read outside any lock: a WAL read never blocks, and health changes are not
+        # made under the scheduling lock anyway.
+        infos = self._infos()
+        self._unusable(infos, ask.request)
+        if state.ticket is None and self._queue_empty():
+            grant = self._take_directly(ask, owner, infos, as_person)
+            if grant is not None:
+                return grant
+        if state.watch is None:
+            # Before the decision, so no release after it goes unnoticed.
+            state.watch = _Watch(self.lock_dir, self._queue_dir)
+        with self._scheduling_lock(state.deadline):
+            return self._decide(ask, owner, state, infos, as_person)
+
+    def _mine(self, holds: Mapping[str, HoldRecord], as_person: str | None) -> set[str]:
+        if as_person is None:
+            return set()
+        return {b for b, h in holds.items() if h.person == as_person}
+
+    def _take_directly(self, ask: Ask, owner: Owner, infos: Mapping[str, BoardInfo],
+                       as_person: str | None) -> _Grant | None:
+        """Nobody waits: take the best free boards without the scheduling lock, or None.
+
+        Walks the candidates in preference order and locks free ones until it has enough;
+        boards with an owner record (held, or left by a dead holder) are skipped without
+        touching their lock. Finding too few, it gives everything back and the caller queues.
+        """
+        holds = self.store.holds()
+        mine = self._mine(holds, as_person)
+        taken: dict[str, _Flock] = {}
+        try:
+            for info in rank((infos[b] for b in self._order if b not in holds or b in mine),
+                             ask.request, max_failures=self.max_failures):
+                if len(taken) == ask.request.count:
+                    break
+                if self._owner_busy(info.id):
+                    continue
+                lock = _Flock(self._lock_paths[info.id])
+                if lock.try_acquire():
+                    taken[info.id] = lock
+            if len(taken) < ask.request.count:
+                return None
+            grant = self._claim(ask, owner, taken, infos, {}, mine)
+            taken = {}
+            return grant
+        finally:
+            for lock in taken.values():
+                lock.release()
+
+    def _claim(self, ask: Ask, owner: Owner, locks: dict[str, _Flock],
+               infos: Mapping[str, BoardInfo], stale: dict[str, OwnerRecord],
+               mine: set[str]) -> _Grant | None:
+        """Write owner records on locked boards; None (all undone) if a bench hold came first.
+
+        :meth:`hold` records the hold and then looks at the lock; here the lock is taken and
+        then the holds are read. Whichever comes second sees the other, so a hold never misses
+        a grant and a grant never misses a hold.
+        """
+        granted_at = time.time()
+        lease_id = uuid.uuid4().hex
+        end = self._expected_end(ask, granted_at)
+        written: list[str] = []
+        try:
+            for board in locks:
+                self._write_owner(owner_record(board, lease_id, granted_at, owner, end))
+                written.append(board)
+            held = self.store.holds()
+        except BaseException:
+            for board in written:  # unreadable later: the next holder marks them UNKNOWN
+                if board not in stale:
+                    self._clear_owner(board)
+            for lock in locks.values():
+                lock.release()
+            raise
+        if any(b in held and b not in mine for b in locks):
+            for board in locks:
+                if board in stale:
+                    self._write_owner(stale[board])  # still a dead holder's board
+                else:
+                    self._clear_owner(board)
+            for lock in locks.values():
+                lock.release()
+            return None
+        needs = frozenset(b for b in locks if infos[b].health is not BoardHealth.GOOD)
+        return _Grant(lease_id, dict(locks), needs, stale, granted_at)
+
+    def _snapshot(self, infos: Mapping[str, BoardInfo], holds: Mapping[str, HoldRecord],
+                  relevant: set[str], now: float
+                  ) -> tuple[Snapshot, dict[str, OwnerRecord]]:
+        """The farm for one decision, from the owner records of the boards that matter."""
+        free: set[str] = set()
+        ends: dict[str, float] = {}
+        records: dict[str, OwnerRecord] = {}
+        for board in relevant:
+            record = self._read_owner(board)
+            if record is None:
+                if board not in holds:
+                    free.add(board)
+                continue
+            records[board] = record
+            # A record without an expected end (an older writer) counts as due: strict FIFO.
+            ends[board] = record.expected_end if record.expected_end is not None else now
+        return Snapshot(now, infos, frozenset(free), ends, frozenset(holds)), records
+
+    def _decide(self, ask: Ask, owner: Owner, state: _FileWait, infos: Mapping[str, BoardInfo],
+                as_person: str | None) -> _Grant | None:
+        holds = self.store.holds()
+        mine = self._mine(holds, as_person)
+        tickets = self._live_tickets()
+        me = state.ticket or ask
+        wanted = [me.request, *(t.request for t in tickets)]
+        relevant = {b for b, i in infos.items() if any(r.matches(i) for r in wanted)}
+        for _ in range(_RACES):
+            snap, records = self._snapshot(infos, holds, relevant, time.time())
+            free_mine = {b for b in mine if b not in records}
+            decision = decide(snap, tickets, me, self.policy, free_mine)
+            if decision.choice is None:
+                # Boards whose record says "held" but whose lock is free: their holders died.
+                # Probed only now, and only those this request could use.
+                stale = {b: r for b, r in records.items() if me.request.matches(infos[b])
+                         and not _Flock(self._lock_paths[b]).busy()}
+                if stale:
+                    free = snap.free | {b for b in stale if b not in holds}
+                    ends = {b: e for b, e in snap.ends.items() if b not in stale}
+                    snap = Snapshot(snap.now, infos, frozenset(free), ends, snap.blocked)
+                    decision = decide(snap, tickets, me, self.policy, free_mine | (set(stale) & mine))
+            state.ahead = decision.ahead
+            if decision.choice is None:
+                break
+            taken: dict[str, _Flock] = {}
+            for board in decision.choice.boards:
+                lock = _Flock(self._lock_paths[board])
+                if not lock.try_acquire():
+                    break  # taken directly since our snapshot, or a release is finishing
+                taken[board] = lock
+            else:
+                found = {b: records[b] for b in taken if b in records}
+                grant = self._claim(me, owner, taken, infos, found, mine)
+                if grant is not None:
+                    self._drop_ticket(state)  # IN_DELETE: a younger request may now be first
+                    return grant
+                holds = self.store.holds()  # a bench hold came first: decide again
+                continue
+            for lock in taken.values():
+                lock.release()
+        if state.ticket is None:
+            self._new_ticket(ask, state)
+        return None
+
+    def _sleep(self, state: Waiting, seconds: float) -> None:
+        assert isinstance(state, _FileWait) and state.watch is not None
+        state.watch.wait(seconds)
+
+    def _close_wait(self, state: Waiting) -> None:
+        assert isinstance(state, _FileWait)
+        self._drop_ticket(state)
+        if state.watch is not None:
+            state.watch.close()
+            state.watch = None
+
+    # -- the lease --------------------------------------------------------------------------------
+
+    def _lease(self, ask: Ask, owner: Owner, state: Waiting, grant: Any,
+               waited: float) -> Lease:
+        assert isinstance(state, _FileWait) and isinstance(grant, _Grant)
+        self._close_wait(state)
+        boards = tuple(grant.locks)
+        lease = Lease(self, grant.lease_id, boards, grant.needs_check | frozenset(grant.stale),
+                      owner, ask.request, grant.granted_at, waited, grant.locks)
+        try:
+            for board, dead in grant.stale.items():
+                # The lock was free, so its holder is gone: it died before this grant.
+                if dead.lease_id:
+                    self.store.record_release(
+                        dead.lease_id, grant.granted_at, LeaseOutcome.HOLDER_DIED.value
+                    )
+                self.store.set_health(board, BoardHealth.UNKNOWN,
+                                      dead_holder_reason(dead.owner.describe(), dead.since))
+                self.store.forget_flash(board)
+            self.store.record_reservation(
+                grant.lease_id, boards, owner.to_dict(), ask.request.describe(),
+                state.requested_at, grant.granted_at, waited,
+            )
+        except BaseException:
+            # Unlock but keep the owner records: the next reserver then treats these boards as
+            # left by a dead holder (UNKNOWN), which is the safe reading of "we do not know".
+            for lock in grant.locks.values():
+                lock.release()
+            raise
+        return lease
+
+    def _finish(self, lease: Lease, per_board: Mapping[str, LeaseOutcome], note: str) -> None:
+        locks: Mapping[str, _Flock] = lease.handle
+        recorded = False
+        try:
+            self.store.record_release(
+                lease.id, time.time(), overall_outcome(per_board).value,
+                {b: o.value for b, o in per_board.items()},
+            )
+            for board, reason in lease_end_reasons(lease.owner, lease.granted_at, per_board,
+                                                   note).items():
+                self.store.set_health(board, BoardHealth.UNKNOWN, reason)
+                self.store.forget_flash(board)
+            recorded = True
+        finally:
+            for board, lock in locks.items():
+                if recorded:
+                    self._clear_owner(board)
+                # Without a record the owner file stays: the next holder marks it UNKNOWN.
+                lock.release()  # its close wakes the waiters
+
+    # -- holds, status, queue -----------------------------------------------------------------
+
+    def _add_hold(self, board: str, person: str, reason: str) -> HoldResult:
+        record = self.store.add_hold(board, person, reason)
+        # After recording the hold (see _claim): a grant that did not see it has its lock.
+        busy = _Flock(self._lock_paths[board]).busy()
+        return HoldResult(record, self._read_owner(board) if busy else None)
+
+    def _remove_hold(self, board: str) -> HoldRecord | None:
+        record = self.store.remove_hold(board)
+        self._nudge()  # waiters may now take it
+        return record
+
+    def status(self) -> list[BoardStatus]:
+        """Every board: health, live holder, manual hold, dead holder's leftover record."""
+        health = self.store.all_health(self._order)
+        holds = self.store.holds()
+        result = []
+        for board in self._order:
+            busy = _Flock(self._lock_paths[board]).busy()
+            record = self._read_owner(board)
+            result.append(BoardStatus(board=board, chip=self._boards[board].chip,
+                                      health=health[board], holder=record if busy else None,
+                                      hold=holds.get(board),
+                                      stale_owner=None if busy else record))
+        return result
+
+    def _views(self) -> list[BoardView]:
+        return [BoardView(s, self._boards[s.board]) for s in self.status()]
+
+    def _snapshot_and_queue(self) -> tuple[Snapshot, list[Ask]]:
+        infos = self._infos()
+        holds = self.store.holds()
+        snap, _ = self._snapshot(infos, holds, set(self._order), time.time())
+        return snap, self._live_tickets()
+
+
+__all__ = ["Lease", "Reserver", "_Flock", "utc_iso"]

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -396,11 +396,12 @@ class Farm:
                 features: Iterable[str] = (), timeout: float = 300.0, test_id: str = "",
                 reason: str = "", exclude: Iterable[str] = (),
                 only: Iterable[str] | None = None,
-                chips: Iterable[str] | None = None) -> LeaseProtocol:
+                chips: Iterable[str] | None = None, priority: int = 0) -> LeaseProtocol:
         """Reserve ``count`` distinct boards exclusively (across threads, processes, CI jobs).
 
         ``chips`` limits a request without ``chip`` to those chips (the chips the candidate
         firmware was built for). Boards whose USB adapter is unplugged right now are not offered.
+        ``priority``: higher is served first while requests wait (``--hil-priority``).
         """
         gone = {b.id for b in self.boards if not self.present(b)}
         excluded = set(exclude) | gone
@@ -429,7 +430,8 @@ class Farm:
             only=frozenset(allowed - excluded) if (excluded or only is not None) else None,
             chips=chip_set,
         )
-        return self.reserver.reserve(request, Owner.current(test_id, reason), timeout)
+        return self.reserver.reserve(request, Owner.current(test_id, reason), timeout,
+                                     priority=priority)
 
     @staticmethod
     def _port_words(board: BoardSpec) -> str:
@@ -600,7 +602,7 @@ class Farm:
     def start_session(self, count: int = 1, *, chip: str | None = None,
                       features: Iterable[str] = (), firmware: object = None,
                       timeout: float = 300.0, boot_timeout: float = 15.0, test_id: str = "",
-                      exclude: Iterable[str] = ()) -> HilSession:
+                      exclude: Iterable[str] = (), priority: int = 0) -> HilSession:
         """Reserve, prepare (in parallel) and return the session; release with ``finish``.
 
         ``firmware`` is a :class:`Candidate` or anything :meth:`candidate` resolves (an image,
@@ -613,7 +615,7 @@ class Farm:
         lease = self.reserve(count, chip=chip, features=features, timeout=timeout,
                              test_id=test_id, exclude=exclude,
                              chips=candidate.chips if candidate is not None and chip is None
-                             else None)
+                             else None, priority=priority)
         log_dir = self.log_root / _safe_name(test_id or lease.id)
         prepared: list[PreparedBoard] = []
         errors: list[BaseException] = []
@@ -704,6 +706,14 @@ class Farm:
                 rows[-1]["host"] = remote.host or "(rack file)"
                 rows[-1]["online"] = remote.online
         return rows
+
+    def queue(self) -> list[dict[str, Any]]:
+        """Requests waiting for boards, first served first: who, what, priority, expected start.
+
+        ``priority`` is as asked, ``effective_priority`` with ageing; ``expected_start`` (epoch
+        seconds) is None for a request that waits on a person or an offline rig host.
+        """
+        return [asdict(entry) for entry in self.reserver.queue()]
 
 
 def flash_boards(farm: Farm, board_ids: Sequence[str], plan: object, *,

@@ -337,6 +337,7 @@ def hil_devices(
                 boot_timeout=cfg.boot_timeout,
                 test_id=item.nodeid,
                 exclude=excluded,
+                priority=cfg.priority,
             )
             break
         except InfrastructureError as exc:

@@ -30,7 +30,8 @@ from .rack import (
 )
 
 LayerKind = Literal["default", "rack", "ini", "env", "option", "marker"]
-ValueType = Literal["path", "images", "seconds", "bool", "retries", "count", "chip", "features"]
+ValueType = Literal["path", "images", "seconds", "bool", "retries", "count", "chip", "features",
+                    "priority"]
 
 # Where a layer stands in the precedence order; resolve() sorts by it, so callers cannot get
 # the order wrong by passing layers in another order.
@@ -187,6 +188,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
           "SECONDS"),
     _spec("log_dir", "where device logs go (default: hilfarm-logs/ in the directory pytest was "
           "started from)", "path", "DIR"),
+    _spec("priority", "this run's priority for boards: a higher one is served first while "
+          "requests wait (e.g. 10 for PR jobs, -10 for nightly runs); waiting raises it over "
+          "time so a low one still runs (default 0)", "priority", "N"),
 )
 _OPTIONS_BY_KEY: Mapping[str, OptionSpec] = MappingProxyType({o.key: o for o in OPTIONS})
 
@@ -210,6 +214,7 @@ _KEYS: Mapping[str, _Key] = MappingProxyType({
     "infra_retries": _Key("retries", 0, farm_wide=True),
     "boot_timeout": _Key("seconds", 15.0),
     "log_dir": _Key("path", None, farm_wide=True),  # None: <invocation dir>/hilfarm-logs
+    "priority": _Key("priority", 0, farm_wide=True),
     "count": _Key("count", 1, marker_only=True),
     "chip": _Key("chip", None, marker_only=True),
     "features": _Key("features", frozenset(), marker_only=True),
@@ -254,6 +259,7 @@ class Settings:
     infra_retries: int
     boot_timeout: float
     log_dir: Path | None
+    priority: int
     count: int
     chip: str | None
     features: frozenset[str]
@@ -366,9 +372,16 @@ def parse_value(key: str, raw: object, source: Source, *, base_dir: Path | None 
         return _parse_int(raw, source, 0, "a number of retries >= 0", "e.g. 0 or 2")
     if kind == "count":
         return _parse_int(raw, source, 1, "a number of boards >= 1", "e.g. count=3")
+    if kind == "priority":
+        return _parse_priority(raw, source)
     if kind == "chip":
         return _parse_chip(raw, source)
     return _parse_features(raw, source)
+
+
+# Priorities are small numbers: ageing adds one step per AGEING_STEP seconds waited, so a
+# difference of 1000 would take over eight hours to make up.
+PRIORITY_LIMIT = 1000
 
 
 def _fail(source: Source, raw: object, expected: str, hint: str | None = None) -> ConfigError:
@@ -414,6 +427,20 @@ def _parse_int(raw: object, source: Source, low: int, expected: str, hint: str) 
         value = int(raw.strip())
     if value is None or value < low:
         raise _fail(source, raw, expected, hint)
+    return value
+
+
+def _parse_priority(raw: object, source: Source) -> int:
+    value: int | None = None
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        value = raw
+    elif isinstance(raw, str):
+        text = raw.strip()
+        if text.lstrip("+-").isdigit() and text.count("-") + text.count("+") <= 1:
+            value = int(text)
+    if value is None or not -PRIORITY_LIMIT <= value <= PRIORITY_LIMIT:
+        raise _fail(source, raw, f"a whole number from -{PRIORITY_LIMIT} to {PRIORITY_LIMIT}",
+                    "e.g. 10 for PR jobs, 0 (the default), -10 for nightly runs")
     return value
 
 

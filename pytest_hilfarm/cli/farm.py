@@ -67,6 +67,7 @@ def _person() -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     with _farm(args) as farm:
         rows = farm.status()
+        queue = farm.queue()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -78,7 +79,30 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths)))
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+    _print_queue(queue, time.time())
     return 0
+
+
+def _print_queue(queue: list[dict[str, Any]], now: float) -> None:
+    """The requests waiting for boards, first served first, under the board table."""
+    if not queue:
+        return
+    headers = ("pos", "priority", "waiting", "expected start", "request", "owner")
+    table = []
+    for entry in queue:
+        priority = str(entry["priority"])
+        if entry["effective_priority"] != entry["priority"]:
+            priority += f" (aged {entry['effective_priority']})"
+        start = entry["expected_start"]
+        when = ("unknown" if start is None else "now" if start <= now
+                else f"in {start - now:.0f} s")
+        table.append([str(entry["position"]), priority, f"{now - entry['since']:.0f} s", when,
+                      entry["request"], entry["owner"]])
+    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(headers)]
+    print(f"\nwaiting for boards: {len(queue)}")
+    print("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths)))
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
 
 
 def _flash_plan(images: list[str]) -> Any:

@@ -19,8 +19,8 @@ from pytest_hilfarm.errors import ConfigError
 
 if TYPE_CHECKING:
     from pytest_hilfarm.rack import RackSpec
-
     from pytest_hilfarm.reservation.postgresql import PgReserver
+
     from .store import PgFarmStore
 
 __all__ = ["is_database_url", "open_backend"]
@@ -44,6 +44,7 @@ def open_backend(url: str, rack: RackSpec | None = None) -> tuple[PgFarmStore, P
             "single-host default)",
         )
     from pytest_hilfarm.reservation.postgresql import PgReserver
+
     from .store import PgFarmStore
 
     store = PgFarmStore(url)

@@ -6,8 +6,8 @@ board stays quarantined whatever infra fault is reported), and record rig hosts 
 liveness lock) and the boards they export. Every "now" written here is the database server's
 clock, so history from hosts with skewed clocks still orders correctly.
 
-Must not: hold board locks (``reservation/postgresql.py`` does); talk to hardware; import pytest; keep a
-connection across ``fork`` (one connection per thread and process, opened on first use).
+Must not: hold board locks (``reservation/postgresql.py`` does); talk to hardware; import pytest;
+keep a connection across ``fork`` (one connection per thread and process, opened on first use).
 
 The module-level ``_sql_*`` helpers take a connection inside a caller's transaction: the
 reserver uses them so that a grant or a release and its history are one atomic transaction.

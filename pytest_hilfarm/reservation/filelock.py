@@ -582,7 +582,8 @@ class Reserver(ReserverCore):
                     free = snap.free | {b for b in stale if b not in holds}
                     ends = {b: e for b, e in snap.ends.items() if b not in stale}
                     snap = Snapshot(snap.now, infos, frozenset(free), ends, snap.blocked)
-                    decision = decide(snap, tickets, me, self.policy, free_mine | (set(stale) & mine))
+                    decision = decide(snap, tickets, me, self.policy,
+                                      free_mine | (set(stale) & mine))
             state.ahead = decision.ahead
             if decision.choice is None:
                 break

@@ -1,4 +1,4 @@
-"""The multi-host reservation backend: PostgreSQL session advisory locks, owners and tickets in tables.
+"""The multi-host reservation backend: PostgreSQL advisory locks, owners and tickets in tables.
 
 Job: what is particular to a farm of several hosts: how a board lock is taken (every lease has a
 dedicated database connection holding one session-level advisory lock per board,
@@ -371,7 +371,7 @@ class PgReserver(ReserverCore):
         state.conn = conn
         return conn
 
-    # -- tickets ------------------------------------------------------------------------------------
+    # -- tickets ----------------------------------------------------------------------------------
 
     @staticmethod
     def _register(conn: Any, ticket: Ask) -> None:

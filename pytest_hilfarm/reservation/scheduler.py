@@ -18,12 +18,16 @@ The policy, in order:
    to give the board back before that plan's start: its expected hold (the p90 of that test's
    recorded holds) must end first. A request with no history never backfills (conservative), and
    the expected end of a lease with no history counts as :attr:`Policy.default_hold`.
-4. **The starvation bound.** Once a request has waited :attr:`Policy.bound` seconds, or a lease
-   on its plan has run past its expected end (an estimate proved wrong), its plan's start is
-   "now": no backfill fits any more, and every free board it could use is kept for it, exactly
-   as strict FIFO does. A backfilled lease whose estimate was wrong therefore delays a waiting
-   request by at most that one lease's overrun, never by a chain of them, and no request is
-   overtaken by backfill after waiting ``bound`` seconds.
+4. **The starvation bound.** A lease that runs past its expected end (its estimate proved wrong)
+   counts as due now, so once the last lease a plan waits for is due, the plan's start is "now":
+   nothing fits before it any more, and every free board the request could use is kept for it,
+   as strict FIFO does. The same holds once a request has waited :attr:`Policy.bound` seconds.
+   Hence, checked against adversarial hold times in tests/farm/test_scheduler.py:
+
+   - no request is overtaken by backfill after it has waited ``bound`` seconds;
+   - backfilled leases whose estimates were wrong start it at most one expected hold plus one
+     real hold (of those leases) later than strict FIFO would have: a backfill must claim to end
+     before the plan's start, and that start only moves earlier once the real blockers are gone.
 
 With ``Policy(backfill=False)`` this is strict FIFO (within a priority), the old policy, kept for
 the benchmarks' side-by-side comparison.
@@ -133,7 +137,6 @@ class _Replay:
         # When each usable board is expected to be available: free ones now; a lease that has
         # run past its expected end could end any moment, so "now" as well.
         self.avail: dict[str, float] = {b: max(e, now) for b, e in snap.ends.items()}
-        self.overdue = {b for b, e in snap.ends.items() if e <= now}
         for board in self.pool:
             self.avail[board] = now
         # Free board -> the earliest planned start it is part of: a backfill must end before it.
@@ -157,22 +160,35 @@ class _Replay:
         planned = tuple(soonest[: ask.request.count])
         if len(planned) < ask.request.count:
             return math.inf, planned  # it waits on a person or a host: not foreseeable
-        start = max(self.avail.get(b, math.inf) for b in planned)
-        if any(b in self.overdue for b in planned):
-            # An estimate on its plan proved wrong: from now on nothing may backfill into it.
-            start = self.snap.now
-        return start, planned
+        # A lease past its expected end counts as due now: if it is the last one the plan waits
+        # for, the start is now and nothing fits before it any more.
+        return max(self.avail.get(b, math.inf) for b in planned), planned
 
-    def serve(self, ask: Ask) -> float | None:
-        """Let ``ask`` (ahead of the asker) take or plan its boards; returns its start."""
+    def offer(self, ask: Ask, extra: Iterable[str] = ()) -> tuple[Choice | None, bool]:
+        """Boards for ``ask`` from the free ones now (and ``extra``), and whether by backfill."""
+        pool = self.pool | (set(extra) & set(self.snap.boards))
+        allowed = [self.snap.boards[b] for b in pool if b in ask.boards]
+        clear = [i for i in allowed if i.id not in self.limit]
+        choice = choose(clear, ask.request, max_failures=self.policy.max_failures)
+        if choice is not None:
+            return choice, False
+        if self.policy.backfill and ask.hold is not None:
+            end = self.snap.now + ask.hold
+            fits = [i for i in allowed if end < self.limit.get(i.id, math.inf)]
+            choice = choose(fits, ask.request, max_failures=self.policy.max_failures)
+            if choice is not None:
+                return choice, True
+        return None, False
+
+    def serve(self, ask: Ask) -> tuple[Choice | None, bool, float | None]:
+        """Let ``ask`` take its boards, or plan them: (choice, backfilled, expected start)."""
         now = self.snap.now
-        free = [self.snap.boards[b] for b in self.pool if b in ask.boards]
-        got = choose(free, ask.request, max_failures=self.policy.max_failures)
-        if got is not None:  # it takes these at its next attempt
-            self.pool -= set(got.boards)
-            for board in got.boards:
+        choice, backfilled = self.offer(ask)
+        if choice is not None:  # it takes these at its next attempt
+            self.pool -= set(choice.boards)
+            for board in choice.boards:
                 self.avail[board] = now + self.hold_of(ask)
-            return now
+            return choice, backfilled, now
         start, planned = self.plan(ask)
         hard = not self.policy.backfill or now - ask.since >= self.policy.bound or start <= now
         if hard:
@@ -188,7 +204,7 @@ class _Replay:
                     self.limit[board] = min(self.limit.get(board, math.inf), start)
         for board in planned:
             self.avail[board] = max(start, now) + self.hold_of(ask)
-        return None if math.isinf(start) else start
+        return None, False, None if math.isinf(start) else start
 
 
 def _competes(ask: Ask, me: Ask, usable: Mapping[str, BoardInfo]) -> bool:
@@ -215,20 +231,28 @@ def decide(snap: Snapshot, queue: Sequence[Ask], me: Ask, policy: Policy,
         if _competes(ask, me, replay.usable):
             ahead.append(ask)
         replay.serve(ask)
-    now = snap.now
-    pool = replay.pool | (set(mine) & set(snap.boards))
-    allowed = [snap.boards[b] for b in pool if b in me.boards]
-    clear = [i for i in allowed if i.id not in replay.limit]
-    choice = choose(clear, me.request, max_failures=policy.max_failures)
+    choice, backfilled = replay.offer(me, mine)
     if choice is not None:
-        return Decision(choice, tuple(ahead))
-    if policy.backfill and me.hold is not None:
-        fits = [i for i in allowed if now + me.hold < replay.limit.get(i.id, math.inf)]
-        choice = choose(fits, me.request, max_failures=policy.max_failures)
-        if choice is not None:
-            return Decision(choice, tuple(ahead), backfilled=True)
+        return Decision(choice, tuple(ahead), backfilled=backfilled)
     start, _ = replay.plan(me)
-    return Decision(None, tuple(ahead), None if math.isinf(start) else max(start, now))
+    return Decision(None, tuple(ahead), None if math.isinf(start) else max(start, snap.now))
+
+
+def grants(snap: Snapshot, queue: Sequence[Ask], policy: Policy
+           ) -> list[tuple[Ask, Choice, bool]]:
+    """Every waiting request that gets boards now, in service order (with "by backfill").
+
+    What the waiters' own decisions come to when each decides in turn; one replay instead of
+    one per waiter (the simulation in :mod:`.simulate` uses it).
+    """
+    replay = _Replay(snap, policy)
+    result = []
+    for ask in queue_order(queue, snap.now, policy):
+        if replay.can_ever(ask):
+            choice, backfilled, _ = replay.serve(ask)
+            if choice is not None:
+                result.append((ask, choice, backfilled))
+    return result
 
 
 def forecast(snap: Snapshot, queue: Sequence[Ask], policy: Policy) -> list[Forecast]:
@@ -236,6 +260,6 @@ def forecast(snap: Snapshot, queue: Sequence[Ask], policy: Policy) -> list[Forec
     replay = _Replay(snap, policy)
     result: list[Forecast] = []
     for position, ask in enumerate(queue_order(queue, snap.now, policy), start=1):
-        start = replay.serve(ask) if replay.can_ever(ask) else None
+        start = replay.serve(ask)[2] if replay.can_ever(ask) else None
         result.append(Forecast(ask, position, ask.effective_priority(snap.now, policy), start))
     return result

@@ -18,6 +18,7 @@ from pytest_hilfarm.reservation import (
     Lease,
     Owner,
     OwnerRecord,
+    Policy,
     ReservationBackend,
     Reserver,
     _Flock,
@@ -562,3 +563,167 @@ def test_interrupted_lease_says_why_who_and_when(tmp_path: Path) -> None:
     assert state.reason.startswith("health check due: interrupted (SIGINT (Ctrl-C))")
     assert f"pid {os.getpid()}" in state.reason and "tests/t.py::test_x" in state.reason
     assert "released at 20" in state.reason
+
+
+# --- the scheduler on real locks: backfill, priorities, wake-ups, the queue view ---------------
+
+
+def _history(store: FarmStoreProtocol, test_id: str, hold: float, times: int = 5) -> None:
+    """Record ``times`` past leases of ``test_id`` that each lasted ``hold`` seconds."""
+    now = time.time() - 7200
+    for n in range(times):
+        lease_id = f"past-{test_id}-{n}"
+        store.record_reservation(lease_id, (), Owner.current(test_id).to_dict(),
+                                 "1 x esp32 board(s)", now, now, 0.0)
+        store.record_release(lease_id, now + hold, "ok")
+        now += hold + 1
+
+
+def _queued(root: Path, count: int) -> None:
+    deadline = time.time() + 10
+    while len(list((root / "locks/queue").glob("*.ticket"))) < count:
+        assert time.time() < deadline, "the request did not queue"
+        time.sleep(0.005)
+
+
+def test_a_short_test_with_history_backfills_while_a_big_request_waits(tmp_path: Path) -> None:
+    reserver = make(tmp_path)
+    _history(reserver.store, "t::long", 600.0)
+    _history(reserver.store, "t::short", 0.05)
+    assert reserver.expected_hold("t::short") == pytest.approx(0.05)
+    blocker = reserver.reserve(BoardRequest(only=frozenset({"esp32-1"})),
+                               Owner.current("t::long"), timeout=5)
+    big: list[Lease] = []
+    waiter = threading.Thread(target=lambda: big.append(reserver.reserve(any_esp32(3),
+                                                                         timeout=10)))
+    waiter.start()
+    _queued(tmp_path, 1)
+    # The big request cannot start before t::long ends (expected in ten minutes): a 50 ms test
+    # may use a free board meanwhile. Strict arrival order would make it wait.
+    with reserver.reserve(any_esp32(1), Owner.current("t::short"), timeout=0.5) as short:
+        assert short.boards == ("esp32-2",)
+    # A test without history is not trusted to be short: it waits behind the big request.
+    with pytest.raises(ReservationTimeout, match="queued ahead"):
+        reserver.reserve(any_esp32(1), Owner.current("t::new"), timeout=0.2)
+    blocker.release()
+    waiter.join(10)
+    assert big and len(big[0].boards) == 3
+    big[0].release()
+    assert_no_overlaps(reserver.store)
+
+
+def test_fifo_policy_keeps_the_old_arrival_order(tmp_path: Path) -> None:
+    store = FarmStore(tmp_path / "farm.sqlite")
+    reserver = Reserver(RACK, tmp_path / "locks", store, policy=Policy(backfill=False))
+    _history(store, "t::long", 600.0)
+    _history(store, "t::short", 0.05)
+    blocker = reserver.reserve(BoardRequest(only=frozenset({"esp32-1"})),
+                               Owner.current("t::long"), timeout=5)
+    waiter = threading.Thread(target=expect_timeout, args=(reserver, any_esp32(3), 1.0))
+    waiter.start()
+    _queued(tmp_path, 1)
+    with pytest.raises(ReservationTimeout):
+        reserver.reserve(any_esp32(1), Owner.current("t::short"), timeout=0.2)
+    waiter.join()
+    blocker.release()
+
+
+def test_higher_priority_is_served_first_and_ageing_lets_low_priority_run(
+        tmp_path: Path) -> None:
+    store = FarmStore(tmp_path / "farm.sqlite")
+    for board in RACK:
+        store.set_health(board.id, BoardHealth.GOOD, "test setup")
+    reserver = Reserver(RACK, tmp_path / "locks", store, policy=Policy(ageing=0.5))
+    c3 = BoardRequest(chip="esp32c3")
+    order: list[str] = []
+
+    def ask(name: str, priority: int) -> None:
+        with reserver.reserve(c3, Owner.current(name), timeout=10, priority=priority):
+            order.append(name)
+
+    held = reserver.reserve(c3, timeout=1)
+    nightly = threading.Thread(target=ask, args=("nightly", -1))
+    nightly.start()
+    _queued(tmp_path, 1)
+    pr = threading.Thread(target=ask, args=("pr", 5))
+    pr.start()
+    _queued(tmp_path, 2)
+    entries = reserver.queue()
+    assert [(e.position, e.priority) for e in entries] == [(1, 5), (2, -1)]
+    assert "pr" in entries[0].owner and entries[0].expected_start is not None
+    held.release()
+    pr.join(10)
+    nightly.join(10)
+    assert order == ["pr", "nightly"]
+    # Ageing: after waiting 3 steps (1.5 s), priority -1 counts as 2 and beats a fresh 1.
+    held = reserver.reserve(c3, timeout=1)
+    order.clear()
+    nightly = threading.Thread(target=ask, args=("nightly", -1))
+    nightly.start()
+    _queued(tmp_path, 1)
+    time.sleep(1.6)
+    pr = threading.Thread(target=ask, args=("pr", 1))
+    pr.start()
+    _queued(tmp_path, 2)
+    assert [e.effective_priority for e in reserver.queue()] == [2, 1]
+    held.release()
+    pr.join(10)
+    nightly.join(10)
+    assert order == ["nightly", "pr"]
+
+
+def test_waiters_sleep_until_an_event_instead_of_polling(tmp_path: Path) -> None:
+    reserver = make(tmp_path)
+    reserver.safety_recheck = 60.0
+    decisions = [0]
+    decide_once = reserver._decide
+
+    def counted(*args: object, **kwargs: object) -> object:
+        decisions[0] += 1
+        return decide_once(*args, **kwargs)  # type: ignore[arg-type]
+
+    reserver._decide = counted  # type: ignore[method-assign]
+    blocker = reserver.reserve(BoardRequest(chip="esp32c3"), timeout=1)
+    got: list[Lease] = []
+    waiter = threading.Thread(target=lambda: got.append(
+        reserver.reserve(BoardRequest(chip="esp32c3"), timeout=30)))
+    waiter.start()
+    _queued(tmp_path, 1)
+    time.sleep(1.0)
+    # One decision to queue (a periodic recheck every 50 ms would have made about 20).
+    assert decisions[0] <= 2, decisions
+    released = time.monotonic()
+    blocker.release()
+    waiter.join(5)
+    assert got and time.monotonic() - released < 0.5
+    got[0].release()
+
+
+def _hold_c3_until_killed(root: str, ready: object) -> None:
+    make(Path(root)).reserve(BoardRequest(chip="esp32c3"), Owner.current(test_id="doomed"),
+                             timeout=10)
+    ready.set()  # type: ignore[attr-defined]
+    time.sleep(60)
+
+
+def test_a_waiter_notices_a_sigkilled_holder_at_once(tmp_path: Path) -> None:
+    reserver = make(tmp_path)
+    reserver.safety_recheck = 60.0
+    ready = SPAWN.Event()
+    proc = SPAWN.Process(target=_hold_c3_until_killed, args=(str(tmp_path), ready))
+    proc.start()
+    assert ready.wait(30)
+    got: list[Lease] = []
+    waiter = threading.Thread(target=lambda: got.append(
+        reserver.reserve(BoardRequest(chip="esp32c3"), timeout=30)))
+    waiter.start()
+    _queued(tmp_path, 1)
+    assert proc.pid is not None
+    killed = time.monotonic()
+    os.kill(proc.pid, signal.SIGKILL)
+    waiter.join(10)
+    assert got and time.monotonic() - killed < 1.0  # the kernel's close woke it
+    assert got[0].needs_check == {"c3-1"}
+    got[0].release()
+    proc.join(10)
+    assert_no_overlaps(reserver.store)

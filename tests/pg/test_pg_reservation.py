@@ -320,3 +320,137 @@ def test_interrupted_lease_says_why_who_and_when(pg_url: str) -> None:
     assert state.health is BoardHealth.UNKNOWN
     assert state.reason.startswith("health check due: interrupted (SIGTERM (job cancelled))")
     assert "t::x" in state.reason
+
+
+# --- the scheduler on PostgreSQL: backfill, priorities, wake-ups, restarts --------------------
+
+
+def _history(store: PgFarmStore, test_id: str, hold: float, times: int = 5) -> None:
+    now = store.now() - 7200
+    for n in range(times):
+        lease_id = f"past-{test_id}-{n}"
+        store.record_reservation(lease_id, (), Owner.current(test_id).to_dict(),
+                                 "1 x esp32 board(s)", now, now, 0.0)
+        store.record_release(lease_id, now + hold, "ok")
+        now += hold + 1
+
+
+def _waiters(url: str) -> list[int]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return [int(r[0]) for r in conn.execute("SELECT seq FROM waiters ORDER BY seq")]
+
+
+def _until(check: Any, what: str, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_backfill_and_priority_on_postgresql(pg_url: str) -> None:
+    reserver = make(pg_url)
+    _history(reserver.store, "t::long", 600.0)
+    _history(reserver.store, "t::short", 0.05)
+    blocker = reserver.reserve(only("b1"), Owner.current("t::long"), timeout=1)
+    big: list[Any] = []
+    waiter = threading.Thread(target=lambda: big.append(
+        reserver.reserve(BoardRequest(3, "esp32"), timeout=10)))
+    waiter.start()
+    _until(lambda: len(_waiters(pg_url)) == 1, "the big request did not queue")
+    with reserver.reserve(BoardRequest(1, "esp32"), Owner.current("t::short"),
+                          timeout=1) as short:
+        assert short.boards[0] in {"b2", "b3"}
+    with pytest.raises(ReservationTimeout, match="queued ahead"):
+        reserver.reserve(BoardRequest(1, "esp32"), Owner.current("t::new"), timeout=0.3)
+    (entry,) = reserver.queue()
+    assert entry.request == "3 x esp32 board(s)" and entry.expected_start is not None
+    blocker.release()
+    waiter.join(10)
+    assert big and len(big[0].boards) == 3
+    # Priorities: with all three esp32 boards held, a PR job asks after a nightly one.
+    order: list[str] = []
+
+    def ask(name: str, priority: int) -> None:
+        with reserver.reserve(BoardRequest(1, "esp32"), Owner.current(name), timeout=10,
+                              priority=priority):
+            order.append(name)
+
+    nightly = threading.Thread(target=ask, args=("nightly", -10))
+    nightly.start()
+    _until(lambda: len(_waiters(pg_url)) == 1, "nightly did not queue")
+    pr = threading.Thread(target=ask, args=("pr", 10))
+    pr.start()
+    _until(lambda: len(_waiters(pg_url)) == 2, "pr did not queue")
+    big[0].release()
+    pr.join(10)
+    nightly.join(10)
+    assert order[0] == "pr"
+    assert_never_held_twice(reserver.store)
+
+
+def test_a_waiter_sleeps_until_notified(pg_url: str) -> None:
+    reserver = make(pg_url, safety_recheck=60.0)
+    decisions = [0]
+    decide_once = reserver._decide
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        decisions[0] += 1
+        return decide_once(*args, **kwargs)
+
+    reserver._decide = counted  # type: ignore[method-assign]
+    blocker = reserver.reserve(only("c1"), timeout=1)
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(reserver.reserve(only("c1"),
+                                                                         timeout=30)))
+    waiter.start()
+    _until(lambda: len(_waiters(pg_url)) == 1, "the request did not queue")
+    before = decisions[0]
+    time.sleep(1.5)
+    assert decisions[0] == before, "it decided again without an event"
+    released = time.monotonic()
+    blocker.release()
+    waiter.join(5)
+    assert got and time.monotonic() - released < 0.5
+    got[0].release()
+
+
+def test_a_waiting_request_keeps_its_place_across_a_server_restart(
+        pg_server: Any, pg_url: str) -> None:
+    first = make(pg_url)
+    second = make(pg_url, boards=None)
+    second._static = first._static
+    holder = first.reserve(only("c1"), timeout=1)
+    order: list[str] = []
+
+    def ask(reserver: PgReserver, name: str) -> None:
+        lease = reserver.reserve(only("c1"), Owner.current(name), timeout=30)
+        order.append(name)
+        time.sleep(0.05)
+        lease.release()
+
+    early = threading.Thread(target=ask, args=(first, "early"))
+    early.start()
+    _until(lambda: len(_waiters(pg_url)) == 1, "early did not queue")
+    seq_early = _waiters(pg_url)[0]
+    late = threading.Thread(target=ask, args=(second, "late"))
+    late.start()
+    _until(lambda: len(_waiters(pg_url)) == 2, "late did not queue")
+    # The early waiter's way back is slow (say, a longer network path): the late one
+    # reconnects first after the restart.
+    connect_again = first._lease_connection
+
+    def slowly() -> Any:
+        time.sleep(0.5)
+        return connect_again()
+
+    first._lease_connection = slowly  # type: ignore[method-assign]
+    pg_server.restart()  # every lock is gone, the holder's too: c1 is free
+    _until(lambda: seq_early in _waiters(pg_url) or order, "early did not come back", 30)
+    early.join(30)
+    late.join(30)
+    assert order == ["early", "late"]
+    with pytest.raises(InfrastructureError, match="lost its board locks"):
+        holder.release()
+    granted = {r.owner.get("test_id"): r for r in first.store.history() if r.granted_at}
+    assert granted["early"].granted_at < granted["late"].granted_at  # type: ignore[operator]
+    assert_never_held_twice(first.store)

@@ -49,8 +49,10 @@ from pytest_hilfarm.store import QUARANTINE_AFTER
 # lease ends (never to let the request backfill). Ten minutes: longer than most HIL tests, so a
 # lease of unknown length does not make a waiting request look due sooner than it is.
 DEFAULT_HOLD = 600.0
-# After this long in the queue a request's boards are kept for it as strict FIFO does.
-BACKFILL_BOUND = 60.0
+# After this long in the queue a request's boards are kept for it as strict FIFO does. Backfill
+# delays a request by at most one expected plus one real hold anyway (see above); the bound also
+# caps how long it can be overtaken when the lease it waits for was over-estimated.
+BACKFILL_BOUND = 1800.0
 # Seconds of waiting that raise a request's effective priority by one step.
 AGEING_STEP = 30.0
 # The arrival number of a request that has no ticket yet: after every queued one.

@@ -84,10 +84,10 @@ def simulate(boards: Sequence[BoardInfo], jobs: Iterable[Job], policy: Policy, *
                 for board in payload:  # type: ignore[attr-defined]
                     leases.pop(board, None)
             else:
-                job = payload
-                assert isinstance(job, Job)
-                ask = Ask(next(seq), job.request, ids, job.priority, now, job.expected, job.name)
-                waiting[ask.seq] = (ask, job)
+                assert isinstance(payload, Job)
+                ask = Ask(next(seq), payload.request, ids, payload.priority, now,
+                          payload.expected, payload.name)
+                waiting[ask.seq] = (ask, payload)
         snap = Snapshot(now, infos, frozenset(b for b in infos if b not in leases),
                         {b: e for b, (_, e) in leases.items()})
         for ask, choice, backfilled in rule(snap, [a for a, _ in waiting.values()], policy):

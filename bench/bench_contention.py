@@ -1,11 +1,17 @@
-"""Contention benchmark for the file-based reservation backend (issue 3, section 7).
+"""Contention benchmark for the file-based reservation backend: strict FIFO vs backfill.
 
-8 processes each take 50 random 1- to 3-board leases over 3 boards, holding each 5-20 ms. From the
-store's history it checks that no board was ever granted twice at once (zero overlaps), and reports
-board utilisation (busy time / wall time per board), the longest wait, and the uncontended
+8 processes each run tests drawn at random from a suite of 12 over 3 boards; each test asks for
+its own fixed 1-3 boards and holds them its own 5-20 ms (plus or minus 10 %). Each process first
+runs 20 tests (warm-up: the store then has real hold times, as a farm that ran the suite before
+has; strict FIFO ignores them), then all wait for each other and run 50 measured tests. Each
+policy runs ``--runs`` times, interleaved, in the same invocation. From the store's history it
+checks that no board was ever granted twice at once (zero overlaps, warm-up included), and
+reports, over the measured part, board utilisation (busy time / wall time per board, from the
+first grant to the last release), the wait p50 / p99, the longest wait, and the uncontended
 reserve/release latency (one process, 1000 cycles).
 
-Run: ``python bench/bench_contention.py [--processes 8] [--leases 50]``. Prints a markdown table.
+Run: ``python bench/bench_contention.py [--processes 8] [--leases 50] [--runs 3]``. Prints
+markdown tables; exits 1 on any overlap.
 """
 
 from __future__ import annotations
@@ -19,30 +25,48 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pytest_hilfarm.allocate import BoardInfo, BoardRequest  # noqa: E402
-from pytest_hilfarm.reservation import Owner, Reserver  # noqa: E402
+from pytest_hilfarm.reservation import Owner, Policy, Reserver  # noqa: E402
 from pytest_hilfarm.store import BoardHealth, FarmStore  # noqa: E402
 
 BOARDS = [BoardInfo(f"esp32-{i}", "esp32") for i in (1, 2, 3)]
+POLICIES = {"strict FIFO": Policy(backfill=False), "backfill": Policy()}
 
 
-def _worker(
-    root: str, index: int, leases: int, seed: int, start_at: float, stagger: float
-) -> None:
+@dataclass(frozen=True)
+class SuiteTest:
+    test_id: str
+    count: int
+    hold: float  # seconds
+
+
+def suite(seed: int = 2026) -> list[SuiteTest]:
+    rng = random.Random(seed)
+    return [SuiteTest(f"tests/test_rig.py::test_{n}", rng.randint(1, 3), rng.uniform(0.005, 0.020))
+            for n in range(12)]
+
+
+def _worker(root: str, policy: str, warmup: int, leases: int, seed: int, start_at: float,
+            stagger: float, barrier: Any, started: Any) -> None:
     store = FarmStore(Path(root) / "farm.sqlite")
-    reserver = Reserver(BOARDS, Path(root) / "locks", store, stagger_step=stagger)
+    reserver = Reserver(BOARDS, Path(root) / "locks", store, stagger_step=stagger,
+                        policy=POLICIES[policy])
+    tests = suite()
     rng = random.Random(seed)
     while time.time() < start_at:  # start together, so the first requests really contend
         time.sleep(0.001)
-    for n in range(leases):
-        request = BoardRequest(count=rng.randint(1, 3))
-        lease = reserver.reserve(
-            request, Owner.current(test_id=f"bench[{index}-{n}]"), timeout=120
-        )
-        time.sleep(rng.uniform(0.005, 0.020))
+    for n in range(warmup + leases):
+        if n == warmup:  # the history now holds real hold times; measure from here, together
+            barrier.wait()
+            started.put(time.time())
+        test = rng.choice(tests)
+        lease = reserver.reserve(BoardRequest(count=test.count), Owner.current(test.test_id),
+                                 timeout=120)
+        time.sleep(test.hold * rng.uniform(0.9, 1.1))
         lease.release()
 
 
@@ -62,45 +86,52 @@ class ContentionResult:
     longest_wait_s: float
     longest_wait_3_board_s: float
 
+    @property
+    def mean_utilisation(self) -> float:
+        return statistics.mean(self.utilisation.values())
 
-def contention(
-    root: Path, processes: int, leases: int, stagger: float = 0.0005
-) -> ContentionResult:
+
+def contention(root: Path, policy: str, processes: int, warmup: int, leases: int,
+               stagger: float = 0.0005) -> ContentionResult:
     store = FarmStore(root / "farm.sqlite")
     for board in BOARDS:
         store.set_health(board.id, BoardHealth.GOOD, "bench setup")
     ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(processes)
+    started = ctx.Queue()
     start_at = time.time() + 1.5  # spawn start-up takes a while on 2 cores
     procs = [
-        ctx.Process(target=_worker, args=(str(root), i, leases, 1000 + i, start_at, stagger))
+        ctx.Process(target=_worker, args=(str(root), policy, warmup, leases, 1000 + i, start_at,
+                                          stagger, barrier, started))
         for i in range(processes)
     ]
     for proc in procs:
         proc.start()
+    measured_from = min(started.get(timeout=600) for _ in procs)
     for proc in procs:
         proc.join()
         if proc.exitcode != 0:
             raise SystemExit(f"worker {proc.pid} failed with exit code {proc.exitcode}")
-    history = [r for r in store.history(limit=processes * leases * 2) if r.granted_at]
+    everything = [r for r in store.history(limit=processes * (warmup + leases) * 2 + 1000)
+                  if r.granted_at and r.boards]
+    # Overlaps over the whole run, warm-up included; the figures over the measured part.
+    assert_spans = _overlaps(everything)
+    history = [r for r in everything if (r.granted_at or 0.0) >= measured_from]
     # Recorded spans lie inside the real lock holds (granted_at is taken after the locks are
     # taken, released_at before they are dropped), so disjoint real holds give disjoint spans
     # and any double grant shows up as an overlap here.
-    overlaps = 0
     utilisation: dict[str, float] = {}
     first = min(r.granted_at or 0.0 for r in history)
     last = max(r.released_at or 0.0 for r in history)
     for board in BOARDS:
-        spans = sorted(
-            (r.granted_at or 0.0, r.released_at or 0.0) for r in history if board.id in r.boards
-        )
-        for (_, end), (begin, _) in zip(spans, spans[1:]):
-            overlaps += begin < end
+        spans = [(r.granted_at or 0.0, r.released_at or 0.0) for r in history
+                 if board.id in r.boards]
         utilisation[board.id] = sum(e - b for b, e in spans) / (last - first)
     waits = [r.wait_s for r in history]
     big = [r.wait_s for r in history if r.request.startswith("3 ")]
     return ContentionResult(
         leases=len(history),
-        overlaps=overlaps,
+        overlaps=assert_spans,
         wall_s=last - first,
         utilisation=utilisation,
         wait_p50_s=statistics.median(waits),
@@ -108,6 +139,15 @@ def contention(
         longest_wait_s=max(waits),
         longest_wait_3_board_s=max(big) if big else 0.0,
     )
+
+
+def _overlaps(history: list[Any]) -> int:
+    overlaps = 0
+    for board in BOARDS:
+        spans = sorted((r.granted_at or 0.0, r.released_at or float("inf")) for r in history
+                       if board.id in r.boards)
+        overlaps += sum(1 for (_, end), (begin, _) in zip(spans, spans[1:]) if begin < end)
+    return overlaps
 
 
 def uncontended(root: Path, cycles: int) -> dict[str, float]:
@@ -137,38 +177,61 @@ def uncontended(root: Path, cycles: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--processes", type=int, default=8)
-    parser.add_argument("--leases", type=int, default=50)
+    parser.add_argument("--leases", type=int, default=50, help="measured tests per process")
+    parser.add_argument("--warmup", type=int, default=20,
+                        help="tests per process first, to give the store real hold times")
+    parser.add_argument("--runs", type=int, default=3, help="runs per policy (interleaved)")
     parser.add_argument("--cycles", type=int, default=1000)
     parser.add_argument("--stagger", type=float, default=0.0005,
                         help="stagger step between waiters, seconds")
     args = parser.parse_args(argv)
+    results: dict[str, list[ContentionResult]] = {name: [] for name in POLICIES}
     with tempfile.TemporaryDirectory(prefix="hilfarm-bench-") as tmp:
         root = Path(tmp)
-        (root / "contention").mkdir()
+        for run in range(args.runs):
+            for name in POLICIES:
+                where = root / f"{name.replace(' ', '-')}-{run}"
+                where.mkdir()
+                results[name].append(contention(where, name, args.processes, args.warmup,
+                                                args.leases, args.stagger))
         (root / "latency").mkdir()
-        result = contention(root / "contention", args.processes, args.leases, args.stagger)
         latency = uncontended(root / "latency", args.cycles)
-    util = result.utilisation
-    print(f"## Contention: {args.processes} processes x {args.leases} random 1-3 board leases "
-          f"over 3 boards, held 5-20 ms\n")
-    print("| metric | value |")
-    print("|---|---|")
-    print(f"| leases granted | {result.leases} |")
-    print(f"| overlapping grants (from store history) | {result.overlaps} |")
-    print(f"| wall time | {result.wall_s:.2f} s |")
-    for board, share in util.items():
-        print(f"| utilisation {board} | {share * 100:.1f} % |")
-    print(f"| mean utilisation | {statistics.mean(util.values()) * 100:.1f} % |")
-    print(f"| wait p50 / p99 | {result.wait_p50_s * 1000:.1f} ms / "
-          f"{result.wait_p99_s * 1000:.1f} ms |")
-    print(f"| longest wait (any) | {result.longest_wait_s * 1000:.1f} ms |")
-    print(f"| longest wait (3-board request) | {result.longest_wait_3_board_s * 1000:.1f} ms |")
+    print(f"## Contention: {args.processes} processes x {args.leases} tests (12-test suite, "
+          f"1-3 boards, 5-20 ms each) over 3 boards, {args.runs} runs per policy\n")
+    print("Medians over the runs; utilisation also as min-max.\n")
+    print("| metric | " + " | ".join(results) + " |")
+    print("|---|" + "---|" * len(results))
+
+    def row(label: str, values: list[str]) -> None:
+        print(f"| {label} | " + " | ".join(values) + " |")
+
+    def med(name: str, key: str) -> float:
+        return statistics.median(getattr(r, key) for r in results[name])
+
+    row("leases granted (per run)", [f"{med(n, 'leases'):.0f}" for n in results])
+    row("overlapping grants (all runs)", [str(sum(r.overlaps for r in results[n]))
+                                          for n in results])
+    row("mean utilisation", [
+        f"**{med(n, 'mean_utilisation') * 100:.1f} %** "
+        f"({min(r.mean_utilisation for r in results[n]) * 100:.1f}-"
+        f"{max(r.mean_utilisation for r in results[n]) * 100:.1f})" for n in results])
+    for board in BOARDS:
+        row(f"utilisation {board.id}", [
+            f"{statistics.median(r.utilisation[board.id] for r in results[n]) * 100:.1f} %"
+            for n in results])
+    row("wall time", [f"{med(n, 'wall_s'):.2f} s" for n in results])
+    row("wait p50 / p99", [f"{med(n, 'wait_p50_s') * 1000:.1f} ms / "
+                           f"{med(n, 'wait_p99_s') * 1000:.1f} ms" for n in results])
+    row("longest wait (any, worst run)", [
+        f"{max(r.longest_wait_s for r in results[n]) * 1000:.1f} ms" for n in results])
+    row("longest wait of a 3-board request (worst run)", [
+        f"{max(r.longest_wait_3_board_s for r in results[n]) * 1000:.1f} ms" for n in results])
     print(f"\n## Uncontended latency: 1 process, {args.cycles} x reserve(1 board) + release\n")
     print("| metric | p50 | p99 |")
     print("|---|---|---|")
     print(f"| reserve | {latency['reserve_p50_ms']:.2f} ms | {latency['reserve_p99_ms']:.2f} ms |")
     print(f"| release | {latency['release_p50_ms']:.2f} ms | {latency['release_p99_ms']:.2f} ms |")
-    return 1 if result.overlaps else 0
+    return 1 if any(r.overlaps for rs in results.values() for r in rs) else 0
 
 
 if __name__ == "__main__":

@@ -103,8 +103,8 @@ except ImportError:  # pragma: no cover - every supported Linux has it installed
 FALLBACK_RECHECK = 0.05
 # A decision that lost a race for a board it chose is made again at once, at most this often.
 _RACES = 3
-# After a close event that did not let a waiter through, look once more after this long: the
-# kernel reports a dead process's close just before it drops that process's flocks.
+# After a lock closed by a process that died, look once more after this long: the kernel
+# reports a dead process's close just before it drops that process's flocks.
 AFTER_CLOSE_RECHECK = 0.02
 
 
@@ -117,15 +117,17 @@ class _Flock:
     ``probe=True`` opens the file read-only: its close wakes nobody, so probing is silent.
     """
 
-    __slots__ = ("path", "fd", "probe")
+    __slots__ = ("path", "fd", "probe", "create")
 
-    def __init__(self, path: Path, *, probe: bool = False) -> None:
+    def __init__(self, path: Path, *, probe: bool = False, create: bool = True) -> None:
         self.path = path
         self.fd: int | None = None
         self.probe = probe
+        self.create = create
 
     def try_acquire(self) -> bool:
-        flags = (os.O_RDONLY if self.probe else os.O_RDWR) | os.O_CREAT | os.O_CLOEXEC
+        flags = (os.O_RDONLY if self.probe else os.O_RDWR) | os.O_CLOEXEC
+        flags |= os.O_CREAT if self.create else 0
         try:
             fd = os.open(self.path, flags, 0o666)
         except PermissionError as exc:
@@ -153,7 +155,7 @@ class _Flock:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(pause)
-            pause = min(pause * 2, 0.002)
+            pause = min(pause * 2, 0.0005)
         return True
 
     def release(self) -> None:
@@ -180,7 +182,8 @@ class _Watch:
 
     def __init__(self, lock_dir: Path, queue_dir: Path) -> None:
         self._inotify: Any = None
-        self._after_close = False
+        self._lock_dir = lock_dir
+        self._after_death = False
         if inotify_simple is None:
             return
         flags = inotify_simple.flags
@@ -194,17 +197,43 @@ class _Watch:
         except OSError:
             self.close()
 
-    def wait(self, seconds: float) -> None:
+    def wait(self, seconds: float) -> tuple[bool, bool]:
+        """Sleep until an event that can change a decision, or ``seconds``.
+
+        Returns (look closely, tickets closed). Look closely: the time ran out (something
+        without an event may have changed), or a board's lock was closed while its owner record
+        still names a holder (a holder that died, not one that released). Tickets closed: a
+        waiter left or died, so the queue's liveness must be checked again.
+        """
         if self._inotify is None:
             time.sleep(max(0.0, min(seconds, FALLBACK_RECHECK)))
-            return
-        if self._after_close:
+            return True, True
+        if self._after_death:
+            # The kernel reports a dead process's close just before it drops its flocks.
             seconds = min(seconds, AFTER_CLOSE_RECHECK)
-            self._after_close = False
-        ready, _, _ = select.select([self._inotify.fileno()], [], [], max(0.0, seconds))
-        if ready:
+        deadline = time.monotonic() + max(0.0, seconds)
+        while True:
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([self._inotify.fileno()], [], [], max(0.0, left))
+            if not ready:
+                self._after_death = False
+                return True, True
             events = self._inotify.read(timeout=0)
-            self._after_close = any(e.name.endswith((".lock", ".ticket")) for e in events)
+            names = [e.name for e in events]
+            # Owner records, the arrival counter and new tickets being written change nothing
+            # for a waiter: only a lock or ticket closed or gone, or a nudge, may.
+            if any(n.endswith((".lock", ".ticket")) or n == "nudge" for n in names):
+                self._after_death = any(self._died(n) for n in names if n.endswith(".lock"))
+                closed = inotify_simple.flags.CLOSE_WRITE
+                tickets = any(e.name.endswith(".ticket") and e.mask & closed for e in events)
+                return self._after_death or "nudge" in names, tickets
+
+    def _died(self, lock_name: str) -> bool:
+        owner = self._lock_dir / (lock_name[: -len(".lock")] + ".owner.json")
+        try:
+            return os.stat(owner).st_size > 0
+        except FileNotFoundError:
+            return False
 
     def close(self) -> None:
         if self._inotify is not None:
@@ -228,6 +257,8 @@ class _FileWait(Waiting):
     deadline: float = 0.0
     ticket_lock: _Flock | None = None
     watch: _Watch | None = None
+    look_closely: bool = True  # the last wake-up may be about something but free boards
+    tickets_closed: bool = True  # a waiter may have left or died since our last decision
 
 
 class Reserver(ReserverCore):
@@ -284,6 +315,7 @@ class Reserver(ReserverCore):
         # Built once: every decision touches these.
         self._lock_paths = {b: self.lock_dir / f"{b}.lock" for b in self._order}
         self._owner_paths = {b: self.lock_dir / f"{b}.owner.json" for b in self._order}
+        self._tickets: dict[str, Ask] = {}  # parsed tickets by file name
 
     @property
     def where(self) -> str:
@@ -335,9 +367,17 @@ class Reserver(ReserverCore):
             os.close(fd)
 
     def _clear_owner(self, board: str) -> None:
-        # Emptied, not deleted: an empty record means "released cleanly".
-        with contextlib.suppress(FileNotFoundError):
-            os.truncate(self._owner_paths[board], 0)
+        # Emptied, not deleted: an empty record means "released cleanly". Through a descriptor:
+        # ext4 flushes a file truncated to zero by path while nobody has it open (3-4 ms here,
+        # on every release), but only schedules that when the truncating descriptor closes.
+        try:
+            fd = os.open(self._owner_paths[board], os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
 
     def _nudge(self) -> None:
         """Wake every waiter (a bench hold ended): one close of a file opened for writing."""
@@ -372,26 +412,38 @@ class Reserver(ReserverCore):
         except FileNotFoundError:
             return True
 
-    def _live_tickets(self) -> list[Ask]:
-        """Waiting requests in arrival order; dead waiters' tickets are removed."""
+    def _live_tickets(self, *, locked: bool = True, probe_known: bool = True) -> list[Ask]:
+        """Waiting requests in arrival order; dead waiters' tickets are removed.
+
+        Without the scheduling lock (``locked=False``) a ticket that is not locked may be one
+        being created: it is skipped, never removed. ``probe_known=False``: tickets seen alive
+        before are taken as alive (the caller watched, and no ticket was closed since).
+        """
         tickets: list[Ask] = []
-        for name in os.listdir(self._queue_dir):
-            if not name.endswith(".ticket"):
+        names = [n for n in os.listdir(self._queue_dir) if n.endswith(".ticket")]
+        # A ticket is written once and never changed: parse each only once.
+        self._tickets = {n: t for n, t in self._tickets.items() if n in names}
+        for name in names:
+            known = self._tickets.get(name)
+            if known is not None and not probe_known:
+                tickets.append(known)
                 continue
             path = self._queue_dir / name
-            probe = _Flock(path, probe=True)
+            probe = _Flock(path, probe=True, create=False)
             try:
                 dead = probe.try_acquire()
             except FileNotFoundError:
-                continue
+                continue  # gone since the listing
             if dead:
                 # Its waiter died (the kernel dropped its lock): forget the ticket.
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+                if locked:
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
                 probe.release()
                 continue
-            ask = self._parse_ticket(path)
+            ask = known or self._parse_ticket(path)
             if ask is not None:
+                self._tickets[name] = ask
                 tickets.append(ask)
         tickets.sort(key=lambda t: t.seq)
         return tickets
@@ -421,7 +473,8 @@ class Reserver(ReserverCore):
         counter.write_text(str(seq))
         path = self._ticket_path(seq)
         lock = _Flock(path)
-        if not lock.try_acquire():  # pragma: no cover - seq is above every ticket seen
+        # A reader without the scheduling lock may probe the new file for a moment.
+        if not lock.acquire(time.monotonic() + 1.0):  # pragma: no cover - nobody else holds it
             raise InfrastructureError(
                 f"queue ticket {path.name} is locked by another waiter",
                 where=str(self._queue_dir),
@@ -468,8 +521,17 @@ class Reserver(ReserverCore):
         if state.watch is None:
             # Before the decision, so no release after it goes unnoticed.
             state.watch = _Watch(self.lock_dir, self._queue_dir)
+        if state.ticket is not None:
+            # Every waiter wakes on every release; only those a decision could serve should
+            # queue for the scheduling lock. First a glance (are enough of our boards without
+            # an owner?), then a decision without the lock.
+            if not state.look_closely and self._free_count(ask) < ask.request.count:
+                return None
+            if not self._decide(ask, owner, state, infos, as_person, dry=True):
+                return None
         with self._scheduling_lock(state.deadline):
-            return self._decide(ask, owner, state, infos, as_person)
+            decided = self._decide(ask, owner, state, infos, as_person)
+        return decided if isinstance(decided, _Grant) else None
 
     def _mine(self, holds: Mapping[str, HoldRecord], as_person: str | None) -> set[str]:
         if as_person is None:
@@ -562,10 +624,17 @@ class Reserver(ReserverCore):
         return Snapshot(now, infos, frozenset(free), ends, frozenset(holds)), records
 
     def _decide(self, ask: Ask, owner: Owner, state: _FileWait, infos: Mapping[str, BoardInfo],
-                as_person: str | None) -> _Grant | None:
+                as_person: str | None, *, dry: bool = False) -> _Grant | bool | None:
+        """One decision; under the scheduling lock unless ``dry``.
+
+        ``dry``: only say whether a decision under the lock could grant something now (it reads
+        the same records, takes nothing and writes nothing).
+        """
         holds = self.store.holds()
         mine = self._mine(holds, as_person)
-        tickets = self._live_tickets()
+        tickets = self._live_tickets(locked=not dry, probe_known=state.tickets_closed)
+        if not dry:
+            state.tickets_closed = False
         me = state.ticket or ask
         wanted = [me.request, *(t.request for t in tickets)]
         relevant = {b for b, i in infos.items() if any(r.matches(i) for r in wanted)}
@@ -585,6 +654,8 @@ class Reserver(ReserverCore):
                     decision = decide(snap, tickets, me, self.policy,
                                       free_mine | (set(stale) & mine))
             state.ahead = decision.ahead
+            if dry:
+                return decision.choice is not None
             if decision.choice is None:
                 break
             taken: dict[str, _Flock] = {}
@@ -607,9 +678,14 @@ class Reserver(ReserverCore):
             self._new_ticket(ask, state)
         return None
 
+    def _free_count(self, ask: Ask) -> int:
+        return sum(1 for b in self._order if ask.request.matches(self._boards[b])
+                   and not self._owner_busy(b))
+
     def _sleep(self, state: Waiting, seconds: float) -> None:
         assert isinstance(state, _FileWait) and state.watch is not None
-        state.watch.wait(seconds)
+        state.look_closely, closed = state.watch.wait(seconds)
+        state.tickets_closed = state.tickets_closed or closed
 
     def _close_wait(self, state: Waiting) -> None:
         assert isinstance(state, _FileWait)

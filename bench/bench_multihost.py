@@ -3,8 +3,8 @@
 1. Reservation latency: C client processes (default 32) over B boards (default 64), each taking
    N one-board leases (hold 2-5 ms, then release), started together. Reports p50/p99/max of the
    reserve() call and the grant throughput, for the PostgreSQL backend (PgReserver) and for the
-   single-host default (file locks + SQLite in a temporary directory). History is checked for
-   overlaps on both.
+   single-host default (file locks + SQLite in a temporary directory), each with strict FIFO and
+   with backfill (the scheduling policy), in the same run. History is checked for overlaps.
 2. Flashing a 1 MB compressible app image (``build_app(..., pad_to="1MB")``) onto a virtual
    ESP32: locally over socket:// (the farm's virtual-rack path), through a rig host's upload path
    (first call uploads; later calls find the image cached), and through the rig host's rfc2217://
@@ -39,7 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pytest_hilfarm.allocate import BoardInfo, BoardRequest  # noqa: E402
-from pytest_hilfarm.reservation import Owner, Reserver  # noqa: E402
+from pytest_hilfarm.reservation import Owner, Policy, Reserver  # noqa: E402
 from pytest_hilfarm.store import BoardHealth, FarmStore  # noqa: E402
 
 TOKEN = "bench-token-0123456789abcdef"
@@ -92,19 +92,22 @@ def _boards(n: int) -> list[BoardInfo]:
     return [BoardInfo(f"esp32-{i}", "esp32") for i in range(1, n + 1)]
 
 
-def _make(kind: str, where: str, boards: list[BoardInfo]) -> Any:
-    if kind == "postgresql":
-        from pytest_hilfarm.pg.reservation import PgReserver
-        from pytest_hilfarm.pg.store import PgFarmStore
+POLICIES = {"strict FIFO": Policy(backfill=False), "backfill": Policy()}
 
-        return PgReserver(where, PgFarmStore(where), boards)
+
+def _make(kind: str, where: str, boards: list[BoardInfo], policy: str = "backfill") -> Any:
+    if kind == "postgresql":
+        from pytest_hilfarm.pg.store import PgFarmStore
+        from pytest_hilfarm.reservation.postgresql import PgReserver
+
+        return PgReserver(where, PgFarmStore(where), boards, policy=POLICIES[policy])
     store = FarmStore(Path(where) / "farm.sqlite")
-    return Reserver(boards, Path(where) / "locks", store)
+    return Reserver(boards, Path(where) / "locks", store, policy=POLICIES[policy])
 
 
 def _client(kind: str, where: str, nboards: int, leases: int, seed: int, start_at: float,
-            out: Any) -> None:
-    reserver = _make(kind, where, _boards(nboards))
+            out: Any, policy: str) -> None:
+    reserver = _make(kind, where, _boards(nboards), policy)
     rng = random.Random(seed)
     owner = Owner.current(test_id=f"bench-{seed}")
     latencies = []
@@ -134,15 +137,16 @@ def _overlaps(store: Any) -> int:
     return bad
 
 
-def bench_reservation(kind: str, where: str, clients: int, nboards: int, leases: int
-                      ) -> dict[str, float]:
-    reserver = _make(kind, where, _boards(nboards))
+def bench_reservation(kind: str, where: str, clients: int, nboards: int, leases: int,
+                      policy: str) -> dict[str, float]:
+    reserver = _make(kind, where, _boards(nboards), policy)
     for board in _boards(nboards):
         reserver.store.set_health(board.id, BoardHealth.GOOD, "bench")
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     start_at = time.time() + 3.0 + clients * 0.15  # let every process import first
-    procs = [ctx.Process(target=_client, args=(kind, where, nboards, leases, i, start_at, queue))
+    procs = [ctx.Process(target=_client,
+                         args=(kind, where, nboards, leases, i, start_at, queue, policy))
              for i in range(clients)]
     for proc in procs:
         proc.start()
@@ -255,15 +259,17 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_reservation:
             print(f"\n### Reservation latency: {args.clients} client processes, {args.boards} "
                   f"boards, {args.leases} one-board leases each (hold 2-5 ms)\n")
-            print("| backend | reserve p50 | p99 | max | grants/s | overlaps |")
-            print("|---|---|---|---|---|---|")
-            for kind, where in (("postgresql", fresh_database(base)),
-                                ("single-host (flock + SQLite)", str(tmp / "single"))):
-                r = bench_reservation("postgresql" if kind == "postgresql" else "file", where,
-                                      args.clients, args.boards, args.leases)
-                print(f"| {kind} | {r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | "
-                      f"{r['max_ms']:.1f} ms | {r['grants_per_s']:.0f} | {r['overlaps']} |",
-                      flush=True)
+            print("| backend | policy | reserve p50 | p99 | max | grants/s | overlaps |")
+            print("|---|---|---|---|---|---|---|")
+            for policy in POLICIES:
+                for kind in ("postgresql", "single-host (flock + SQLite)"):
+                    where = (fresh_database(base) if kind == "postgresql"
+                             else str(tmp / f"single-{policy.replace(' ', '-')}"))
+                    r = bench_reservation("postgresql" if kind == "postgresql" else "file",
+                                          where, args.clients, args.boards, args.leases, policy)
+                    print(f"| {kind} | {policy} | {r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | "
+                          f"{r['max_ms']:.1f} ms | {r['grants_per_s']:.0f} | {r['overlaps']} |",
+                          flush=True)
         if not args.skip_flash:
             print("\n### Flashing a 1 MB compressible app image (all bytes written)\n")
             print("| path | runs | median | min |")

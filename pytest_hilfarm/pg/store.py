@@ -292,7 +292,7 @@ def sql_board_keys(conn: Any, boards: Iterable[str]) -> dict[str, int]:
     return {r[0]: int(r[1]) for r in rows}
 
 
-_HOSTS_SQL = (
+HOSTS_SQL = (
     "SELECT h.host, h.control_url, h.pid, h.started_at, h.heartbeat_at, h.offline_after,"
     " h.stopped_at, (h.stopped_at IS NULL AND h.heartbeat_at IS NOT NULL"
     f" AND {_NOW} - h.heartbeat_at <= h.offline_after"
@@ -303,7 +303,7 @@ _HOSTS_SQL = (
 
 
 def sql_hosts(conn: Any) -> dict[str, HostRecord]:
-    rows = conn.execute(_HOSTS_SQL, (NS_HOST,)).fetchall()
+    rows = conn.execute(HOSTS_SQL, (NS_HOST,)).fetchall()
     return {
         r[0]: HostRecord(
             host=r[0], control_url=r[1], pid=int(r[2]), started_at=float(r[3]),

@@ -47,8 +47,10 @@ from pytest_hilfarm.allocate import (
     rank,
 )
 from pytest_hilfarm.errors import InfrastructureError, UsageError
-from pytest_hilfarm.pg.migrations import NS_BOARD, NS_SCHED, NS_TICKET
+from pytest_hilfarm.pg.migrations import NS_BOARD, NS_HOST, NS_SCHED, NS_TICKET
 from pytest_hilfarm.pg.store import (
+    HOSTS_SQL,
+    LIVE_LOCKS_SQL,
     HostRecord,
     PgFarmStore,
     connect,
@@ -62,7 +64,6 @@ from pytest_hilfarm.pg.store import (
     sql_holds,
     sql_hosts,
     sql_record_release,
-    sql_record_reservation,
     sql_registered_boards,
     sql_set_health,
 )
@@ -96,6 +97,58 @@ _RACES = 3
 _RETRY = object()
 _CLOCKS = ("SELECT extract(epoch from clock_timestamp())::double precision,"
            " extract(epoch from pg_postmaster_start_time())::double precision")
+
+
+def _rows(columns: str, source: str) -> str:
+    """A subquery's rows as one JSON array (so that one statement can return many tables)."""
+    return f"(SELECT coalesce(json_agg(json_build_array({columns})), '[]'::json) FROM {source})"
+
+
+# The whole state a decision reads: clocks, registered boards, hosts with liveness, health,
+# owners, holds, hilfarm's advisory locks and the waiting tickets.
+_FARM_SQL = (
+    "SELECT extract(epoch from clock_timestamp())::double precision,"
+    " extract(epoch from pg_postmaster_start_time())::double precision, "
+    + _rows("b.board, b.host, b.chip, b.features", "boards b") + ", "
+    + _rows("h.host, h.online", f"({HOSTS_SQL}) h") + ", "
+    + _rows("x.board, x.health, x.failures", "board_health x") + ", "
+    + _rows("o.board, o.lease_id, o.owner_text, o.since, o.expected_end", "board_owners o")
+    + ", " + _rows("d.board, d.person, d.reason, d.since", "holds d") + ", "
+    + _rows("l.classid, l.objid", f"({LIVE_LOCKS_SQL}) l") + ", "
+    + _rows("w.seq, w.request, w.boards, w.owner_text, w.created_at, w.priority, w.hold,"
+            " w.registered_at", "waiters w")
+)
+# A grant's records in one statement: the reservation with its boards, and the owner rows. The
+# grant time is the server's clock after the board locks were taken.
+_GRANT_SQL = (
+    "WITH g AS (SELECT extract(epoch from clock_timestamp())::double precision AS at),"
+    " r AS (INSERT INTO reservations (lease_id, owner, request, requested_at, granted_at, wait_s)"
+    "  SELECT %(lease)s, %(owner)s, %(request)s, %(requested)s, g.at, g.at - %(requested)s"
+    "  FROM g),"
+    " b AS (INSERT INTO reservation_boards (lease_id, board)"
+    "  SELECT %(lease)s, unnest(%(boards)s::text[])),"
+    " o AS (INSERT INTO board_owners (board, lease_id, owner, owner_text, since, expected_end)"
+    "  SELECT unnest(%(boards)s::text[]), %(lease)s, %(owner)s, %(owner_text)s, g.at,"
+    "  g.at + %(hold)s FROM g ON CONFLICT (board) DO UPDATE SET lease_id = excluded.lease_id,"
+    "  owner = excluded.owner, owner_text = excluded.owner_text, since = excluded.since,"
+    "  expected_end = excluded.expected_end)"
+    " SELECT at FROM g"
+)
+# A release's records in one statement, only if this connection still holds all the lease's
+# board locks: (locks held, records closed, release time).
+_RELEASE_SQL = (
+    "WITH c AS (SELECT count(*) AS held FROM pg_locks WHERE locktype = 'advisory' AND granted"
+    "  AND pid = pg_backend_pid() AND objsubid = 2 AND classid::bigint = %(ns)s"
+    "  AND objid::bigint = ANY(%(keys)s)),"
+    " t AS (SELECT extract(epoch from clock_timestamp())::double precision AS at),"
+    " r AS (UPDATE reservations SET released_at = t.at, outcome = %(outcome)s FROM t, c"
+    "  WHERE lease_id = %(lease)s AND released_at IS NULL AND c.held = %(count)s"
+    "  RETURNING lease_id),"
+    " b AS (UPDATE reservation_boards x SET outcome = coalesce(%(per_board)s::jsonb ->> x.board,"
+    "  %(outcome)s) FROM r WHERE x.lease_id = r.lease_id),"
+    " d AS (DELETE FROM board_owners WHERE lease_id = %(lease)s AND EXISTS (SELECT 1 FROM r))"
+    " SELECT (SELECT held FROM c), (SELECT count(*) FROM r), (SELECT at FROM t)"
+)
 
 
 @dataclass(frozen=True)
@@ -136,6 +189,7 @@ class _Farm:
     keys: dict[str, int]
     locks: dict[tuple[int, int], int]
     owners: dict[str, tuple[str, str, float, float | None]]  # lease, owner text, since, end
+    waiters: list[Any]  # rows of the waiters table (see _live_tickets)
 
     def locked(self, board: str) -> bool:
         return (NS_BOARD, self.keys[board]) in self.locks
@@ -278,17 +332,30 @@ class PgReserver(ReserverCore):
             return {b: self._keys[b] for b in boards}
 
     def _farm(self, conn: Any) -> _Farm:
-        now, started = conn.execute(_CLOCKS).fetchone()
-        infos, offline, _ = self._candidates(conn)
-        keys = self._keys_for(conn, natural_sorted(infos))
-        owners = {
-            str(r[0]): (str(r[1]), str(r[2]), float(r[3]), None if r[4] is None else float(r[4]))
-            for r in conn.execute(
-                "SELECT board, lease_id, owner_text, since, expected_end FROM board_owners"
-            ).fetchall()
-        }
-        return _Farm(float(now), float(started), infos, offline, sql_holds(conn), keys,
-                     live_locks(conn), owners)
+        """Everything one decision reads, in one statement (one round trip, one snapshot)."""
+        row = conn.execute(_FARM_SQL, (NS_HOST,)).fetchone()
+        now, started, boards, hosts, health, owners, holds, locks, waiters = row
+        online = {str(h): bool(up) for h, up in hosts}
+        if self._static is None:
+            base = {str(b): BoardInfo(str(b), str(chip), frozenset(features or ()))
+                    for b, _host, chip, features in boards}
+        else:
+            base = dict(self._static)
+        states = {str(b): (BoardHealth(h), int(f)) for b, h, f in health}
+        infos = {b: BoardInfo(i.id, i.chip, i.features,
+                              *states.get(b, (BoardHealth.UNKNOWN, 0)))
+                 for b, i in base.items()}
+        offline = {str(b) for b, host, _chip, _features in boards
+                   if host is not None and b in infos and not online.get(str(host), False)}
+        return _Farm(
+            float(now), float(started), infos, offline,
+            {str(b): HoldRecord(str(b), str(p), str(r), float(t)) for b, p, r, t in holds},
+            self._keys_for(conn, natural_sorted(infos)),
+            {(int(c), int(o)): 0 for c, o in locks},
+            {str(b): (str(lease), str(text), float(since), None if end is None else float(end))
+             for b, lease, text, since, end in owners},
+            waiters,
+        )
 
     def _snapshot(self, farm: _Farm) -> Snapshot:
         free: set[str] = set()
@@ -388,10 +455,7 @@ class PgReserver(ReserverCore):
         conn.execute("SELECT pg_advisory_lock(%s, %s)", (NS_TICKET, ticket.seq % _TICKET_KEYS))
 
     def _live_tickets(self, conn: Any, farm: _Farm, mine: Ask | None) -> list[Ask]:
-        rows = conn.execute(
-            "SELECT seq, request, boards, owner_text, created_at, priority, hold, registered_at"
-            " FROM waiters ORDER BY seq"
-        ).fetchall()
+        rows = sorted(farm.waiters, key=lambda r: int(r[0]))
         tickets: list[Ask] = []
         dead: list[int] = []
         orphan_until = farm.started + RESTART_GRACE
@@ -471,7 +535,10 @@ class PgReserver(ReserverCore):
         """
         taken: list[int] = []
         try:
-            with conn.transaction():
+            # A direct grant needs no transaction: each statement is atomic, and the grant's
+            # records are one statement. (A board left by a dead holder goes the queued way,
+            # whose transaction closes the dead lease together with the grant.)
+            with contextlib.nullcontext() if direct else conn.transaction():
                 if not direct:
                     conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (NS_SCHED,))
                 farm = self._farm(conn)
@@ -480,16 +547,19 @@ class PgReserver(ReserverCore):
                 snap = self._snapshot(farm)
                 free_mine = {b for b in mine if not farm.locked(b) and b not in farm.offline}
                 if direct:
-                    tickets = self._live_tickets(conn, farm, None)
-                    if tickets:
+                    if self._live_tickets(conn, farm, None):
                         return None
+                    me = ask
+                    # The best free boards, skipping any taken since the snapshot.
                     ranked = rank((farm.infos[b] for b in snap.free | free_mine
                                    if b in ask.boards), ask.request,
                                   max_failures=self.max_failures)
-                    boards = tuple(i.id for i in ranked[: ask.request.count])
-                    if len(boards) < ask.request.count:
-                        return None
-                    me = ask
+                    by_key = {farm.keys[i.id]: i.id for i in ranked}
+                    got = self._try_locks(conn, list(by_key), ask.request.count)
+                    taken.extend(got)
+                    boards = tuple(by_key[k] for k in got)
+                    if len(got) < ask.request.count or any(b in farm.owners for b in boards):
+                        raise _LockLost("too few, or a dead holder's")  # gives back what it took
                 else:
                     me = state.ticket or ask
                     tickets = self._live_tickets(conn, farm, state.ticket)
@@ -500,12 +570,10 @@ class PgReserver(ReserverCore):
                             self._new_ticket(conn, ask, state)
                         return None
                     boards = decision.choice.boards
-                for board in boards:
-                    got = conn.execute("SELECT pg_try_advisory_lock(%s, %s)",
-                                       (NS_BOARD, farm.keys[board])).fetchone()[0]
-                    if not got:
-                        raise _LockLost(board)  # taken since our snapshot: decide again
-                    taken.append(farm.keys[board])
+                    keys = [farm.keys[b] for b in boards]
+                    taken.extend(self._try_locks(conn, keys, len(keys)))
+                    if len(taken) < len(keys):
+                        raise _LockLost("taken")  # since our snapshot: decide again
                 # Holds again, after locking (see hold()): a hold recorded before this read wins.
                 held = sql_holds(conn)
                 if any(b in held and b not in mine for b in boards):
@@ -519,37 +587,42 @@ class PgReserver(ReserverCore):
                 return _RETRY
             raise
 
+    @staticmethod
+    def _try_locks(conn: Any, keys: list[int], count: int) -> list[int]:
+        """Try the board locks in order until ``count`` are taken: the keys taken, in order.
+
+        One statement: the server walks the list (a function scan yields rows in order and the
+        limit stops it), so a crowd of clients racing for the same best boards costs each one
+        round trip, not one per board it finds taken.
+        """
+        rows = conn.execute(
+            "SELECT k FROM unnest(%s::int[]) WITH ORDINALITY AS t(k, i)"
+            " WHERE pg_try_advisory_lock(%s, k) LIMIT %s", (keys, NS_BOARD, count),
+        ).fetchall()
+        return [int(r[0]) for r in rows]
+
     def _grant(self, conn: Any, farm: _Farm, me: Ask, owner: Owner, state: _PgWait,
                boards: tuple[str, ...]) -> _Grant:
         lease_id = uuid.uuid4().hex
-        granted_at = float(conn.execute(_CLOCKS).fetchone()[0])
-        stale = self._take_over_stale(conn, farm, boards, granted_at)
-        end = self._expected_end(me, granted_at)
-        owner_text = owner.describe()
-        for board in boards:
-            conn.execute(
-                "INSERT INTO board_owners (board, lease_id, owner, owner_text, since,"
-                " expected_end) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (board) DO UPDATE"
-                " SET lease_id = excluded.lease_id, owner = excluded.owner,"
-                " owner_text = excluded.owner_text, since = excluded.since,"
-                " expected_end = excluded.expected_end",
-                (board, lease_id, _json(owner.to_dict()), owner_text, granted_at, end),
-            )
-        sql_record_reservation(
-            conn, lease_id, boards, owner.to_dict(), me.request.describe(),
-            state.requested_at, granted_at, granted_at - state.requested_at,
-        )
+        stale = [b for b in boards if b in farm.owners]
+        hold = self.policy.default_hold if me.hold is None else me.hold
+        granted_at = float(conn.execute(_GRANT_SQL, {
+            "lease": lease_id, "owner": _json(owner.to_dict()), "request": me.request.describe(),
+            "requested": state.requested_at, "boards": list(boards),
+            "owner_text": owner.describe(), "hold": hold,
+        }).fetchone()[0])
+        if stale:
+            self._take_over_stale(conn, farm, stale, granted_at)
         if state.ticket is not None:
             conn.execute("DELETE FROM waiters WHERE seq = %s", (state.ticket.seq,))
             conn.execute(f"NOTIFY {CHANNEL}")  # a younger request may now be first in line
         needs = frozenset(b for b in boards if farm.infos[b].health is not BoardHealth.GOOD)
-        return _Grant(lease_id, boards, {b: farm.keys[b] for b in boards}, needs | stale,
-                      granted_at, state.requested_at)
+        return _Grant(lease_id, boards, {b: farm.keys[b] for b in boards},
+                      needs | frozenset(stale), granted_at, state.requested_at)
 
-    def _take_over_stale(self, conn: Any, farm: _Farm, boards: Sequence[str],
-                         granted_at: float) -> frozenset[str]:
+    def _take_over_stale(self, conn: Any, farm: _Farm, stale: Sequence[str],
+                         granted_at: float) -> None:
         """Boards whose previous holder's lock vanished without a release: close, mark UNKNOWN."""
-        stale = [b for b in boards if b in farm.owners]
         for board in stale:
             dead_lease, owner_text, since, _ = farm.owners[board]
             # Its lock was free, so its connection died before this grant: the record closes
@@ -559,7 +632,6 @@ class PgReserver(ReserverCore):
                            dead_holder_reason(owner_text, utc_iso(since),
                                               note="or lost its database connection"))
             sql_forget_flash(conn, board)
-        return frozenset(stale)
 
     def _sleep(self, state: Waiting, seconds: float) -> None:
         assert isinstance(state, _PgWait)
@@ -611,24 +683,28 @@ class PgReserver(ReserverCore):
 
     def _finish(self, lease: Lease, per_board: Mapping[str, LeaseOutcome], note: str) -> None:
         conn, grant = lease.handle
+        checks = lease_end_reasons(lease.owner, grant.granted_at, per_board, note)
         try:
             try:
-                with conn.transaction():
-                    self._check_locks(conn, grant)
-                    now = float(conn.execute(_CLOCKS).fetchone()[0])
-                    closed = sql_record_release(conn, lease.id, now,
-                                                overall_outcome(per_board).value,
-                                                {b: o.value for b, o in per_board.items()})
+                # The records in one statement; health changes (rare) in the same transaction,
+                # so a board that needs a check is never left GOOD.
+                with conn.transaction() if checks else contextlib.nullcontext():
+                    held, closed, _ = conn.execute(_RELEASE_SQL, {
+                        "ns": NS_BOARD, "keys": list(grant.keys.values()),
+                        "count": len(grant.keys), "lease": lease.id,
+                        "outcome": overall_outcome(per_board).value,
+                        "per_board": _json({b: o.value for b, o in per_board.items()}),
+                    }).fetchone()
+                    if int(held) != len(grant.keys):
+                        raise _LockLost(f"it holds {held} of its {len(grant.keys)} board locks")
                     if not closed:
                         raise _LockLost("its reservation record was already closed by another "
                                         "holder's grant")
-                    for board, reason in lease_end_reasons(lease.owner, grant.granted_at,
-                                                           per_board, note).items():
+                    for board, reason in checks.items():
                         sql_set_health(conn, board, BoardHealth.UNKNOWN, reason)
                         sql_forget_flash(conn, board)
-                    conn.execute("DELETE FROM board_owners WHERE lease_id = %s", (lease.id,))
-                    conn.execute(f"NOTIFY {CHANNEL}")
-                conn.execute("SELECT pg_advisory_unlock_all()")
+                # Unlock, then wake the waiters: woken first, they would find the boards locked.
+                conn.execute(f"SELECT pg_advisory_unlock_all(), pg_notify('{CHANNEL}', '')")
                 recycled, conn = conn, None
                 self._recycle(recycled)
             except Exception as exc:

@@ -29,6 +29,7 @@ from types import TracebackType
 from typing import Any
 
 from pytest_hilfarm.allocate import (
+    BoardDescription,
     BoardInfo,
     BoardRequest,
     can_ever_satisfy,
@@ -228,12 +229,17 @@ class ReserverCore(abc.ABC):
     missing_hint = "ask for fewer boards or other chips/features, or use a rack that has them"
 
     def __init__(self, store: Any, *, policy: Policy | None = None,
-                 stagger_step: float = STAGGER_STEP,
+                 max_failures: int | None = None, stagger_step: float = STAGGER_STEP,
                  safety_recheck: float = SAFETY_RECHECK) -> None:
+        """``policy`` defaults to backfill with the store's quarantine threshold (or
+        ``max_failures``); ``safety_recheck``: see :data:`SAFETY_RECHECK`.
+        """
         self.store = store
-        quarantine_after = getattr(store, "quarantine_after", None)
-        self.policy = policy or Policy(
-            **({} if quarantine_after is None else {"max_failures": quarantine_after}))
+        if max_failures is None:
+            max_failures = getattr(store, "quarantine_after", None)
+        if policy is None:
+            policy = Policy() if max_failures is None else Policy(max_failures=max_failures)
+        self.policy = policy
         self.stagger_step = stagger_step
         self.safety_recheck = safety_recheck
         self.estimates = HoldEstimates(store)
@@ -468,6 +474,17 @@ class ReserverCore(abc.ABC):
                        f.ask.priority, f.effective_priority, f.ask.since, f.start)
             for f in forecast(snap, asks, self.policy)
         ]
+
+
+def board_catalogue(boards: Sequence[BoardDescription]) -> dict[str, BoardInfo]:
+    """The boards a reserver hands out, by id; an id given twice is an error."""
+    catalogue: dict[str, BoardInfo] = {}
+    for board in boards:
+        if board.id in catalogue:
+            raise UsageError(f"board id {board.id!r} appears twice", where="rack boards",
+                             hint="give every board a unique id")
+        catalogue[board.id] = BoardInfo.of(board)
+    return catalogue
 
 
 def owner_record(board: str, lease_id: str, granted_at: float, owner: Owner,

@@ -81,18 +81,18 @@ from pytest_hilfarm.store import (
 
 from .core import (
     SAFETY_RECHECK,
-    STAGGER_STEP,
     BoardView,
     Lease,
     ReserverCore,
     Waiting,
+    board_catalogue,
     dead_holder_reason,
     lease_end_reasons,
     owner_record,
     utc_iso,
 )
 from .protocol import UNREADABLE, BoardStatus, HoldResult, Owner, OwnerRecord
-from .scheduler import Ask, Policy, Snapshot, decide
+from .scheduler import Ask, Snapshot, decide
 
 try:  # Linux only; without it waiters fall back to a short periodic recheck
     import inotify_simple
@@ -269,22 +269,11 @@ class Reserver(ReserverCore):
     (and the store) shares the boards, fairly.
     """
 
-    def __init__(
-        self,
-        boards: Sequence[BoardDescription],
-        lock_dir: str | os.PathLike[str],
-        store: FarmStoreProtocol,
-        *,
-        stagger_step: float = STAGGER_STEP,
-        safety_recheck: float = SAFETY_RECHECK,
-        max_failures: int | None = None,
-        policy: Policy | None = None,
-    ) -> None:
-        if policy is None and max_failures is not None:
-            policy = Policy(max_failures=max_failures)
-        super().__init__(store, policy=policy, stagger_step=stagger_step,
-                         safety_recheck=safety_recheck)
-        seen: set[str] = set()
+    def __init__(self, boards: Sequence[BoardDescription], lock_dir: str | os.PathLike[str],
+                 store: FarmStoreProtocol, **options: Any) -> None:
+        """``options``: :class:`~.core.ReserverCore`'s (policy, max_failures, timings)."""
+        options.setdefault("safety_recheck", SAFETY_RECHECK)
+        super().__init__(store, **options)
         for board in boards:
             bid = board.id
             if not bid or bid in {".", ".."} or "/" in bid or "\0" in bid or bid.startswith("."):
@@ -293,13 +282,7 @@ class Reserver(ReserverCore):
                     where="rack boards",
                     hint="use ids made of letters, digits, '-', '_' and '.'",
                 )
-            if bid in seen:
-                raise UsageError(
-                    f"board id {bid!r} appears twice", where="rack boards",
-                    hint="give every board a unique id",
-                )
-            seen.add(bid)
-        self._boards = {b.id: BoardInfo.of(b) for b in boards}
+        self._boards = board_catalogue(boards)
         self._order = natural_sorted(self._boards)
         self._ids = frozenset(self._order)
         self.lock_dir = Path(lock_dir)

@@ -70,17 +70,17 @@ from pytest_hilfarm.pg.store import (
 from pytest_hilfarm.store import BoardHealth, HoldRecord, LeaseOutcome, overall_outcome
 
 from .core import (
-    STAGGER_STEP,
     BoardView,
     Lease,
     ReserverCore,
     Waiting,
+    board_catalogue,
     dead_holder_reason,
     lease_end_reasons,
     utc_iso,
 )
 from .protocol import UNREADABLE, BoardStatus, HoldResult, Owner, OwnerRecord
-from .scheduler import Ask, Policy, Snapshot, decide
+from .scheduler import Ask, Snapshot, decide
 
 # Without a notification a waiter decides again after this long: it catches holders whose
 # connection died (the server frees their locks but nobody sends NOTIFY) and hosts coming back.
@@ -246,33 +246,13 @@ class PgReserver(ReserverCore):
     missing_hint = ("ask for fewer boards or other chips/features, or start the rig host "
                     "(`hilfarm export`) that has them")
 
-    def __init__(
-        self,
-        url: str,
-        store: PgFarmStore,
-        boards: Sequence[BoardDescription] | None = None,
-        *,
-        stagger_step: float = STAGGER_STEP,
-        safety_recheck: float = SAFETY_RECHECK,
-        max_failures: int | None = None,
-        policy: Policy | None = None,
-    ) -> None:
-        if policy is None and max_failures is not None:
-            policy = Policy(max_failures=max_failures)
-        super().__init__(store, policy=policy, stagger_step=stagger_step,
-                         safety_recheck=safety_recheck)
+    def __init__(self, url: str, store: PgFarmStore,
+                 boards: Sequence[BoardDescription] | None = None, **options: Any) -> None:
+        """``options``: :class:`~.core.ReserverCore`'s (policy, max_failures, timings)."""
+        options.setdefault("safety_recheck", SAFETY_RECHECK)
+        super().__init__(store, **options)
         self.url = url
-        self._static: dict[str, BoardInfo] | None = None
-        if boards is not None:
-            seen: dict[str, BoardInfo] = {}
-            for board in boards:
-                if board.id in seen:
-                    raise UsageError(
-                        f"board id {board.id!r} appears twice", where="rack boards",
-                        hint="give every board a unique id",
-                    )
-                seen[board.id] = BoardInfo.of(board)
-            self._static = seen
+        self._static = None if boards is None else board_catalogue(boards)
         self._keys: dict[str, int] = {}
         self._keys_lock = threading.Lock()
         self._idle: list[Any] = []  # released lease connections, reused by this process only

@@ -388,12 +388,13 @@ class Reserver(ReserverCore):
     def _ticket_path(self, seq: int) -> Path:
         return self._queue_dir / f"{seq:016d}.ticket"
 
-    def _queue_empty(self) -> bool:
+    def _waiting(self) -> int:
+        """How many tickets the queue holds (live or not: a glance, not a decision)."""
         try:
             with os.scandir(self._queue_dir) as entries:
-                return not any(e.name.endswith(".ticket") for e in entries)
+                return sum(1 for e in entries if e.name.endswith(".ticket"))
         except FileNotFoundError:
-            return True
+            return 0
 
     def _live_tickets(self, *, locked: bool = True, probe_known: bool = True) -> list[Ask]:
         """Waiting requests in arrival order; dead waiters' tickets are removed.
@@ -493,25 +494,31 @@ class Reserver(ReserverCore):
     def _attempt(self, ask: Ask, owner: Owner, state: Waiting,
                  as_person: str | None) -> _Grant | None:
         assert isinstance(state, _FileWait)
+        if (state.ticket is not None and not state.look_closely
+                and self._free_count(ask) < ask.request.count):
+            # Every waiter wakes on every release; one that finds too few of its boards
+            # without an owner record goes back to sleep at once.
+            return None
         # Health is read outside any lock: a WAL read never blocks, and health changes are not
         # made under the scheduling lock anyway.
         infos = self._infos()
         self._unusable(infos, ask.request)
-        if state.ticket is None and self._queue_empty():
+        waiting = self._waiting()
+        if state.ticket is None and not waiting:
             grant = self._take_directly(ask, owner, infos, as_person)
             if grant is not None:
                 return grant
         if state.watch is None:
             # Before the decision, so no release after it goes unnoticed.
             state.watch = _Watch(self.lock_dir, self._queue_dir)
-        if state.ticket is not None:
-            # Every waiter wakes on every release; only those a decision could serve should
-            # queue for the scheduling lock. First a glance (are enough of our boards without
-            # an owner?), then a decision without the lock.
-            if not state.look_closely and self._free_count(ask) < ask.request.count:
-                return None
-            if not self._decide(ask, owner, state, infos, as_person, dry=True):
-                return None
+        if state.ticket is None and waiting:
+            # Others wait, and a release has just woken them: let the head of the queue decide
+            # first instead of making it wait for our (usually futile) first decision.
+            time.sleep(self.stagger_step * min(waiting, 8))
+        elif state.ahead and not self._decide(ask, owner, state, infos, as_person, dry=True):
+            # Only waiters a decision could serve queue for the scheduling lock: one that was
+            # not first in line decides without the lock first.
+            return None
         with self._scheduling_lock(state.deadline):
             decided = self._decide(ask, owner, state, infos, as_person)
         return decided if isinstance(decided, _Grant) else None

@@ -118,21 +118,25 @@ _FARM_SQL = (
     + _rows("w.seq, w.request, w.boards, w.owner_text, w.created_at, w.priority, w.hold,"
             " w.registered_at", "waiters w")
 )
-# A grant's records in one statement: the reservation with its boards, and the owner rows. The
-# grant time is the server's clock after the board locks were taken.
+# A grant's records in one statement: the reservation with its boards, and the owner rows; the
+# grant time is the server's clock after the board locks were taken. Nothing is written if a
+# bench hold (other than the asker's own) was recorded on a board before this statement: the
+# holds are read after locking, as hold() records first and looks at the locks after.
 _GRANT_SQL = (
-    "WITH g AS (SELECT extract(epoch from clock_timestamp())::double precision AS at),"
+    "WITH g AS (SELECT extract(epoch from clock_timestamp())::double precision AS at,"
+    "  NOT EXISTS (SELECT 1 FROM holds WHERE board = ANY(%(boards)s::text[])"
+    "   AND board <> ALL(%(mine)s::text[])) AS ok),"
     " r AS (INSERT INTO reservations (lease_id, owner, request, requested_at, granted_at, wait_s)"
     "  SELECT %(lease)s, %(owner)s, %(request)s, %(requested)s, g.at, g.at - %(requested)s"
-    "  FROM g),"
+    "  FROM g WHERE g.ok),"
     " b AS (INSERT INTO reservation_boards (lease_id, board)"
-    "  SELECT %(lease)s, unnest(%(boards)s::text[])),"
+    "  SELECT %(lease)s, unnest(%(boards)s::text[]) FROM g WHERE g.ok),"
     " o AS (INSERT INTO board_owners (board, lease_id, owner, owner_text, since, expected_end)"
     "  SELECT unnest(%(boards)s::text[]), %(lease)s, %(owner)s, %(owner_text)s, g.at,"
-    "  g.at + %(hold)s FROM g ON CONFLICT (board) DO UPDATE SET lease_id = excluded.lease_id,"
-    "  owner = excluded.owner, owner_text = excluded.owner_text, since = excluded.since,"
-    "  expected_end = excluded.expected_end)"
-    " SELECT at FROM g"
+    "  g.at + %(hold)s FROM g WHERE g.ok ON CONFLICT (board) DO UPDATE SET"
+    "  lease_id = excluded.lease_id, owner = excluded.owner, owner_text = excluded.owner_text,"
+    "  since = excluded.since, expected_end = excluded.expected_end)"
+    " SELECT at, ok FROM g"
 )
 # A release's records in one statement, only if this connection still holds all the lease's
 # board locks: (locks held, records closed, release time).
@@ -554,11 +558,7 @@ class PgReserver(ReserverCore):
                     taken.extend(self._try_locks(conn, keys, len(keys)))
                     if len(taken) < len(keys):
                         raise _LockLost("taken")  # since our snapshot: decide again
-                # Holds again, after locking (see hold()): a hold recorded before this read wins.
-                held = sql_holds(conn)
-                if any(b in held and b not in mine for b in boards):
-                    raise _LockLost("held")
-                return self._grant(conn, farm, me, owner, state, boards)
+                return self._grant(conn, farm, me, owner, state, boards, mine)
         except BaseException as exc:
             for key in taken:
                 with contextlib.suppress(Exception):
@@ -582,15 +582,18 @@ class PgReserver(ReserverCore):
         return [int(r[0]) for r in rows]
 
     def _grant(self, conn: Any, farm: _Farm, me: Ask, owner: Owner, state: _PgWait,
-               boards: tuple[str, ...]) -> _Grant:
+               boards: tuple[str, ...], mine: set[str]) -> _Grant:
         lease_id = uuid.uuid4().hex
         stale = [b for b in boards if b in farm.owners]
         hold = self.policy.default_hold if me.hold is None else me.hold
-        granted_at = float(conn.execute(_GRANT_SQL, {
+        at, ok = conn.execute(_GRANT_SQL, {
             "lease": lease_id, "owner": _json(owner.to_dict()), "request": me.request.describe(),
-            "requested": state.requested_at, "boards": list(boards),
+            "requested": state.requested_at, "boards": list(boards), "mine": sorted(mine),
             "owner_text": owner.describe(), "hold": hold,
-        }).fetchone()[0])
+        }).fetchone()
+        if not ok:
+            raise _LockLost("held at the bench")  # a hold came first: decide again
+        granted_at = float(at)
         if stale:
             self._take_over_stale(conn, farm, stale, granted_at)
         if state.ticket is not None:

@@ -104,20 +104,27 @@ def _rows(columns: str, source: str) -> str:
     return f"(SELECT coalesce(json_agg(json_build_array({columns})), '[]'::json) FROM {source})"
 
 
-# The whole state a decision reads: clocks, registered boards, hosts with liveness, health,
-# owners, holds, hilfarm's advisory locks and the waiting tickets.
-_FARM_SQL = (
-    "SELECT extract(epoch from clock_timestamp())::double precision,"
-    " extract(epoch from pg_postmaster_start_time())::double precision, "
-    + _rows("b.board, b.host, b.chip, b.features", "boards b") + ", "
-    + _rows("h.host, h.online", f"({HOSTS_SQL}) h") + ", "
-    + _rows("x.board, x.health, x.failures", "board_health x") + ", "
-    + _rows("o.board, o.lease_id, o.owner_text, o.since, o.expected_end", "board_owners o")
-    + ", " + _rows("d.board, d.person, d.reason, d.since", "holds d") + ", "
-    + _rows("l.classid, l.objid", f"({LIVE_LOCKS_SQL}) l") + ", "
-    + _rows("w.seq, w.request, w.boards, w.owner_text, w.created_at, w.priority, w.hold,"
-            " w.registered_at", "waiters w")
-)
+def _farm_sql(locks: bool) -> str:
+    """The whole state a decision reads, in one statement: clocks, registered boards, hosts
+    with liveness, health, owners, holds, the waiting tickets and (``locks``) hilfarm's
+    advisory locks. A direct grant needs no lock list: it try-locks boards without an owner.
+    """
+    return (
+        "SELECT extract(epoch from clock_timestamp())::double precision,"
+        " extract(epoch from pg_postmaster_start_time())::double precision, "
+        + _rows("b.board, b.host, b.chip, b.features", "boards b") + ", "
+        + _rows("h.host, h.online", f"({HOSTS_SQL}) h") + ", "
+        + _rows("x.board, x.health, x.failures", "board_health x") + ", "
+        + _rows("o.board, o.lease_id, o.owner_text, o.since, o.expected_end", "board_owners o")
+        + ", " + _rows("d.board, d.person, d.reason, d.since", "holds d") + ", "
+        + (_rows("l.classid, l.objid", f"({LIVE_LOCKS_SQL}) l") if locks else "'[]'::json")
+        + ", " + _rows("w.seq, w.request, w.boards, w.owner_text, w.created_at, w.priority,"
+                       " w.hold, w.registered_at", "waiters w")
+    )
+
+
+_FARM_SQL = _farm_sql(locks=True)
+_FARM_DIRECT_SQL = _farm_sql(locks=False)
 # A grant's records in one statement: the reservation with its boards, and the owner rows; the
 # grant time is the server's clock after the board locks were taken. Nothing is written if a
 # bench hold (other than the asker's own) was recorded on a board before this statement: the
@@ -138,20 +145,17 @@ _GRANT_SQL = (
     "  since = excluded.since, expected_end = excluded.expected_end)"
     " SELECT at, ok FROM g"
 )
-# A release's records in one statement, only if this connection still holds all the lease's
-# board locks: (locks held, records closed, release time).
+# A release's records in one statement: (records closed, release time). Its board locks are
+# session locks: on a connection that still answers they are still held (a lost connection
+# fails the statement instead).
 _RELEASE_SQL = (
-    "WITH c AS (SELECT count(*) AS held FROM pg_locks WHERE locktype = 'advisory' AND granted"
-    "  AND pid = pg_backend_pid() AND objsubid = 2 AND classid::bigint = %(ns)s"
-    "  AND objid::bigint = ANY(%(keys)s)),"
-    " t AS (SELECT extract(epoch from clock_timestamp())::double precision AS at),"
-    " r AS (UPDATE reservations SET released_at = t.at, outcome = %(outcome)s FROM t, c"
-    "  WHERE lease_id = %(lease)s AND released_at IS NULL AND c.held = %(count)s"
-    "  RETURNING lease_id),"
+    "WITH t AS (SELECT extract(epoch from clock_timestamp())::double precision AS at),"
+    " r AS (UPDATE reservations SET released_at = t.at, outcome = %(outcome)s FROM t"
+    "  WHERE lease_id = %(lease)s AND released_at IS NULL RETURNING lease_id),"
     " b AS (UPDATE reservation_boards x SET outcome = coalesce(%(per_board)s::jsonb ->> x.board,"
     "  %(outcome)s) FROM r WHERE x.lease_id = r.lease_id),"
     " d AS (DELETE FROM board_owners WHERE lease_id = %(lease)s AND EXISTS (SELECT 1 FROM r))"
-    " SELECT (SELECT held FROM c), (SELECT count(*) FROM r), (SELECT at FROM t)"
+    " SELECT (SELECT count(*) FROM r), (SELECT at FROM t)"
 )
 
 
@@ -315,10 +319,10 @@ class PgReserver(ReserverCore):
         with self._keys_lock:
             return {b: self._keys[b] for b in boards}
 
-    def _farm(self, conn: Any) -> _Farm:
+    def _farm(self, conn: Any, *, locks: bool = True) -> _Farm:
         """Everything one decision reads, in one statement (one round trip, one snapshot)."""
-        row = conn.execute(_FARM_SQL, (NS_HOST,)).fetchone()
-        now, started, boards, hosts, health, owners, holds, locks, waiters = row
+        row = conn.execute(_FARM_SQL if locks else _FARM_DIRECT_SQL, (NS_HOST,)).fetchone()
+        now, started, boards, hosts, health, owners, holds, lock_rows, waiters = row
         online = {str(h): bool(up) for h, up in hosts}
         if self._static is None:
             base = {str(b): BoardInfo(str(b), str(chip), frozenset(features or ()))
@@ -335,7 +339,7 @@ class PgReserver(ReserverCore):
             float(now), float(started), infos, offline,
             {str(b): HoldRecord(str(b), str(p), str(r), float(t)) for b, p, r, t in holds},
             self._keys_for(conn, natural_sorted(infos)),
-            {(int(c), int(o)): 0 for c, o in locks},
+            {(int(c), int(o)): 0 for c, o in lock_rows},
             {str(b): (str(lease), str(text), float(since), None if end is None else float(end))
              for b, lease, text, since, end in owners},
             waiters,
@@ -525,26 +529,28 @@ class PgReserver(ReserverCore):
             with contextlib.nullcontext() if direct else conn.transaction():
                 if not direct:
                     conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (NS_SCHED,))
-                farm = self._farm(conn)
+                farm = self._farm(conn, locks=not direct)
                 self._unusable({b: i for b, i in farm.infos.items()}, ask.request)
                 mine = {b for b, h in farm.holds.items() if as_person and h.person == as_person}
-                snap = self._snapshot(farm)
-                free_mine = {b for b in mine if not farm.locked(b) and b not in farm.offline}
                 if direct:
-                    if self._live_tickets(conn, farm, None):
-                        return None
+                    if farm.waiters:
+                        return None  # someone waits: decide under the lock, in queue order
                     me = ask
-                    # The best free boards, skipping any taken since the snapshot.
-                    ranked = rank((farm.infos[b] for b in snap.free | free_mine
-                                   if b in ask.boards), ask.request,
+                    # The best boards without an owner, skipping any taken since the snapshot
+                    # (a board a dead holder left has an owner row: the queued way takes it).
+                    free = {b for b in farm.infos if b not in farm.owners
+                            and b not in farm.offline and (b not in farm.holds or b in mine)}
+                    ranked = rank((farm.infos[b] for b in free if b in ask.boards), ask.request,
                                   max_failures=self.max_failures)
                     by_key = {farm.keys[i.id]: i.id for i in ranked}
                     got = self._try_locks(conn, list(by_key), ask.request.count)
                     taken.extend(got)
                     boards = tuple(by_key[k] for k in got)
-                    if len(got) < ask.request.count or any(b in farm.owners for b in boards):
-                        raise _LockLost("too few, or a dead holder's")  # gives back what it took
+                    if len(got) < ask.request.count:
+                        raise _LockLost("too few")  # gives back what it took
                 else:
+                    snap = self._snapshot(farm)
+                    free_mine = {b for b in mine if not farm.locked(b) and b not in farm.offline}
                     me = state.ticket or ask
                     tickets = self._live_tickets(conn, farm, state.ticket)
                     decision = decide(snap, tickets, me, self.policy, free_mine)
@@ -672,14 +678,10 @@ class PgReserver(ReserverCore):
                 # The records in one statement; health changes (rare) in the same transaction,
                 # so a board that needs a check is never left GOOD.
                 with conn.transaction() if checks else contextlib.nullcontext():
-                    held, closed, _ = conn.execute(_RELEASE_SQL, {
-                        "ns": NS_BOARD, "keys": list(grant.keys.values()),
-                        "count": len(grant.keys), "lease": lease.id,
-                        "outcome": overall_outcome(per_board).value,
+                    closed, _ = conn.execute(_RELEASE_SQL, {
+                        "lease": lease.id, "outcome": overall_outcome(per_board).value,
                         "per_board": _json({b: o.value for b, o in per_board.items()}),
                     }).fetchone()
-                    if int(held) != len(grant.keys):
-                        raise _LockLost(f"it holds {held} of its {len(grant.keys)} board locks")
                     if not closed:
                         raise _LockLost("its reservation record was already closed by another "
                                         "holder's grant")

@@ -99,6 +99,11 @@ def is_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
 
 
+def jsonb(value: Any) -> Any:
+    """``value`` as a JSONB query parameter."""
+    return _driver().types.json.Jsonb(value)
+
+
 def server_now(conn: Any) -> float:
     return float(conn.execute(f"SELECT {_NOW}").fetchone()[0])
 

@@ -55,6 +55,7 @@ from pytest_hilfarm.pg.store import (
     PgFarmStore,
     connect,
     is_connection_error,
+    jsonb,
     live_locks,
     redact,
     sql_add_hold,
@@ -436,7 +437,7 @@ class PgReserver(ReserverCore):
             " registered_at) VALUES (%s, %s, %s, %s, %s, %s, %s,"
             " extract(epoch from clock_timestamp())) ON CONFLICT (seq) DO UPDATE"
             " SET registered_at = excluded.registered_at",
-            (ticket.seq, _json(ticket.request.to_json()), natural_sorted(ticket.boards),
+            (ticket.seq, jsonb(ticket.request.to_json()), natural_sorted(ticket.boards),
              ticket.owner, ticket.since, ticket.priority, ticket.hold),
         )
         # Session-level: survives the transaction, dies with the waiter's connection.
@@ -593,7 +594,7 @@ class PgReserver(ReserverCore):
         stale = [b for b in boards if b in farm.owners]
         hold = self.policy.default_hold if me.hold is None else me.hold
         at, ok = conn.execute(_GRANT_SQL, {
-            "lease": lease_id, "owner": _json(owner.to_dict()), "request": me.request.describe(),
+            "lease": lease_id, "owner": jsonb(owner.to_dict()), "request": me.request.describe(),
             "requested": state.requested_at, "boards": list(boards), "mine": sorted(mine),
             "owner_text": owner.describe(), "hold": hold,
         }).fetchone()
@@ -680,7 +681,7 @@ class PgReserver(ReserverCore):
                 with conn.transaction() if checks else contextlib.nullcontext():
                     closed, _ = conn.execute(_RELEASE_SQL, {
                         "lease": lease.id, "outcome": overall_outcome(per_board).value,
-                        "per_board": _json({b: o.value for b, o in per_board.items()}),
+                        "per_board": jsonb({b: o.value for b, o in per_board.items()}),
                     }).fetchone()
                     if not closed:
                         raise _LockLost("its reservation record was already closed by another "
@@ -844,9 +845,3 @@ class PgReserver(ReserverCore):
 
     def hosts(self) -> dict[str, HostRecord]:
         return self.store.hosts()
-
-
-def _json(value: Any) -> Any:
-    from psycopg.types.json import Jsonb
-
-    return Jsonb(value)

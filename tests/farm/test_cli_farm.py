@@ -110,6 +110,32 @@ def test_status_lists_boards(rack: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert table.splitlines()[0].split()[:3] == ["BOARD", "CHIP", "HEALTH"]
 
 
+def test_status_and_who_show_the_queue(rack: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import threading
+
+    with Farm.open(rack) as farm:
+        held = farm.reserve(1, chip="esp32c3", timeout=5, test_id="t::holder")
+        waiter = threading.Thread(target=lambda: farm.reserve(
+            1, chip="esp32c3", timeout=10, test_id="t::queued", priority=-5).release())
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while not farm.queue() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        (entry,) = farm.queue()
+        assert (entry["position"], entry["priority"]) == (1, -5)
+        assert "t::queued" in entry["owner"] and entry["expected_start"] is not None
+        for command in ("status", "who"):
+            assert main([command, "--rack", str(rack)]) == 0
+            out = capsys.readouterr().out
+            assert "waiting for boards: 1" in out
+            line = next(x for x in out.splitlines() if "t::queued" in x)
+            assert line.split()[:2] == ["1", "-5"] and "1 x esp32c3 board(s)" in line
+        held.release()
+        waiter.join(10)
+    assert main(["status", "--rack", str(rack)]) == 0
+    assert "waiting for boards" not in capsys.readouterr().out
+
+
 # -- flash ----------------------------------------------------------------------------------------
 
 

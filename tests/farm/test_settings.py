@@ -476,3 +476,22 @@ def test_option_kind_and_ini_strings_for_image_lists() -> None:
     layer = ini_layer(ini({"hil_firmware": "esp32=a.bin esp32c3=b.bin"}))
     assert resolve([layer]).firmware == ImageSpec(None, {"esp32": Path("a.bin"),
                                                          "esp32c3": Path("b.bin")})
+
+
+# --- the run's priority for boards ----------------------------------------------------------
+
+
+def test_priority_from_every_place_and_its_errors(tmp_path: Path) -> None:
+    assert resolve([]).priority == 0
+    layers = [ini_layer(ini({"hil_priority": "-10"}), inifile=tmp_path / "pytest.ini"),
+              env_layer({"HILFARM_PRIORITY": "+3"})]
+    assert resolve(layers[:1]).priority == -10
+    assert resolve(layers).priority == 3
+    chosen = resolve([*layers, option_layer(options("--hil-priority", "10"))])
+    assert chosen.priority == 10 and str(chosen.source_of("priority")) == "option --hil-priority"
+    for bad in ("high", "1.5", "--1", "1001"):
+        with pytest.raises(ConfigError, match="HILFARM_PRIORITY") as info:
+            resolve([env_layer({"HILFARM_PRIORITY": bad})])
+        assert "-1000 to 1000" in str(info.value)
+    with pytest.raises(ConfigError, match="farm-wide"):
+        resolve([marker_layer({"priority": 5}, "test_x")])

@@ -49,8 +49,6 @@ from pytest_hilfarm.allocate import (
 from pytest_hilfarm.errors import InfrastructureError, UsageError
 from pytest_hilfarm.pg.migrations import NS_BOARD, NS_HOST, NS_SCHED, NS_TICKET
 from pytest_hilfarm.pg.store import (
-    HOSTS_SQL,
-    LIVE_LOCKS_SQL,
     HostRecord,
     PgFarmStore,
     connect,
@@ -62,8 +60,6 @@ from pytest_hilfarm.pg.store import (
     sql_all_health,
     sql_board_keys,
     sql_forget_flash,
-    sql_holds,
-    sql_hosts,
     sql_record_release,
     sql_registered_boards,
     sql_set_health,
@@ -80,6 +76,7 @@ from .core import (
     lease_end_reasons,
     utc_iso,
 )
+from .pgsql import CLOCKS_SQL, FARM_DIRECT_SQL, FARM_SQL, GRANT_SQL, RELEASE_SQL
 from .protocol import UNREADABLE, BoardStatus, HoldResult, Owner, OwnerRecord
 from .scheduler import Ask, Snapshot, decide
 
@@ -96,70 +93,6 @@ IDLE_CONNECTIONS = 4  # released lease connections kept per reserver for reuse
 # most this many times, before the waiter sleeps until the next event.
 _RACES = 3
 _RETRY = object()
-_CLOCKS = ("SELECT extract(epoch from clock_timestamp())::double precision,"
-           " extract(epoch from pg_postmaster_start_time())::double precision")
-
-
-def _rows(columns: str, source: str) -> str:
-    """A subquery's rows as one JSON array (so that one statement can return many tables)."""
-    return f"(SELECT coalesce(json_agg(json_build_array({columns})), '[]'::json) FROM {source})"
-
-
-def _farm_sql(locks: bool) -> str:
-    """The whole state a decision reads, in one statement: clocks, registered boards, hosts
-    with liveness, health, owners, holds, the waiting tickets and (``locks``) hilfarm's
-    advisory locks. A direct grant needs no lock list: it try-locks boards without an owner.
-    """
-    return (
-        "SELECT extract(epoch from clock_timestamp())::double precision,"
-        " extract(epoch from pg_postmaster_start_time())::double precision, "
-        + _rows("b.board, b.host, b.chip, b.features", "boards b") + ", "
-        + _rows("h.host, h.online", f"({HOSTS_SQL}) h") + ", "
-        + _rows("x.board, x.health, x.failures", "board_health x") + ", "
-        + _rows("o.board, o.lease_id, o.owner_text, o.since, o.expected_end", "board_owners o")
-        + ", " + _rows("d.board, d.person, d.reason, d.since", "holds d") + ", "
-        + (_rows("l.classid, l.objid", f"({LIVE_LOCKS_SQL}) l") if locks else "'[]'::json")
-        + ", " + _rows("w.seq, w.request, w.boards, w.owner_text, w.created_at, w.priority,"
-                       " w.hold, w.registered_at", "waiters w")
-    )
-
-
-_FARM_SQL = _farm_sql(locks=True)
-_FARM_DIRECT_SQL = _farm_sql(locks=False)
-# A grant's records in one statement: the reservation with its boards, and the owner rows; the
-# grant time is the server's clock after the board locks were taken. Nothing is written if a
-# bench hold (other than the asker's own) was recorded on a board before this statement: the
-# holds are read after locking, as hold() records first and looks at the locks after.
-_GRANT_SQL = (
-    "WITH g AS (SELECT extract(epoch from clock_timestamp())::double precision AS at,"
-    "  NOT EXISTS (SELECT 1 FROM holds WHERE board = ANY(%(boards)s::text[])"
-    "   AND board <> ALL(%(mine)s::text[])) AS ok),"
-    " r AS (INSERT INTO reservations (lease_id, owner, request, requested_at, granted_at, wait_s)"
-    "  SELECT %(lease)s, %(owner)s, %(request)s, %(requested)s, g.at, g.at - %(requested)s"
-    "  FROM g WHERE g.ok),"
-    " b AS (INSERT INTO reservation_boards (lease_id, board)"
-    "  SELECT %(lease)s, unnest(%(boards)s::text[]) FROM g WHERE g.ok),"
-    " o AS (INSERT INTO board_owners (board, lease_id, owner, owner_text, since, expected_end)"
-    "  SELECT unnest(%(boards)s::text[]), %(lease)s, %(owner)s, %(owner_text)s, g.at,"
-    "  g.at + %(hold)s FROM g WHERE g.ok ON CONFLICT (board) DO UPDATE SET"
-    "  lease_id = excluded.lease_id, owner = excluded.owner, owner_text = excluded.owner_text,"
-    "  since = excluded.since, expected_end = excluded.expected_end)"
-    " SELECT at, ok FROM g"
-)
-# A release's records in one statement: (records closed, release time). Its board locks are
-# session locks: on a connection that still answers they are still held (a lost connection
-# fails the statement instead).
-_RELEASE_SQL = (
-    "WITH t AS (SELECT extract(epoch from clock_timestamp())::double precision AS at),"
-    " r AS (UPDATE reservations SET released_at = t.at, outcome = %(outcome)s FROM t"
-    "  WHERE lease_id = %(lease)s AND released_at IS NULL RETURNING lease_id),"
-    " b AS (UPDATE reservation_boards x SET outcome = coalesce(%(per_board)s::jsonb ->> x.board,"
-    "  %(outcome)s) FROM r WHERE x.lease_id = r.lease_id),"
-    " d AS (DELETE FROM board_owners WHERE lease_id = %(lease)s AND EXISTS (SELECT 1 FROM r))"
-    " SELECT (SELECT count(*) FROM r), (SELECT at FROM t)"
-)
-
-
 @dataclass(frozen=True)
 class RemoteBoardStatus:
     """A board as ``hilfarm status`` shows it on a multi-host farm: who, health, which host."""
@@ -199,6 +132,7 @@ class _Farm:
     locks: dict[tuple[int, int], int]
     owners: dict[str, tuple[str, str, float, float | None]]  # lease, owner text, since, end
     waiters: list[Any]  # rows of the waiters table (see _live_tickets)
+    host_of: dict[str, str]  # board -> the rig host that registered it
 
     def locked(self, board: str) -> bool:
         return (NS_BOARD, self.keys[board]) in self.locks
@@ -286,30 +220,6 @@ class PgReserver(ReserverCore):
     def _board_ids(self) -> list[str]:
         return natural_sorted(b.id for b in self._catalogue())
 
-    def _candidates(self, conn: Any) -> tuple[dict[str, BoardInfo], set[str], dict[str, str]]:
-        """Boards this reserver may allocate (health applied), the offline ones, their hosts."""
-        registered = sql_registered_boards(conn)
-        hosts = sql_hosts(conn)
-        static = self._static
-        if static is None:
-            base = {b: BoardInfo(b, r.chip, r.features) for b, r in registered.items()}
-        else:
-            base = dict(static)
-        health = sql_all_health(conn, list(base))
-        infos = {b: BoardInfo(i.id, i.chip, i.features, health[b].health, health[b].failures)
-                 for b, i in base.items()}
-        offline: set[str] = set()
-        host_of: dict[str, str] = {}
-        for board in infos:
-            record = registered.get(board)
-            if record is None or record.host is None:
-                continue
-            host_of[board] = record.host
-            host = hosts.get(record.host)
-            if host is None or not host.online:
-                offline.add(board)
-        return infos, offline, host_of
-
     def _keys_for(self, conn: Any, boards: Sequence[str]) -> dict[str, int]:
         with self._keys_lock:
             missing = [b for b in boards if b not in self._keys]
@@ -322,7 +232,7 @@ class PgReserver(ReserverCore):
 
     def _farm(self, conn: Any, *, locks: bool = True) -> _Farm:
         """Everything one decision reads, in one statement (one round trip, one snapshot)."""
-        row = conn.execute(_FARM_SQL if locks else _FARM_DIRECT_SQL, (NS_HOST,)).fetchone()
+        row = conn.execute(FARM_SQL if locks else FARM_DIRECT_SQL, (NS_HOST,)).fetchone()
         now, started, boards, hosts, health, owners, holds, lock_rows, waiters = row
         online = {str(h): bool(up) for h, up in hosts}
         if self._static is None:
@@ -334,8 +244,9 @@ class PgReserver(ReserverCore):
         infos = {b: BoardInfo(i.id, i.chip, i.features,
                               *states.get(b, (BoardHealth.UNKNOWN, 0)))
                  for b, i in base.items()}
-        offline = {str(b) for b, host, _chip, _features in boards
-                   if host is not None and b in infos and not online.get(str(host), False)}
+        host_of = {str(b): str(host) for b, host, _chip, _features in boards
+                   if host is not None and b in infos}
+        offline = {b for b, host in host_of.items() if not online.get(host, False)}
         return _Farm(
             float(now), float(started), infos, offline,
             {str(b): HoldRecord(str(b), str(p), str(r), float(t)) for b, p, r, t in holds},
@@ -343,7 +254,7 @@ class PgReserver(ReserverCore):
             {(int(c), int(o)): 0 for c, o in lock_rows},
             {str(b): (str(lease), str(text), float(since), None if end is None else float(end))
              for b, lease, text, since, end in owners},
-            waiters,
+            waiters, host_of,
         )
 
     def _snapshot(self, farm: _Farm) -> Snapshot:
@@ -418,7 +329,7 @@ class PgReserver(ReserverCore):
                 delay = min(delay * 2, 1.0)
         try:
             if not state.requested_at:
-                state.requested_at = float(conn.execute(_CLOCKS).fetchone()[0])
+                state.requested_at = float(conn.execute(CLOCKS_SQL).fetchone()[0])
             if state.ticket is not None:
                 self._register(conn, state.ticket)  # same sequence number: same place
         except BaseException:
@@ -593,7 +504,7 @@ class PgReserver(ReserverCore):
         lease_id = uuid.uuid4().hex
         stale = [b for b in boards if b in farm.owners]
         hold = self.policy.default_hold if me.hold is None else me.hold
-        at, ok = conn.execute(_GRANT_SQL, {
+        at, ok = conn.execute(GRANT_SQL, {
             "lease": lease_id, "owner": jsonb(owner.to_dict()), "request": me.request.describe(),
             "requested": state.requested_at, "boards": list(boards), "mine": sorted(mine),
             "owner_text": owner.describe(), "hold": hold,
@@ -679,7 +590,7 @@ class PgReserver(ReserverCore):
                 # The records in one statement; health changes (rare) in the same transaction,
                 # so a board that needs a check is never left GOOD.
                 with conn.transaction() if checks else contextlib.nullcontext():
-                    closed, _ = conn.execute(_RELEASE_SQL, {
+                    closed, _ = conn.execute(RELEASE_SQL, {
                         "lease": lease.id, "outcome": overall_outcome(per_board).value,
                         "per_board": jsonb({b: o.value for b, o in per_board.items()}),
                     }).fetchone()
@@ -737,7 +648,7 @@ class PgReserver(ReserverCore):
                     locks = live_locks(conn)
                     if any((NS_BOARD, k) in locks for k in grant.keys.values()):
                         return  # a successor holds them; its grant closed our record
-                    now = float(conn.execute(_CLOCKS).fetchone()[0])
+                    now = float(conn.execute(CLOCKS_SQL).fetchone()[0])
                     if sql_record_release(conn, lease.id, now, LeaseOutcome.HOLDER_DIED.value):
                         for board in lease.boards:
                             sql_set_health(conn, board, BoardHealth.UNKNOWN, dead_holder_reason(
@@ -798,25 +709,22 @@ class PgReserver(ReserverCore):
         """Every board with its health, live holder, hold, stale record, host and liveness."""
 
         def op(conn: Any) -> list[RemoteBoardStatus]:
-            infos, offline, host_of = self._candidates(conn)
-            order = natural_sorted(infos)
-            keys = self._keys_for(conn, order)
-            locks = live_locks(conn)
+            farm = self._farm(conn)
+            order = natural_sorted(farm.infos)
             health = sql_all_health(conn, order)
-            holds = sql_holds(conn)
-            owners = self._owner_records(conn, keys, locks)
+            owners = self._owner_records(conn, farm.keys, farm.locks)
             registered = sql_registered_boards(conn)
             result = []
             for board in order:
                 record, busy = owners.get(board, (None, False))
                 status = BoardStatus(
-                    board=board, chip=infos[board].chip, health=health[board],
-                    holder=record if busy else None, hold=holds.get(board),
+                    board=board, chip=farm.infos[board].chip, health=health[board],
+                    holder=record if busy else None, hold=farm.holds.get(board),
                     stale_owner=None if busy else record,
                 )
                 port = registered[board].port_url if board in registered else ""
-                result.append(RemoteBoardStatus(status, host_of.get(board),
-                                                board not in offline, port))
+                result.append(RemoteBoardStatus(status, farm.host_of.get(board),
+                                                board not in farm.offline, port))
             return result
 
         return self.store._run(op, transaction=True)

@@ -181,11 +181,11 @@ boards:
 
 
 def bench_flash(url: str, runs: int, tmp: Path) -> list[tuple[str, list[float]]]:
-    from pytest_hilfarm.flashing import flash
-    from pytest_hilfarm.rigclient import RigClient
+    from pytest_hilfarm.drivers.flashing import flash
+    from pytest_hilfarm.drivers.rigclient import RigClient
+    from pytest_hilfarm.drivers.virtual import ControlClient
     from pytest_hilfarm.sim import manager
     from pytest_hilfarm.sim.appbuild import build_app
-    from pytest_hilfarm.simclient import ControlClient
 
     rack = tmp / "bench-rig.yaml"
     rack.write_text(RACK.format(state=tmp / "state"))
@@ -203,7 +203,7 @@ def bench_flash(url: str, runs: int, tmp: Path) -> list[tuple[str, list[float]]]
         lines = [proc.stdout.readline() for _ in range(3)]
         control = next(x.split()[-1] for x in lines if "control API" in x)
         rfc = next(x.split()[-1] for x in lines if "rfc2217://" in x)
-        from pytest_hilfarm.flashing import FlashPlan
+        from pytest_hilfarm.drivers.flashing import FlashPlan
 
         ctl = ControlClient(info.control)
         local = info.board("bench-esp32-1").port

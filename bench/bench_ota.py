@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 
 from pytest_hilfarm.console import Console
+from pytest_hilfarm.drivers.transports import open_port
 from pytest_hilfarm.ota.keys import generate_signing_key, key_digest
 from pytest_hilfarm.ota.server import OtaServer
 from pytest_hilfarm.ota.signing import load_signing_keys, sign_image
 from pytest_hilfarm.sim import daemon as sim_daemon
 from pytest_hilfarm.sim.appbuild import build_app, build_flash_layout
-from pytest_hilfarm.transports import open_port
 
 CHIP = "esp32c3"
 FLASH = 4 << 20

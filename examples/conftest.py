@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
+from pytest_hilfarm.description.settings import ImageSpec
 from pytest_hilfarm.ota.keys import generate_signing_key, key_digest
 from pytest_hilfarm.ota.signing import load_signing_keys, sign_image
-from pytest_hilfarm.settings import ImageSpec
 from pytest_hilfarm.sim.appbuild import build_app, write_build_dir
 from pytest_hilfarm.sim.model import Faults
 

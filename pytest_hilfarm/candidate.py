@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from pytest_hilfarm.description.settings import ImageSpec
+from pytest_hilfarm.drivers.flashing import FlashPlan, Region, check_plan, make_plan
 from pytest_hilfarm.errors import HilfarmError, ImageError, UsageError
-from pytest_hilfarm.flashing import BOOTLOADER_OFFSETS, FlashPlan, Region, check_plan, make_plan
-from pytest_hilfarm.ota.image import AppImage, chip_for_id, parse_image
-from pytest_hilfarm.ota.partitions import PartitionTable
-from pytest_hilfarm.settings import ImageSpec
+from pytest_hilfarm.esp.chips import BOOTLOADER_OFFSETS
+from pytest_hilfarm.esp.image import AppImage, chip_for_id, parse_image
+from pytest_hilfarm.esp.partitions import PartitionTable
 
 PARTITION_MAGIC = b"\xaa\x50"
 # Roles (flasher_args.json entry names, or partition labels) whose bytes are not images.

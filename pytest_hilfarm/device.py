@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_hilfarm.console import DEFAULT_PROMPT, Console
-from pytest_hilfarm.errors import BootError, CommandError, ConsoleTimeout, UsageError
-from pytest_hilfarm.flashing import (
+from pytest_hilfarm.drivers.flashing import (
     FlashPlan,
     FlashReport,
     ProgressFn,
@@ -31,8 +30,9 @@ from pytest_hilfarm.flashing import (
     make_plan,
     read_md5,
 )
-from pytest_hilfarm.power import PowerDriver
-from pytest_hilfarm.reset import ResetDriver
+from pytest_hilfarm.drivers.power import PowerDriver
+from pytest_hilfarm.drivers.reset import ResetDriver
+from pytest_hilfarm.errors import BootError, CommandError, ConsoleTimeout, UsageError
 
 # A virtual board that booted an image it has no model of says so in one line (sim/board.py
 # cannot_run_line) and runs nothing more: the boot is over there.

@@ -19,11 +19,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_hilfarm import simclient
 from pytest_hilfarm.allocate import BoardInfo, BoardRequest, can_ever_satisfy
 from pytest_hilfarm.candidate import Candidate, plan_digest, resolve_candidate
 from pytest_hilfarm.console import Console
+from pytest_hilfarm.description.rack import (
+    BoardSpec,
+    RackSpec,
+    builtin_virtual_rack_path,
+    load_rack,
+)
+from pytest_hilfarm.description.settings import ImageSpec
 from pytest_hilfarm.device import Device
+from pytest_hilfarm.drivers.flashing import FlashPlan, FlashReport, RegionResult
+from pytest_hilfarm.drivers.transports import find_usb
+from pytest_hilfarm.drivers.virtual import ControlClient
 from pytest_hilfarm.errors import (
     BootError,
     HilfarmError,
@@ -31,15 +40,8 @@ from pytest_hilfarm.errors import (
     InfrastructureError,
     PortError,
 )
-from pytest_hilfarm.flashing import (
-    FlashPlan,
-    FlashReport,
-    RegionResult,
-    app_identity,
-)
-from pytest_hilfarm.rack import BoardSpec, RackSpec, builtin_virtual_rack_path, load_rack
+from pytest_hilfarm.esp.image import app_identity
 from pytest_hilfarm.reservation import LeaseProtocol, Owner, ReservationBackend, Reserver
-from pytest_hilfarm.settings import ImageSpec
 from pytest_hilfarm.store import (
     BoardHealth,
     FarmStore,
@@ -47,7 +49,6 @@ from pytest_hilfarm.store import (
     LeaseOutcome,
     check_due_reason,
 )
-from pytest_hilfarm.transports import find_usb
 from pytest_hilfarm.wiring import BoardWiring, LocalWiring, RemoteWiring, VirtualRack
 
 # A boot that printed the ROM banner / bootloader lines but never reached the app is the
@@ -242,9 +243,9 @@ class Farm:
             rack = load_rack(rack or builtin_virtual_rack_path())
         url = rack.backend or os.environ.get("HILFARM_DATABASE_URL")
         if url and "store" not in kwargs and "reserver" not in kwargs:
+            from pytest_hilfarm.drivers.rigclient import remote_board_spec
             from pytest_hilfarm.pg import is_database_url, open_backend
             from pytest_hilfarm.reservation.postgresql import PgReserver
-            from pytest_hilfarm.rigclient import remote_board_spec
 
             if is_database_url(url):
                 store, reserver = open_backend(url, rack)
@@ -278,7 +279,7 @@ class Farm:
         """The running virtual rack daemon's description, started on demand."""
         return self.virtual.info()
 
-    def control(self) -> simclient.ControlClient:
+    def control(self) -> ControlClient:
         """The virtual rack's control endpoint (power, reset lines, radio, eFuses)."""
         return self.virtual.control()
 
@@ -287,7 +288,7 @@ class Farm:
     def wiring(self, board: BoardSpec) -> BoardWiring:
         """The board's port, console opener, power, reset and flasher (local or remote)."""
         if board.id in self._remote:
-            from pytest_hilfarm.rigclient import client_for_board
+            from pytest_hilfarm.drivers.rigclient import client_for_board
 
             client = client_for_board(self.store, board.id)  # type: ignore[arg-type]
             return RemoteWiring(board, client)

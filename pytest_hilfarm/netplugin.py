@@ -1,11 +1,12 @@
 """pytest glue for network conditions: the ``hil_network`` fixture and marker.
 
 Its job: turn ``@pytest.mark.hil_network(...)`` and ``hil_network.apply/outage/clear`` into
-conditions on the boards the test holds: netem on each board's device-facing ``interface`` on a
-real rig (:mod:`pytest_hilfarm.netem`), the radio medium (control endpoint ``mesh``) and impairment
-proxies (:mod:`pytest_hilfarm.netproxy`) on the virtual rack. It must not import the virtual rack
-(``pytest_hilfarm.sim``) and must leave every interface and the mesh as it found them, whatever
-the test does. Loaded by the main plugin (``pytest_plugins``) or ``-p pytest_hilfarm.netplugin``.
+conditions on the boards the test holds: netem on each board's device-facing ``interface`` on a real
+rig (:mod:`pytest_hilfarm.drivers.netem`), the radio medium (control endpoint ``mesh``) and
+impairment proxies (:mod:`pytest_hilfarm.drivers.netproxy`) on the virtual rack. It must not import
+the virtual rack (``pytest_hilfarm.sim``) and must leave every interface and the mesh as it found
+them, whatever the test does. Loaded by the main plugin (``pytest_plugins``) or ``-p
+pytest_hilfarm.netplugin``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import filelock
 import pytest
 
-from pytest_hilfarm.errors import ConfigError, HilfarmError, InfrastructureError, UsageError
-from pytest_hilfarm.netem import (
+from pytest_hilfarm.drivers.netem import (
     CLEAR,
     Conditions,
     NetemController,
@@ -32,11 +32,12 @@ from pytest_hilfarm.netem import (
     parse_outages,
     parse_rate,
 )
-from pytest_hilfarm.netproxy import ImpairmentProxy, OutageMode
+from pytest_hilfarm.drivers.netproxy import ImpairmentProxy, OutageMode
+from pytest_hilfarm.errors import ConfigError, HilfarmError, InfrastructureError, UsageError
 
 if TYPE_CHECKING:
+    from pytest_hilfarm.drivers.virtual import ControlClient
     from pytest_hilfarm.farm import Farm
-    from pytest_hilfarm.simclient import ControlClient
 
 
 def _marker_signature(profile: object = None, *, loss: object = None, delay: object = None,
@@ -450,7 +451,7 @@ def _backend_for(request: pytest.FixtureRequest, farm: Farm) -> NetworkBackend:
     rack = farm.rack
     holds_boards = bool({"hil_devices", "hil_device"} & set(request.fixturenames))
     if rack.is_virtual:
-        from pytest_hilfarm import simclient
+        from pytest_hilfarm.drivers.virtual import ControlClient, read_daemon_info
 
         control: ControlClient | None = None
         if holds_boards:
@@ -459,9 +460,9 @@ def _backend_for(request: pytest.FixtureRequest, farm: Farm) -> NetworkBackend:
         else:
             # A proxy-only test must not start a rack just to configure a radio nobody uses;
             # it still acts on the mesh of a daemon that is already running.
-            info = simclient.read_daemon_info()
+            info = read_daemon_info()
             if info and isinstance(info.get("control"), str):
-                control = simclient.ControlClient(info["control"])
+                control = ControlClient(info["control"])
         return VirtualBackend(control, rack.state_dir / "netem" / "virtual-mesh.lock")
     if not holds_boards:
         raise UsageError("hil_network on a real rig impairs the boards the test holds, but this "

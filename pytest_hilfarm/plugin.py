@@ -2,7 +2,7 @@
 
 Everything that touches boards goes through :class:`pytest_hilfarm.farm.Farm`; this module only
 translates pytest's world (options, ini keys, markers, reports, xdist workers) into farm calls.
-Settings are resolved once per test through :mod:`pytest_hilfarm.settings` and kept in
+Settings are resolved once per test through :mod:`pytest_hilfarm.description.settings` and kept in
 ``config.stash``, never in private attributes.
 """
 
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_hilfarm import settings as hs
+from pytest_hilfarm.description import settings as hs
 from pytest_hilfarm.errors import HilfarmError, InfrastructureError, UsageError
 
 if TYPE_CHECKING:

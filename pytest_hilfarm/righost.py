@@ -12,8 +12,9 @@ Job: on the machine the boards are plugged into,
   auto-reset circuit (``EN = !(RTS && !DTR)``, ``IO0 = !(DTR && !RTS)``), synchronously;
 * answer an authenticated HTTP(S) control API for power, reset and the fast flash path: the
   client uploads the image (content-addressed by SHA-256, cached here; an image already cached is
-  not sent again) and this host runs esptool locally (:func:`pytest_hilfarm.flashing.flash`),
-  avoiding RFC 2217's ~200 ms per esptool command (notes/esp-rom-protocol.md section 7).
+  not sent again) and this host runs esptool locally
+  (:func:`pytest_hilfarm.drivers.flashing.flash`), avoiding RFC 2217's ~200 ms per esptool command
+  (notes/esp-rom-protocol.md section 7).
 
 Must not: bind anywhere but the configured address; accept a power, reset or flash request
 without the shared token (constant-time compare) or, when configured, a verified TLS client
@@ -45,7 +46,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
 
-from pytest_hilfarm import simclient
+from pytest_hilfarm.description.rack import BoardSpec, RackSpec, load_rack
+from pytest_hilfarm.drivers.flashing import FlashPlan, FlashReport, Region
+from pytest_hilfarm.drivers.rigclient import read_token
+from pytest_hilfarm.drivers.transports import open_port
+from pytest_hilfarm.drivers.virtual import ControlClient
 from pytest_hilfarm.errors import (
     ConfigError,
     HilfarmError,
@@ -53,10 +58,6 @@ from pytest_hilfarm.errors import (
     InfrastructureError,
     UsageError,
 )
-from pytest_hilfarm.flashing import FlashPlan, FlashReport, Region
-from pytest_hilfarm.rack import BoardSpec, RackSpec, load_rack
-from pytest_hilfarm.rigclient import read_token
-from pytest_hilfarm.transports import open_port
 from pytest_hilfarm.wiring import LocalWiring, VirtualRack, flash_and_boot
 
 log = logging.getLogger("pytest_hilfarm.righost")
@@ -143,7 +144,7 @@ class Lines(Protocol):
 class VirtualLines:
     """DTR/RTS of a virtual board -> EN/IO0 via the control endpoint (the DevKit circuit)."""
 
-    control: simclient.ControlClient
+    control: ControlClient
     board: str
 
     def apply(self, dtr: bool, rts: bool) -> None:
@@ -161,7 +162,7 @@ class LocalBoard:
 
     spec: BoardSpec
     port_url: str  # local: /dev/..., socket://127.0.0.1:N (virtual)
-    control: simclient.ControlClient | None  # virtual boards only
+    control: ControlClient | None  # virtual boards only
     wiring: LocalWiring
     busy: threading.Lock = field(default_factory=threading.Lock)
     user: str = ""  # who has the UART now, for 409 messages

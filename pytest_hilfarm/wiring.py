@@ -1,12 +1,12 @@
 """Wire a rack board to its drivers: port, console opener, power, reset and flasher, in one place.
 
-A board of a rack file is only a description (:class:`~pytest_hilfarm.rack.BoardSpec`). This
-module is the one place that turns it into things that act: :class:`LocalWiring` for a board on
+A board of a rack file is only a description (:class:`~pytest_hilfarm.description.rack.BoardSpec`).
+This module is the one place that turns it into things that act: :class:`LocalWiring` for a board on
 this host (a device path, a USB serial number or physical path, a pyserial URL, or a board of the
-virtual rack) and :class:`RemoteWiring` for a board another host exports (``hilfarm export``).
-Both implement :class:`BoardWiring`; the farm builds each Device from one, and the rig host drives
-the boards it exports with the same local wiring, so the two can never disagree about how a rack
-file's ``power:`` or ``reset:`` is spelled for a driver.
+virtual rack) and :class:`RemoteWiring` for a board another host exports (``hilfarm export``). Both
+implement :class:`BoardWiring`; the farm builds each Device from one, and the rig host drives the
+boards it exports with the same local wiring, so the two can never disagree about how a rack file's
+``power:`` or ``reset:`` is spelled for a driver.
 
 :class:`VirtualRack` is the running virtual rack daemon for a rack, started on demand: boards of
 the virtual rack are reached through their port URLs and its control endpoint, like a physical
@@ -24,14 +24,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pytest_hilfarm import simclient
+from pytest_hilfarm.description.rack import BoardSpec, RackSpec, builtin_virtual_rack_path
+from pytest_hilfarm.drivers.flashing import FlashPlan, FlashReport
+from pytest_hilfarm.drivers.flashing import flash as esptool_flash
+from pytest_hilfarm.drivers.power import PowerDriver, make_power
+from pytest_hilfarm.drivers.reset import ResetDriver, make_reset
+from pytest_hilfarm.drivers.transports import open_port, resolve_usb
+from pytest_hilfarm.drivers.virtual import ControlClient, read_daemon_info, sim_dir
 from pytest_hilfarm.errors import PortError, UsageError
-from pytest_hilfarm.flashing import FlashPlan, FlashReport
-from pytest_hilfarm.flashing import flash as esptool_flash
-from pytest_hilfarm.power import PowerDriver, make_power
-from pytest_hilfarm.rack import BoardSpec, RackSpec, builtin_virtual_rack_path
-from pytest_hilfarm.reset import ResetDriver, make_reset
-from pytest_hilfarm.transports import open_port, resolve_usb
 
 Flasher = Callable[..., FlashReport]
 PortSource = Callable[[], Any]
@@ -60,7 +60,7 @@ class BoardWiring(Protocol):
         """
 
     def flasher(self) -> Flasher:
-        """A function with :func:`pytest_hilfarm.flashing.flash`'s signature for this board."""
+        """A function with :func:`~pytest_hilfarm.drivers.flashing.flash`'s signature, for it."""
 
     def mac(self) -> str | None: ...
 
@@ -86,7 +86,7 @@ class VirtualRack:
         with self._lock:
             if self._info is not None:
                 return self._info
-            info = simclient.read_daemon_info()
+            info = read_daemon_info()
             if info is None or not self._serves(info):
                 if not self._start:
                     raise PortError(
@@ -95,11 +95,11 @@ class VirtualRack:
                         hint="start it with `hilfarm sim up`",
                     )
                 self._start_daemon()
-                info = simclient.read_daemon_info()
+                info = read_daemon_info()
                 if info is None or not self._serves(info):
                     raise PortError(
                         "the virtual rack did not come up for this rack",
-                        where=str(simclient.sim_dir()),
+                        where=str(sim_dir()),
                         hint="run `hilfarm sim serve RACK` in a terminal to see why (same "
                         "HILFARM_SIM_DIR)",
                     )
@@ -120,8 +120,8 @@ class VirtualRack:
                 hint="run `hilfarm sim up RACK` by hand to see the full error",
             )
 
-    def control(self) -> simclient.ControlClient:
-        return simclient.ControlClient(self.info()["control"])
+    def control(self) -> ControlClient:
+        return ControlClient(self.info()["control"])
 
     def board(self, board: BoardSpec) -> Mapping[str, Any]:
         for entry in self.info().get("boards", []):
@@ -217,7 +217,7 @@ class RemoteWiring:
     """
 
     spec: BoardSpec
-    client: Any  # a RigClient (pytest_hilfarm.rigclient)
+    client: Any  # a RigClient (pytest_hilfarm.drivers.rigclient)
 
     def port(self) -> str:
         return self.spec.port.value
@@ -230,17 +230,17 @@ class RemoteWiring:
         return open_port(self.spec.port.value)
 
     def power(self) -> PowerDriver:
-        from pytest_hilfarm.rigclient import RemotePower
+        from pytest_hilfarm.drivers.rigclient import RemotePower
 
         return RemotePower(self.client, self.spec.id)
 
     def reset(self, port: PortSource | None) -> ResetDriver:
-        from pytest_hilfarm.rigclient import RemoteReset
+        from pytest_hilfarm.drivers.rigclient import RemoteReset
 
         return RemoteReset(self.client, self.spec.id)
 
     def flasher(self) -> Flasher:
-        from pytest_hilfarm.rigclient import remote_flasher
+        from pytest_hilfarm.drivers.rigclient import remote_flasher
 
         return remote_flasher(self.client, self.spec.id)
 

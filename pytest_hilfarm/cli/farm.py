@@ -107,7 +107,7 @@ def _print_queue(queue: list[dict[str, Any]], now: float) -> None:
 
 def _flash_plan(images: list[str]) -> Any:
     """The plan from the command line, read and checked before any board is reserved."""
-    from pytest_hilfarm.flashing import make_plan
+    from pytest_hilfarm.drivers.flashing import make_plan
 
     if len(images) == 1 and "@" not in images[0]:
         what: Any = Path(images[0])
@@ -134,8 +134,8 @@ def cmd_flash(args: argparse.Namespace) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     from pytest_hilfarm.cli.flashprogress import FINAL, open_progress, short_name
+    from pytest_hilfarm.drivers.flashing import FlashReport, RegionProgress
     from pytest_hilfarm.farm import flash_boards
-    from pytest_hilfarm.flashing import FlashReport, RegionProgress
 
     plan = _flash_plan(args.image)
     boards = _board_ids(args)

@@ -2,7 +2,7 @@
 
 One line per board and region (offset, file name, bytes, written/skipped/verified), grouped by
 board in the order the boards were given, so parallel flashes never overwrite each other. It
-only displays the :class:`~pytest_hilfarm.flashing.RegionProgress` events the flasher sends
+only displays the :class:`~pytest_hilfarm.drivers.flashing.RegionProgress` events the flasher sends
 (from the flashing threads); it decides nothing and never touches a board.
 """
 
@@ -23,7 +23,7 @@ from rich.progress import (
 )
 from rich.table import Column, Table
 
-from pytest_hilfarm.flashing import ProgressFn, RegionProgress
+from pytest_hilfarm.drivers.flashing import ProgressFn, RegionProgress
 
 # What a region's line says once it is done (the flasher's final states).
 FINAL = {"skipped": "identical, skipped", "written": "written", "verified": "written, verified"}

@@ -1,10 +1,10 @@
 """``hilfarm net reset|show``: repair and inspect network impairments from a terminal.
 
 ``reset`` puts every interface that has a restore record (written by
-:class:`pytest_hilfarm.netem.NetemController` before it changes anything) back to its original
-qdisc; interfaces whose lock a live test holds are left alone unless ``--force``. ``show`` prints
-the qdiscs of the rack's device-facing interfaces and the impairments in force. Neither command
-touches an interface that is not in a restore record or the rack file.
+:class:`pytest_hilfarm.drivers.netem.NetemController` before it changes anything) back to its
+original qdisc; interfaces whose lock a live test holds are left alone unless ``--force``. ``show``
+prints the qdiscs of the rack's device-facing interfaces and the impairments in force. Neither
+command touches an interface that is not in a restore record or the rack file.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from pytest_hilfarm.cli.common import example
 from pytest_hilfarm.errors import HilfarmError
 
 if TYPE_CHECKING:
-    from pytest_hilfarm.rack import RackSpec
+    from pytest_hilfarm.description.rack import RackSpec
 
 
 def _state_dir(args: argparse.Namespace) -> tuple[Path, RackSpec]:
     """The netem state directory (``--state-dir``, else the rack's) and the rack."""
-    from pytest_hilfarm.rack import builtin_virtual_rack_path, load_rack
+    from pytest_hilfarm.description.rack import builtin_virtual_rack_path, load_rack
 
     rack = load_rack(args.rack or os.environ.get("HILFARM_RACK") or builtin_virtual_rack_path())
     state = Path(args.state_dir) if args.state_dir else rack.state_dir / "netem"
@@ -32,7 +32,7 @@ def _state_dir(args: argparse.Namespace) -> tuple[Path, RackSpec]:
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
-    from pytest_hilfarm.netem import reset_all
+    from pytest_hilfarm.drivers.netem import reset_all
 
     state, _ = _state_dir(args)
     outcomes = reset_all(state, force=args.force)
@@ -45,7 +45,7 @@ def cmd_reset(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from pytest_hilfarm.netem import read_records, show_qdiscs, subprocess_runner
+    from pytest_hilfarm.drivers.netem import read_records, show_qdiscs, subprocess_runner
 
     state, rack = _state_dir(args)
     records = {(r.netns, r.interface): r for r in read_records(state)}

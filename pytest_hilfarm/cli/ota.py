@@ -19,7 +19,7 @@ from pytest_hilfarm.errors import ImageError, SignatureError, UsageError
 
 
 def _size(text: str) -> int:
-    from pytest_hilfarm.ota.partitions import parse_size
+    from pytest_hilfarm.esp.partitions import parse_size
 
     try:
         return parse_size(text)

@@ -220,7 +220,7 @@ def _request(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any
 
 def _check_board(args: argparse.Namespace, board: str, where: str) -> None:
     """Raise a "did you mean" error when the running virtual rack has no board ``board``."""
-    from pytest_hilfarm.rack import closest
+    from pytest_hilfarm.description.rack import closest
 
     status = _manager().status(args.state_dir) or {}
     ids = [b["id"] for b in status.get("boards", ())]

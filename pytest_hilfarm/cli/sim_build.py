@@ -12,9 +12,10 @@ from typing import Any
 
 from pytest_hilfarm.cli.common import example
 from pytest_hilfarm.errors import ImageError, UsageError
-from pytest_hilfarm.ota.partitions import parse_size
+from pytest_hilfarm.esp.chips import FARM_CHIPS
+from pytest_hilfarm.esp.partitions import parse_size
 from pytest_hilfarm.sim.appbuild import DEFAULT_IDF_VER, write_build_dir
-from pytest_hilfarm.sim.model import CHIPS, Faults
+from pytest_hilfarm.sim.model import Faults
 
 FLASH_SIZES = ("2MB", "4MB", "8MB", "16MB")
 
@@ -61,7 +62,7 @@ def add_build_app_parser(sim_subparsers: Any) -> argparse.ArgumentParser:
                        "hilfarm sim build-app --chip esp32c3 --layout two-ota --crash-at-boot "
                        "-o crashing/"),
     )
-    p.add_argument("--chip", required=True, choices=CHIPS, help="target chip")
+    p.add_argument("--chip", required=True, choices=FARM_CHIPS, help="target chip")
     p.add_argument("--project", default="hilfarm_demo", help="project name (default: %(default)s)")
     p.add_argument("--version", dest="app_version", default="1.0.0",
                    help="app version string in esp_app_desc_t (default: %(default)s)")

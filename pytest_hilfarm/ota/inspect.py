@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pytest_hilfarm.errors import ImageError, UsageError
-from pytest_hilfarm.ota.image import parse_image
-from pytest_hilfarm.ota.partitions import PartitionTable
+from pytest_hilfarm.esp.image import parse_image
+from pytest_hilfarm.esp.partitions import PartitionTable
 from pytest_hilfarm.ota.signing import BlockInfo, signature_info
 
 

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from pytest_hilfarm.errors import ConfigError, ImageError, SignatureError, UsageError
-from pytest_hilfarm.ota.image import parse_image
+from pytest_hilfarm.esp.image import parse_image
 from pytest_hilfarm.ota.keys import PublicKey, load_private_key, load_public_key
 
 FORMAT = "hilfarm-release/1"

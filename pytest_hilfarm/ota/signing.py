@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
 from pytest_hilfarm.errors import ImageError, SignatureError, UsageError
-from pytest_hilfarm.ota.image import (
+from pytest_hilfarm.esp.image import (
     MAX_SIG_BLOCKS,
     SIG_BLOCK_MAGIC,
     SIG_BLOCK_SIZE,

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from pytest_hilfarm.errors import ConfigError
 
 if TYPE_CHECKING:
-    from pytest_hilfarm.rack import RackSpec
+    from pytest_hilfarm.description.rack import RackSpec
     from pytest_hilfarm.reservation.postgresql import PgReserver
 
     from .store import PgFarmStore

@@ -29,18 +29,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pytest_hilfarm.drivers.flashing import APP_OFFSET, SECTOR, FlashPlan, Region
 from pytest_hilfarm.errors import ImageError
-from pytest_hilfarm.flashing import (
-    APP_DESC_MAGIC,
-    APP_OFFSET,
-    BOOTLOADER_OFFSETS,
-    PARTITION_TABLE_OFFSET,
-    SECTOR,
-    FlashPlan,
-    Region,
-    image_chip,
-    parse_partition_table,
-)
+from pytest_hilfarm.esp.chips import BOOTLOADER_OFFSETS
+from pytest_hilfarm.esp.image import APP_DESC_MAGIC, image_chip
+from pytest_hilfarm.esp.partitions import TABLE_OFFSET as PARTITION_TABLE_OFFSET
+from pytest_hilfarm.esp.partitions import read_entries as parse_partition_table
 
 # arduino-esp32 platform.txt (tools.esptool_py.upload.pattern_args, 3.x):
 #   {build.bootloader_addr} <sketch>.ino.bootloader.bin  0x8000 <sketch>.ino.partitions.bin

@@ -7,7 +7,7 @@ values relative to the CSV). Placeholders are filled per board with ``str.format
 ``{{`` / ``}}`` for literal braces); a placeholder nobody set is an error naming it.
 :func:`read_nvs` reads a partition back (pages, entry bitmap, CRCs, strings, blobs) so a test or
 the farm can check what a board holds. This module writes no flash itself: it returns a
-:class:`~pytest_hilfarm.flashing.Region` for the flash plan.
+:class:`~pytest_hilfarm.drivers.flashing.Region` for the flash plan.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
+from pytest_hilfarm.drivers.flashing import FlashPlan, Region
 from pytest_hilfarm.errors import ImageError
-from pytest_hilfarm.flashing import FlashPlan, Partition, Region, parse_partition_table
+from pytest_hilfarm.esp.partitions import Partition
+from pytest_hilfarm.esp.partitions import read_entries as parse_partition_table
 
 PAGE_SIZE = 4096
 MIN_SIZE = 3 * PAGE_SIZE  # generator: "Minimum partition size for read/write NVS is 0x3000"

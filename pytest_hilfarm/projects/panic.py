@@ -27,9 +27,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pytest_hilfarm.drivers.flashing import Region
 from pytest_hilfarm.errors import HilfarmError
-from pytest_hilfarm.flashing import Region
-from pytest_hilfarm.ota.image import APP_DESC_MAGIC, APP_DESC_OFFSET, AppDesc
+from pytest_hilfarm.esp.image import APP_DESC_MAGIC, APP_DESC_OFFSET, AppDesc
 from pytest_hilfarm.projects.builds import Build
 
 # Chips whose CPU is RISC-V (the rest of the ESP32 family is Xtensa).

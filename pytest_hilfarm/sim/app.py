@@ -139,7 +139,8 @@ from collections import deque
 from collections.abc import Callable
 from functools import partial
 
-from pytest_hilfarm.ota.image import HEADER_SIZE, chip_id_of
+from pytest_hilfarm.esp.chips import CHIPS
+from pytest_hilfarm.esp.image import HEADER_SIZE, chip_id_of
 from pytest_hilfarm.sim.mesh import BROADCAST, MeshMedium, Packet
 from pytest_hilfarm.sim.model import AppHost, AppInfo, FetchHandle, OtaError
 
@@ -151,7 +152,6 @@ APP_MAIN_MS = 312  # boot time at which app_main() is called, as on an ESP32 Dev
 WDT_PERIOD = 5.0  # CONFIG_ESP_TASK_WDT_TIMEOUT_S default
 INBOX_SIZE = 64  # a real app's queue is bounded; a soak test must not grow memory forever
 BATTERY_DRAIN_PCT_PER_S = 0.1 / 60.0
-RISCV_CHIPS = ("esp32c3", "esp32c2", "esp32c6", "esp32h2")
 _BASE_HEAP = types.MappingProxyType({"esp32": 298_712, "esp32s2": 241_004, "esp32c3": 327_480,
                                      "esp32s3": 386_620, "esp32c6": 441_908})
 
@@ -806,7 +806,7 @@ def panic_text(chip: str, sha256: str, *, store: bool, elf_sha256: str) -> str:
     """
     seed = hashlib.sha256(f"{sha256}/{store}".encode()).digest()
     words = [int.from_bytes(seed[i : i + 4], "big") for i in range(0, 32, 4)]
-    if chip in RISCV_CHIPS:
+    if CHIPS[chip].architecture == "riscv":
         cause = "Store access fault" if store else "Load access fault"
         pc = 0x42000000 | (words[0] & 0x000FFFFC)
         sp = 0x3FC80000 | (words[1] & 0x0000FFF0)

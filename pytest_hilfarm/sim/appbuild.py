@@ -22,7 +22,8 @@ from pathlib import Path
 from types import MappingProxyType
 
 from pytest_hilfarm.errors import ImageError
-from pytest_hilfarm.ota.image import (
+from pytest_hilfarm.esp.chips import FARM_CHIPS
+from pytest_hilfarm.esp.image import (
     APP_DESC_OFFSET,
     APP_DESC_SIZE,
     AppDesc,
@@ -31,10 +32,10 @@ from pytest_hilfarm.ota.image import (
     chip_for_id,
     memory_map,
 )
-from pytest_hilfarm.ota.otadata import initial_otadata
-from pytest_hilfarm.ota.partitions import TABLE_OFFSET, PartitionTable, parse_size
-from pytest_hilfarm.ota.partitions import layout as named_layout
-from pytest_hilfarm.sim.model import CHIPS, Faults
+from pytest_hilfarm.esp.otadata import initial_otadata
+from pytest_hilfarm.esp.partitions import TABLE_OFFSET, PartitionTable, parse_size
+from pytest_hilfarm.esp.partitions import layout as named_layout
+from pytest_hilfarm.sim.model import Faults
 
 FAULTS_MARKER = b"HILFARM-FAULTS"
 # Fixed build stamp so builds are reproducible (a real build stamps __DATE__/__TIME__).
@@ -82,7 +83,7 @@ _PROJECT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,31}$")
 
 def _chip(chip: str) -> _ChipBuild:
     if chip not in _CHIP_BUILD:
-        raise ImageError(f"unsupported chip {chip!r}", hint=f"use one of {', '.join(CHIPS)}")
+        raise ImageError(f"unsupported chip {chip!r}", hint=f"use one of {', '.join(FARM_CHIPS)}")
     return _CHIP_BUILD[chip]
 
 

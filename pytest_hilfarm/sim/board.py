@@ -31,13 +31,13 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from pytest_hilfarm.errors import ImageError, UsageError
-from pytest_hilfarm.ota.image import (
+from pytest_hilfarm.esp.image import (
     AppImage,
     chip_for_id,
     chip_id_of,
     parse_image_from,
 )
-from pytest_hilfarm.ota.partitions import Partition, PartitionTable
+from pytest_hilfarm.esp.partitions import Partition, PartitionTable
 from pytest_hilfarm.ota.signing import max_signature_blocks, verify_block
 from pytest_hilfarm.sim import boot as boot_chain
 from pytest_hilfarm.sim.app import DemoApp

@@ -25,7 +25,8 @@ from types import MappingProxyType
 from typing import Protocol
 
 from pytest_hilfarm.errors import ImageError, UsageError
-from pytest_hilfarm.ota.image import (
+from pytest_hilfarm.esp.chips import FARM_CHIPS
+from pytest_hilfarm.esp.image import (
     APP_DESC_MAGIC,
     APP_DESC_OFFSET,
     APP_DESC_SIZE,
@@ -40,7 +41,7 @@ from pytest_hilfarm.ota.image import (
     memory_map,
     parse_image_from,
 )
-from pytest_hilfarm.ota.otadata import (
+from pytest_hilfarm.esp.otadata import (
     ENTRY_SIZE,
     OTADATA_SIZE,
     SECTOR_SIZE,
@@ -51,13 +52,13 @@ from pytest_hilfarm.ota.otadata import (
     set_boot_slot,
     state_name,
 )
-from pytest_hilfarm.ota.partitions import (
+from pytest_hilfarm.esp.partitions import (
     ENTRY_SIZE as PART_ENTRY_SIZE,
 )
-from pytest_hilfarm.ota.partitions import (
+from pytest_hilfarm.esp.partitions import (
     MAGIC as PART_MAGIC,
 )
-from pytest_hilfarm.ota.partitions import (
+from pytest_hilfarm.esp.partitions import (
     MAX_TABLE_LENGTH,
     MD5_MAGIC,
     TABLE_OFFSET,
@@ -66,7 +67,7 @@ from pytest_hilfarm.ota.partitions import (
 )
 from pytest_hilfarm.sim.appbuild import faults_from_desc_segment, has_demo_marker
 from pytest_hilfarm.sim.chips import chip_spec
-from pytest_hilfarm.sim.model import CHIPS, AppInfo, BootOutcome, Faults
+from pytest_hilfarm.sim.model import AppInfo, BootOutcome, Faults
 
 FACTORY_INDEX = -1  # IDF bootloader_utility.h
 TEST_APP_INDEX = -2
@@ -198,7 +199,7 @@ class _Log:
 
 def _rom_info(chip: str) -> _RomInfo:
     if chip not in _ROM:
-        raise UsageError(f"unknown chip {chip!r}", hint=f"use one of {', '.join(CHIPS)}")
+        raise UsageError(f"unknown chip {chip!r}", hint=f"use one of {', '.join(FARM_CHIPS)}")
     return _ROM[chip]
 
 

@@ -9,8 +9,8 @@ and boot mode through the control endpoint (``reset`` with ``boot=download|flash
 ``rfc2217://`` esptool's own DTR/RTS reset works. The control endpoint speaks JSON lines
 (docs/virtual-rack.md). The daemon writes ``daemon.json`` into its state dir while it runs.
 
-It must never import the farm core (pytest_hilfarm.rack/farm/plugin...): the farm reaches it only
-through port URLs and the control endpoint, like a physical rack.
+It must never import the farm core (pytest_hilfarm.description.rack/farm/plugin...): the farm
+reaches it only through port URLs and the control endpoint, like a physical rack.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ import yaml
 from serial import rfc2217
 
 from pytest_hilfarm.errors import ConfigError, UsageError
+from pytest_hilfarm.esp.chips import FARM_CHIPS
 from pytest_hilfarm.ota.signing import max_signature_blocks
 from pytest_hilfarm.sim.board import SINK_TIMEOUT, VirtualBoard, burn_efuse, secure_version_bits
 from pytest_hilfarm.sim.boot import BootEfuse
@@ -54,7 +55,6 @@ from pytest_hilfarm.sim.chips import (
     parse_revision,
 )
 from pytest_hilfarm.sim.mesh import MeshMedium
-from pytest_hilfarm.sim.model import CHIPS
 
 HOST = "127.0.0.1"
 DAEMON_JSON = "daemon.json"
@@ -303,11 +303,11 @@ def parse_rack(data: Any, source: str) -> RackSpec:
             raise ConfigError(f"board id {board_id!r} appears twice", where=where)
         seen.add(board_id)
         chip = str(raw.get("chip", "")).lower().replace("-", "")
-        if chip not in CHIPS:
+        if chip not in FARM_CHIPS:
             raise ConfigError(
                 f"chip {raw.get('chip')!r} cannot be simulated",
                 where=where,
-                hint=f"use one of {', '.join(CHIPS)}",
+                hint=f"use one of {', '.join(FARM_CHIPS)}",
             )
         flash = raw.get("flash") or {}
         sim = _check_sim_mapping(raw.get(SIM_KEY), where)

@@ -13,8 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-CHIPS = ("esp32", "esp32s2", "esp32c3", "esp32s3", "esp32c6")
-
 
 @dataclass(frozen=True)
 class Faults:

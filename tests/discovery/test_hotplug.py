@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-from pytest_hilfarm.discovery import Adapter, AdapterEvent, PortWatcher, list_adapters
-from pytest_hilfarm.transports import resolve_usb
+from pytest_hilfarm.drivers.discovery.udev import Adapter, AdapterEvent, PortWatcher, list_adapters
+from pytest_hilfarm.drivers.transports import resolve_usb
 
 pytestmark = pytest.mark.umockdev
 
@@ -111,8 +111,8 @@ def test_a_replugged_node_is_a_char_device_again(testbed) -> None:
 
 
 def test_farm_skips_an_unplugged_board_and_follows_it_to_its_new_node(testbed, tmp_path) -> None:
+    from pytest_hilfarm.description.rack import parse_rack
     from pytest_hilfarm.farm import Farm
-    from pytest_hilfarm.rack import parse_rack
 
     rack = parse_rack(
         "version: 1\nname: udev\nboards:\n"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_hilfarm.discovery import list_adapters, match_rack
-from pytest_hilfarm.rack import load_rack, parse_rack
+from pytest_hilfarm.description.rack import load_rack, parse_rack
+from pytest_hilfarm.drivers.discovery.udev import list_adapters, match_rack
 
 pytestmark = pytest.mark.umockdev
 
@@ -137,7 +137,7 @@ def test_match_the_example_rack() -> None:
 
 
 def test_resolve_usb_from_transports_agrees() -> None:
-    from pytest_hilfarm.transports import resolve_usb
+    from pytest_hilfarm.drivers.transports import resolve_usb
 
     assert resolve_usb(serial="A50285BI") == "/dev/ttyUSB3"
     assert resolve_usb(path="1-1.3") == "/dev/ttyACM0"

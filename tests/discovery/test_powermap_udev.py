@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from pytest_hilfarm.cli import discover
-from pytest_hilfarm.discovery import list_adapters
-from pytest_hilfarm.powermap import list_hubs, map_power
-from pytest_hilfarm.rack import load_rack, parse_rack
+from pytest_hilfarm.description.rack import load_rack, parse_rack
+from pytest_hilfarm.drivers.discovery.powermap import list_hubs, map_power
+from pytest_hilfarm.drivers.discovery.udev import list_adapters
 
 pytestmark = pytest.mark.umockdev
 

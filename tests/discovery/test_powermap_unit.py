@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from pytest_hilfarm.discovery import Adapter
+from pytest_hilfarm.drivers.discovery.powermap import Hub, HubPort, map_power, parse_uhubctl
+from pytest_hilfarm.drivers.discovery.udev import Adapter
 from pytest_hilfarm.errors import InfrastructureError
-from pytest_hilfarm.powermap import Hub, HubPort, map_power, parse_uhubctl
 
 LISTING = """\
 Current status for hub 2 [1d6b:0003 Linux Foundation 3.0 root hub, USB 3.00, 4 ports, ppps]

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from pytest_hilfarm.discovery import Adapter, probe
+from pytest_hilfarm.description.rack import parse_rack
+from pytest_hilfarm.drivers.discovery.udev import Adapter, probe
 from pytest_hilfarm.errors import PortError, UsageError
-from pytest_hilfarm.rack import parse_rack
 
 C3 = Adapter(device_node="/dev/ttyACM1", sys_path="/sys/x/ttyACM1", usb_path="1-1.5",
              interface="1.0", vendor_id="303a", product_id="1001",

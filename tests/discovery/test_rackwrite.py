@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from pytest_hilfarm.discovery import Adapter, ProbeResult
-from pytest_hilfarm.errors import ConfigError
-from pytest_hilfarm.rack import load_rack
-from pytest_hilfarm.rackwrite import (
+from pytest_hilfarm.description.rack import load_rack
+from pytest_hilfarm.description.rackwrite import (
     DiscoveredBoard,
     choose_identity,
     new_board_id,
     write_rack,
 )
+from pytest_hilfarm.drivers.discovery.udev import Adapter, ProbeResult
+from pytest_hilfarm.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "rack-configs" / "esp32-mesh-rig.example.yaml"
 NOW = datetime(2026, 11, 28, tzinfo=timezone.utc)

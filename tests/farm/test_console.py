@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from pytest_hilfarm.console import Console
+from pytest_hilfarm.drivers.transports import open_port
 from pytest_hilfarm.errors import ConsoleTimeout, PortError
-from pytest_hilfarm.transports import open_port
 
 
 class FakeBoardServer:

@@ -14,12 +14,12 @@ import pytest
 
 from pytest_hilfarm.console import Console
 from pytest_hilfarm.device import Device, parse_boot_info
+from pytest_hilfarm.drivers.flashing import FlashPlan, FlashReport, RegionResult
+from pytest_hilfarm.drivers.power import VirtualPower
+from pytest_hilfarm.drivers.reset import VirtualReset
+from pytest_hilfarm.drivers.transports import open_port
+from pytest_hilfarm.drivers.virtual import ControlClient, read_daemon_info
 from pytest_hilfarm.errors import BootError, CommandError, ConsoleTimeout
-from pytest_hilfarm.flashing import FlashPlan, FlashReport, RegionResult
-from pytest_hilfarm.power import VirtualPower
-from pytest_hilfarm.reset import VirtualReset
-from pytest_hilfarm.simclient import ControlClient, read_daemon_info
-from pytest_hilfarm.transports import open_port
 
 BOOT_LOG = (
     "ets Jun  8 2016 00:22:57\r\n\r\nrst:0x1 (POWERON_RESET),boot:0x13 (SPI_FAST_FLASH_BOOT)\r\n"

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_hilfarm import flashing
+from pytest_hilfarm.description.rack import parse_rack
+from pytest_hilfarm.drivers import flashing
 from pytest_hilfarm.errors import (
     ConsoleTimeout,
     ImageError,
@@ -17,7 +18,6 @@ from pytest_hilfarm.errors import (
     UsageError,
 )
 from pytest_hilfarm.farm import Farm
-from pytest_hilfarm.rack import parse_rack
 from pytest_hilfarm.sim.appbuild import write_build_dir
 from pytest_hilfarm.sim.model import Faults
 from pytest_hilfarm.store import BoardHealth
@@ -237,7 +237,7 @@ def test_image_for_another_chip_revision_is_an_image_error_not_a_rig_fault(
     import hashlib
     import struct
 
-    from pytest_hilfarm.ota.image import parse_image
+    from pytest_hilfarm.esp.image import parse_image
 
     build = tmp_path / "rev5"
     shutil.copytree(builds["c3"], build)

@@ -12,9 +12,17 @@ from typing import Any
 
 import pytest
 
-from pytest_hilfarm import flashing
+from pytest_hilfarm.drivers import flashing
+from pytest_hilfarm.drivers.flashing import (
+    FlashJob,
+    FlashPlan,
+    check_plan,
+    flash,
+    flash_many,
+    make_plan,
+)
 from pytest_hilfarm.errors import FlashError, ImageError, PortError, UsageError
-from pytest_hilfarm.flashing import FlashJob, FlashPlan, check_plan, flash, flash_many, make_plan
+from pytest_hilfarm.esp.chips import BOOTLOADER_OFFSETS
 
 FLASH_DEFL_BEGIN, FLASH_BEGIN, CHANGE_BAUDRATE = 0x10, 0x02, 0x0F
 
@@ -415,7 +423,7 @@ def test_flash_and_skip_per_chip(chip: str, chip_id: int, tmp_path: Path) -> Non
     try:
         build = write_build(tmp_path, chip, chip_id)
         plan = make_plan(build)
-        assert plan.regions[0].offset == flashing.BOOTLOADER_OFFSETS[chip]
+        assert plan.regions[0].offset == BOOTLOADER_OFFSETS[chip]
         first = flash(server.url, chip, build, **OPTS)
         assert all(r.written for r in first.regions)
         second = flash(server.url, chip, build, **OPTS)

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_hilfarm.errors import ConfigError, InfrastructureError, PortError, UsageError
-from pytest_hilfarm.power import (
+from pytest_hilfarm.drivers.power import (
     POWER_DRIVERS,
     GpioPower,
     HttpPower,
@@ -23,7 +22,8 @@ from pytest_hilfarm.power import (
     VirtualPower,
     make_power,
 )
-from pytest_hilfarm.simclient import ControlClient, read_daemon_info, sim_dir
+from pytest_hilfarm.drivers.virtual import ControlClient, read_daemon_info, sim_dir
+from pytest_hilfarm.errors import ConfigError, InfrastructureError, PortError, UsageError
 
 
 class Recorder:
@@ -182,7 +182,8 @@ def test_factory_errors() -> None:
         make_power("uhubctl", {"hub": "1-1", "port": "two"})
 
 
-# -- the virtual rack control client (simclient), which VirtualPower/VirtualReset speak through --
+# -- the virtual rack control client (drivers.virtual), which VirtualPower/VirtualReset speak
+# through --
 
 
 class FakeControl:

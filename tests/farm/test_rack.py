@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_hilfarm.errors import ConfigError
-from pytest_hilfarm.rack import (
+from pytest_hilfarm.description.rack import (
     BaselineSpec,
     FlashSpec,
     Location,
@@ -20,6 +19,7 @@ from pytest_hilfarm.rack import (
     load_rack,
     parse_rack,
 )
+from pytest_hilfarm.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {"HOME": "/home/tester"}  # a fixed environment: defaults never depend on the real one

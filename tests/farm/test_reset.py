@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_hilfarm.errors import ConfigError, UsageError
-from pytest_hilfarm.reset import (
+from pytest_hilfarm.drivers.reset import (
     RESET_DRIVERS,
     ClassicReset,
     NoReset,
@@ -14,6 +13,7 @@ from pytest_hilfarm.reset import (
     VirtualReset,
     make_reset,
 )
+from pytest_hilfarm.errors import ConfigError, UsageError
 
 
 class RecordingPort:

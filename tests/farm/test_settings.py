@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_hilfarm.errors import ConfigError, UsageError
-from pytest_hilfarm.rack import builtin_virtual_rack_path, load_rack
-from pytest_hilfarm.settings import (
+from pytest_hilfarm.description.rack import builtin_virtual_rack_path, load_rack
+from pytest_hilfarm.description.settings import (
     HIL_MARKER_SIGNATURE,
     OPTIONS,
     ImageSpec,
@@ -25,6 +24,7 @@ from pytest_hilfarm.settings import (
     resolve,
     resolve_session,
 )
+from pytest_hilfarm.errors import ConfigError, UsageError
 
 ENV = {"HOME": "/home/tester"}
 

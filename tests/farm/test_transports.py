@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from pytest_hilfarm.drivers.transports import find_usb, open_port, probe, resolve_usb, wait_for_port
 from pytest_hilfarm.errors import PortError, UsageError
-from pytest_hilfarm.transports import find_usb, open_port, probe, resolve_usb, wait_for_port
 
 
 def free_url() -> str:
@@ -231,7 +231,7 @@ E: ID_PATH=pci-0000:00:14.0-usb-0:1.3:1.0
 
 UMOCKDEV_SCRIPT = """
 from pytest_hilfarm.errors import PortError
-from pytest_hilfarm.transports import resolve_usb
+from pytest_hilfarm.drivers.transports import resolve_usb
 print(resolve_usb(serial="A1B2C3"))
 print(resolve_usb(path="pci-0000:00:14.0-usb-0:1.3:1.0"))
 print(resolve_usb(path="1-1.2"))

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pytest_hilfarm.netem import RunResult, subprocess_runner
+from pytest_hilfarm.drivers.netem import RunResult, subprocess_runner
 
 _counter = itertools.count()
 

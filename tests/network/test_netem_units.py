@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_hilfarm.errors import ConfigError, InfrastructureError, UsageError
-from pytest_hilfarm.netem import (
+from pytest_hilfarm.drivers.netem import (
     BUILTIN_PROFILES,
     NETEM_HANDLE,
     Conditions,
@@ -22,6 +21,7 @@ from pytest_hilfarm.netem import (
     read_records,
     reset_all,
 )
+from pytest_hilfarm.errors import ConfigError, InfrastructureError, UsageError
 
 DEFAULT_ROOT = [{"kind": "pfifo_fast", "handle": "0:", "root": True, "refcnt": 2, "options": {}}]
 

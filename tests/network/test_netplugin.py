@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from pytest_hilfarm.drivers.netem import BUILTIN_PROFILES, CLEAR, Conditions, NetworkProfile, Outage
 from pytest_hilfarm.errors import UsageError
-from pytest_hilfarm.netem import BUILTIN_PROFILES, CLEAR, Conditions, NetworkProfile, Outage
 from pytest_hilfarm.netplugin import MARKER_SIGNATURE, make_network, resolve_request
 
 pytest_plugins = ["pytester"]
@@ -175,7 +175,7 @@ def test_fixture_on_virtual_rack_impairs_a_proxied_server(pytester: pytest.Pytes
     pytester.makepyfile("""
         import socket, threading, time
         import pytest
-        from pytest_hilfarm.netem import Conditions
+        from pytest_hilfarm.drivers.netem import Conditions
 
         @pytest.mark.hil_network("rtt-500ms")
         def test_proxy(hil_network):
@@ -219,13 +219,13 @@ def virtual_rack(isolated: Path) -> Iterator[Path]:
 
 def test_mesh_conditions_follow_the_marker(pytester: pytest.Pytester,
                                            virtual_rack: Path) -> None:
-    from pytest_hilfarm.simclient import ControlClient
+    from pytest_hilfarm.drivers.virtual import ControlClient
 
     control = ControlClient.from_sim_dir(virtual_rack)
     before = control.mesh()
     pytester.makepyfile("""
         import pytest
-        from pytest_hilfarm.simclient import ControlClient
+        from pytest_hilfarm.drivers.virtual import ControlClient
 
         @pytest.mark.hil_network(loss=0.1, delay=40)
         def test_mesh(hil_network):
@@ -266,7 +266,7 @@ class _Farm:
 
 
 def _real_rack(tmp_path: Path, interface_line: str) -> Any:
-    from pytest_hilfarm.rack import parse_rack
+    from pytest_hilfarm.description.rack import parse_rack
 
     return parse_rack(
         "version: 1\nname: rig\nstate_dir: state\nboards:\n"

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from pytest_hilfarm.drivers.netem import BUILTIN_PROFILES, Conditions
+from pytest_hilfarm.drivers.netproxy import ImpairmentProxy
 from pytest_hilfarm.errors import UsageError
-from pytest_hilfarm.netem import BUILTIN_PROFILES, Conditions
-from pytest_hilfarm.netproxy import ImpairmentProxy
 
 
 @pytest.fixture

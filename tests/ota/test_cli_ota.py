@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from pytest_hilfarm.cli import main
+from pytest_hilfarm.esp.partitions import two_ota_layout
 from pytest_hilfarm.ota.keys import generate_signing_key, key_digest
-from pytest_hilfarm.ota.partitions import two_ota_layout
 from pytest_hilfarm.sim.appbuild import build_app
 
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pytest_hilfarm.errors import ImageError
-from pytest_hilfarm.ota.image import (
+from pytest_hilfarm.esp.image import (
     APP_DESC_OFFSET,
     AppDesc,
     ImageFormatError,

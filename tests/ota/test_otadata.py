@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pytest_hilfarm.errors import ImageError
-from pytest_hilfarm.ota.otadata import (
+from pytest_hilfarm.esp.otadata import (
     OTADATA_SIZE,
     OtaSelectEntry,
     OtaState,

@@ -3,7 +3,7 @@ import hashlib
 import pytest
 
 from pytest_hilfarm.errors import ImageError
-from pytest_hilfarm.ota.partitions import (
+from pytest_hilfarm.esp.partitions import (
     MAX_TABLE_LENGTH,
     Partition,
     PartitionTable,

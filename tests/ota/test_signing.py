@@ -231,7 +231,7 @@ def test_preloaded_keys_must_be_rsa3072(tmp_path: Path) -> None:
 def test_verify_block_fits_the_virtual_bootloader_hook(c3_two: bytes) -> None:
     import hashlib
 
-    from pytest_hilfarm.ota.image import parse_image
+    from pytest_hilfarm.esp.image import parse_image
 
     sector = parse_image(c3_two).signature_sector
     assert sector is not None

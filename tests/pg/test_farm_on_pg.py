@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from pytest_hilfarm.description.rack import builtin_virtual_rack_path, load_rack
 from pytest_hilfarm.farm import Farm
 from pytest_hilfarm.pg import open_backend
-from pytest_hilfarm.rack import builtin_virtual_rack_path, load_rack
 from pytest_hilfarm.sim import manager
 from pytest_hilfarm.store import BoardHealth
 

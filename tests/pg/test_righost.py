@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 
 from pytest_hilfarm.allocate import BoardRequest
+from pytest_hilfarm.drivers.flashing import flash
+from pytest_hilfarm.drivers.rigclient import RemotePower, RemoteReset, RigClient, remote_flasher
 from pytest_hilfarm.errors import ConfigError, ReservationTimeout
-from pytest_hilfarm.flashing import flash
 from pytest_hilfarm.pg.reservation import PgReserver
 from pytest_hilfarm.pg.store import PgFarmStore
-from pytest_hilfarm.rigclient import RemotePower, RemoteReset, RigClient, remote_flasher
 from pytest_hilfarm.sim import manager
 from pytest_hilfarm.sim.appbuild import build_app
 
@@ -199,8 +199,8 @@ def test_remote_flash_through_rfc2217_with_dtr_rts(farm: dict[str, Any]) -> None
 
 
 def test_a_busy_board_refuses_a_second_client(farm: dict[str, Any]) -> None:
+    from pytest_hilfarm.drivers.transports import open_port
     from pytest_hilfarm.errors import InfrastructureError
-    from pytest_hilfarm.transports import open_port
 
     rig = farm["rigs"]["rig-b"]
     client(farm, "rig-b").attach("b-esp32-1")
@@ -214,8 +214,8 @@ def test_a_busy_board_refuses_a_second_client(farm: dict[str, Any]) -> None:
 
 
 def test_rig_host_refuses_a_lease_that_no_longer_holds_the_board(farm: dict[str, Any]) -> None:
+    from pytest_hilfarm.drivers.rigclient import client_for_board
     from pytest_hilfarm.errors import InfrastructureError
-    from pytest_hilfarm.rigclient import client_for_board
 
     store = PgFarmStore(farm["url"])
     reserver = PgReserver(farm["url"], store)

@@ -19,10 +19,10 @@ from realbuild import RealBuild, build  # noqa: E402
 
 from pytest_hilfarm.console import Console  # noqa: E402
 from pytest_hilfarm.device import Device  # noqa: E402
-from pytest_hilfarm.power import VirtualPower  # noqa: E402
-from pytest_hilfarm.reset import VirtualReset  # noqa: E402
-from pytest_hilfarm.simclient import ControlClient, read_daemon_info  # noqa: E402
-from pytest_hilfarm.transports import open_port  # noqa: E402
+from pytest_hilfarm.drivers.power import VirtualPower  # noqa: E402
+from pytest_hilfarm.drivers.reset import VirtualReset  # noqa: E402
+from pytest_hilfarm.drivers.transports import open_port  # noqa: E402
+from pytest_hilfarm.drivers.virtual import ControlClient, read_daemon_info  # noqa: E402
 
 
 @pytest.fixture(scope="session")

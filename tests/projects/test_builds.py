@@ -16,10 +16,10 @@ import pytest
 from conftest import board_of, open_device, read_flash
 from realbuild import RealBuild, write_build_dir
 
+from pytest_hilfarm.drivers.flashing import FlashPlan, check_plan
 from pytest_hilfarm.errors import ImageError
-from pytest_hilfarm.flashing import FlashPlan, check_plan
-from pytest_hilfarm.ota.otadata import OtaSelectEntry, encode_otadata, initial_otadata
-from pytest_hilfarm.ota.partitions import layout
+from pytest_hilfarm.esp.otadata import OtaSelectEntry, encode_otadata, initial_otadata
+from pytest_hilfarm.esp.partitions import layout
 from pytest_hilfarm.projects import builds
 from pytest_hilfarm.sim import appbuild
 

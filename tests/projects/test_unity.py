@@ -161,6 +161,6 @@ def test_unity_cannot_run_a_real_build_on_a_virtual_board(rack, real, tmp_path: 
 
 
 def _factory_table() -> bytes:
-    from pytest_hilfarm.ota.partitions import layout
+    from pytest_hilfarm.esp.partitions import layout
 
     return layout("factory").encode()

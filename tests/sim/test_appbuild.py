@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 from pytest_hilfarm.cli.sim_build import add_build_app_parser
 from pytest_hilfarm.errors import ImageError
-from pytest_hilfarm.ota.image import build_app_image, chip_id_of, memory_map, parse_image
-from pytest_hilfarm.ota.partitions import PartitionTable, factory_layout, two_ota_layout
+from pytest_hilfarm.esp.chips import FARM_CHIPS as CHIPS
+from pytest_hilfarm.esp.image import build_app_image, chip_id_of, memory_map, parse_image
+from pytest_hilfarm.esp.partitions import PartitionTable, factory_layout, two_ota_layout
 from pytest_hilfarm.sim.appbuild import (
     build_app,
     build_bootloader,
@@ -23,7 +24,7 @@ from pytest_hilfarm.sim.appbuild import (
     read_faults,
     write_build_dir,
 )
-from pytest_hilfarm.sim.model import CHIPS, Faults
+from pytest_hilfarm.sim.model import Faults
 
 BOOT_OFFSET = {"esp32": 0x1000, "esp32s2": 0x1000, "esp32c3": 0x0, "esp32s3": 0x0, "esp32c6": 0x0}
 
@@ -105,7 +106,7 @@ def test_fault_encoding_is_readable_ascii():
 
 def test_image_without_marker_has_no_faults():
     mm = memory_map("esp32")
-    from pytest_hilfarm.ota.image import AppDesc
+    from pytest_hilfarm.esp.image import AppDesc
 
     data = build_app_image("esp32", [(mm.drom_start + 0x20, b"x" * 16),
                                      (mm.irom_start + 0x20, b"y" * 16)],

@@ -4,9 +4,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_hilfarm.ota.image import SignatureBlock, parse_image
-from pytest_hilfarm.ota.otadata import OtaSelectEntry, OtaState
-from pytest_hilfarm.ota.partitions import Partition, PartitionTable
+from pytest_hilfarm.esp.chips import FARM_CHIPS as CHIPS
+from pytest_hilfarm.esp.image import SignatureBlock, parse_image
+from pytest_hilfarm.esp.otadata import OtaSelectEntry, OtaState
+from pytest_hilfarm.esp.partitions import Partition, PartitionTable
 from pytest_hilfarm.sim.appbuild import build_app, build_bootloader, build_flash_layout
 from pytest_hilfarm.sim.boot import (
     BootEfuse,
@@ -16,7 +17,7 @@ from pytest_hilfarm.sim.boot import (
     read_running_state,
     set_boot_partition,
 )
-from pytest_hilfarm.sim.model import CHIPS, AppInfo, Faults
+from pytest_hilfarm.sim.model import AppInfo, Faults
 
 OTADATA = 0xD000
 SLOT = {"factory": 0x10000, "ota_0": 0x110000, "ota_1": 0x210000}

@@ -22,14 +22,14 @@ from realbuild import RealBuild, build, write_build_dir
 
 from pytest_hilfarm.console import Console
 from pytest_hilfarm.device import AppCannotRun, Device
+from pytest_hilfarm.drivers.power import VirtualPower
+from pytest_hilfarm.drivers.reset import VirtualReset
+from pytest_hilfarm.drivers.transports import open_port
+from pytest_hilfarm.drivers.virtual import ControlClient
 from pytest_hilfarm.errors import ImageError
-from pytest_hilfarm.ota.partitions import layout
-from pytest_hilfarm.power import VirtualPower
-from pytest_hilfarm.reset import VirtualReset
+from pytest_hilfarm.esp.partitions import layout
 from pytest_hilfarm.sim import manager
 from pytest_hilfarm.sim.appbuild import build_app, build_flash_layout
-from pytest_hilfarm.simclient import ControlClient
-from pytest_hilfarm.transports import open_port
 
 RACK = """\
 version: 1

@@ -21,9 +21,9 @@ import yaml
 
 from pytest_hilfarm.cli import main as cli_main
 from pytest_hilfarm.errors import ConfigError
-from pytest_hilfarm.ota.image import parse_image
+from pytest_hilfarm.esp.image import parse_image
+from pytest_hilfarm.esp.otadata import OtaState
 from pytest_hilfarm.ota.keys import generate_signing_key, key_digest
-from pytest_hilfarm.ota.otadata import OtaState
 from pytest_hilfarm.ota.server import OtaServer
 from pytest_hilfarm.ota.signing import load_signing_keys, sign_image
 from pytest_hilfarm.sim import boot as boot_chain
@@ -436,7 +436,7 @@ def test_bootloader_refuses_tampered_slot_and_falls_back(rack, keys, signers) ->
     parts = build_flash_layout("esp32c3", sign_image(app(version="1.0.0"), signers["a"]),
                                "two-ota")
     # ota_0 holds a tampered image and otadata selects it (as if flashed by hand).
-    from pytest_hilfarm.ota.otadata import OtaSelectEntry
+    from pytest_hilfarm.esp.otadata import OtaSelectEntry
     bad = tamper(sign_image(app(version="2.0.0"), signers["a"]))
     entry = OtaSelectEntry.make(1, OtaState.VALID).encode()
     parts += [(0x110000, bad), (OTADATA, entry)]

@@ -18,8 +18,8 @@ import pytest
 from realbuild import RealBuild, build
 from test_boot import OTADATA, SLOT, FakeFlash
 
-from pytest_hilfarm.ota.otadata import OtaState, initial_otadata
-from pytest_hilfarm.ota.partitions import layout
+from pytest_hilfarm.esp.otadata import OtaState, initial_otadata
+from pytest_hilfarm.esp.partitions import layout
 from pytest_hilfarm.ota.signing import verify_block
 from pytest_hilfarm.sim import boot as boot_chain
 from pytest_hilfarm.sim.board import VirtualBoard

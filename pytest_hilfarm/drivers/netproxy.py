@@ -1,7 +1,7 @@
 """A userspace TCP proxy on 127.0.0.1 that gives a stream the loss, latency and outages of a link.
 
 Its job: stand in front of a test server (an OTA HTTP server, say) so that clients on this host
-(virtual boards) see the conditions of :class:`pytest_hilfarm.netem.Conditions`. It must not
+(virtual boards) see the conditions of :class:`pytest_hilfarm.drivers.netem.Conditions`. It must not
 listen on or connect to anything but loopback, and every thread, queue and wait in it is bounded
 and stops within ~0.1 s of :meth:`ImpairmentProxy.stop`.
 
@@ -38,8 +38,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from pytest_hilfarm.drivers.netem import CLEAR, Conditions
 from pytest_hilfarm.errors import UsageError
-from pytest_hilfarm.netem import CLEAR, Conditions
 
 OutageMode = Literal["hold", "cut"]
 

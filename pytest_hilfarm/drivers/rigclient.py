@@ -4,9 +4,10 @@ Job: let the farm on any host use boards of another host: :class:`RigClient` upl
 region once (content-addressed: a ``HEAD`` first, so an image the rig host already caches is not
 sent again), asks the rig host to run esptool locally and returns its :class:`FlashReport`;
 :class:`RemotePower` and :class:`RemoteReset` fit the farm's ``PowerDriver`` / ``ResetDriver``
-seams, and :func:`remote_flasher` has the signature of :func:`pytest_hilfarm.flashing.flash`, so a
-``Device`` can use it as its flasher unchanged. Errors the rig host reports come back as the same
-error classes (FlashError, PortError, UsageError, ...), with the rig host named in ``where``.
+seams, and :func:`remote_flasher` has the signature of
+:func:`pytest_hilfarm.drivers.flashing.flash`, so a ``Device`` can use it as its flasher unchanged.
+Errors the rig host reports come back as the same error classes (FlashError, PortError, UsageError,
+...), with the rig host named in ``where``.
 
 Must not: send the token anywhere but the configured rig host; retry a flash on its own (the
 farm decides about retries and health); import pytest.
@@ -26,8 +27,8 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from pytest_hilfarm import errors
+from pytest_hilfarm.drivers.flashing import FlashPlan, FlashReport, RegionResult, make_plan
 from pytest_hilfarm.errors import ConfigError, HilfarmError, InfrastructureError
-from pytest_hilfarm.flashing import FlashPlan, FlashReport, RegionResult, make_plan
 
 TOKEN_ENV = "HILFARM_RIG_TOKEN"
 # A 16 MB image at ROM baud takes minutes; the rig host answers when esptool is done.
@@ -295,7 +296,7 @@ def remote_board_spec(record: Any) -> Any:
     control API (:class:`RemotePower`, :class:`RemoteReset`, :func:`remote_flasher`), which the
     farm wires for boards whose ``host`` is set.
     """
-    from pytest_hilfarm.rack import BoardSpec, FlashSpec, Location, PortSpec, PowerSpec
+    from pytest_hilfarm.description.rack import BoardSpec, FlashSpec, Location, PortSpec, PowerSpec
 
     return BoardSpec(
         id=record.board, chip=record.chip, port=PortSpec("url", record.port_url),
@@ -306,7 +307,8 @@ def remote_board_spec(record: Any) -> Any:
 
 
 def remote_flasher(client: RigClient, board: str) -> Callable[..., FlashReport]:
-    """A flasher with :func:`pytest_hilfarm.flashing.flash`'s signature that uses the upload path.
+    """A flasher with :func:`pytest_hilfarm.drivers.flashing.flash`'s signature that uses the upload
+    path.
 
     The port argument is ignored (the rig host flashes its local port); ``after="no-reset"`` from
     the caller means "do not boot", as with local esptool.

@@ -19,15 +19,15 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
-from .errors import ConfigError, UsageError
-from .rack import (
-    CHIPS,
+from pytest_hilfarm.description.rack import (
     RACK_SETTING_KEYS,
     RackSpec,
     builtin_virtual_rack_path,
     closest,
     load_rack,
 )
+from pytest_hilfarm.errors import ConfigError, UsageError
+from pytest_hilfarm.esp.chips import FARM_CHIPS
 
 LayerKind = Literal["default", "rack", "ini", "env", "option", "marker"]
 ValueType = Literal["path", "images", "seconds", "bool", "retries", "count", "chip", "features",
@@ -445,10 +445,10 @@ def _parse_priority(raw: object, source: Source) -> int:
 
 
 def _parse_chip(raw: object, source: Source) -> str:
-    if isinstance(raw, str) and raw in CHIPS:
+    if isinstance(raw, str) and raw in FARM_CHIPS:
         return raw
-    guess = closest(raw, CHIPS) if isinstance(raw, str) else None
-    raise _fail(source, raw, "one of " + ", ".join(CHIPS),
+    guess = closest(raw, FARM_CHIPS) if isinstance(raw, str) else None
+    raise _fail(source, raw, "one of " + ", ".join(FARM_CHIPS),
                 f"did you mean {guess!r}?" if guess else "e.g. chip='esp32c3'")
 
 
@@ -509,9 +509,9 @@ def _parse_images(raw: object, source: Source, base_dir: Path | None) -> ImageSp
                 raise _fail(source, raw, "at most one image without a chip", hint)
             any_chip = _to_path(path, base_dir)
             continue
-        if chip not in CHIPS:
-            guess = closest(chip, CHIPS)
-            raise _fail(source, raw, f"a chip before '=' ({', '.join(CHIPS)}), got {chip!r}",
+        if chip not in FARM_CHIPS:
+            guess = closest(chip, FARM_CHIPS)
+            raise _fail(source, raw, f"a chip before '=' ({', '.join(FARM_CHIPS)}), got {chip!r}",
                         (f"did you mean {guess!r}? " if guess else "")
                         + "(a path containing '=' can be written as ./NAME=...)")
         if chip in by_chip:

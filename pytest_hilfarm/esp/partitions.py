@@ -74,6 +74,23 @@ def parse_size(value: int | str) -> int:
     return number * {"": 1, "K": 1024, "M": 1024 * 1024}[unit]
 
 
+def flash_size_bytes(size: str | None) -> int | None:
+    """A flash size setting as esptool spells it (``"4MB"``) in bytes; None for keep/detect."""
+    if not size or size in ("keep", "detect"):
+        return None
+    for unit, factor in (("KB", 1024), ("MB", 1024 * 1024)):
+        if size.upper().endswith(unit):
+            try:
+                return int(size[: -len(unit)]) * factor
+            except ValueError:
+                break
+    raise ImageError(
+        f"unknown flash size {size!r}",
+        where="flash settings",
+        hint="write it as esptool does: 2MB, 4MB, 8MB, 16MB ...",
+    )
+
+
 @dataclass(frozen=True)
 class Partition:
     """One partition table entry."""
@@ -153,6 +170,21 @@ class Partition:
                              where=f"partition table offset 0x{at:x}")
         text = label.split(b"\0", 1)[0].decode("ascii", errors="replace")
         return cls(label=text, type=ptype, subtype=subtype, offset=offset, size=size, flags=flags)
+
+
+def read_entries(data: bytes) -> tuple[Partition, ...]:
+    """The entries at the start of a binary table, up to its MD5 record, erased space or end.
+
+    No checks beyond each entry's magic: for a flash plan that only wants the partition sizes
+    of a table it is about to write (``PartitionTable.decode`` checks the whole table).
+    """
+    entries: list[Partition] = []
+    for at in range(0, min(len(data), MAX_TABLE_LENGTH), ENTRY_SIZE):
+        raw = data[at : at + ENTRY_SIZE]
+        if len(raw) < ENTRY_SIZE or raw[:2] != MAGIC:
+            break
+        entries.append(Partition.decode(raw, at=at))
+    return tuple(entries)
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pytest_hilfarm.discovery import Adapter, RackLike, boards_of, list_adapters
+from pytest_hilfarm.drivers.discovery.udev import Adapter, RackLike, boards_of, list_adapters
+from pytest_hilfarm.drivers.power import UhubctlPower
 from pytest_hilfarm.errors import InfrastructureError
-from pytest_hilfarm.power import UhubctlPower
 
 logger = logging.getLogger(__name__)
 

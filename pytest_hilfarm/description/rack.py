@@ -22,10 +22,11 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from .errors import ConfigError
+from pytest_hilfarm.errors import ConfigError
+from pytest_hilfarm.esp.chips import CHIPS as CHIP_TABLE
+from pytest_hilfarm.esp.chips import FARM_CHIPS
 
 RACK_VERSION = 1
-CHIPS = ("esp32", "esp32s2", "esp32c3", "esp32s3", "esp32c6")
 RESETS = ("classic", "usb-jtag", "virtual", "none")
 POWER_DRIVERS = ("uhubctl", "gpio", "http", "virtual", "none")
 FLASH_MODES = ("qio", "qout", "dio", "dout", "keep")
@@ -208,7 +209,7 @@ class RackSpec:
 
 def builtin_virtual_rack_path() -> Path:
     """The packaged copy of ``rack-configs/virtual.yaml`` (the default rack)."""
-    return Path(__file__).resolve().parent / "data" / "virtual.yaml"
+    return Path(__file__).resolve().parent.parent / "data" / "virtual.yaml"
 
 
 def load_rack(path: str | os.PathLike[str], *,
@@ -440,9 +441,9 @@ def _parse(text: str, source: str, base_dir: Path, environ: Mapping[str, str] | 
     baselines: dict[str, BaselineSpec] = {}
     if "baseline" in top:
         node = top["baseline"][1]
-        entries = _fields(ctx, node, "baseline", CHIPS,
+        entries = _fields(ctx, node, "baseline", FARM_CHIPS,
                           "a mapping of chip to image, e.g. {esp32: images/esp32-base.bin}")
-        _check_keys(ctx, entries, "baseline", CHIPS)
+        _check_keys(ctx, entries, "baseline", FARM_CHIPS)
         for chip, (_key, value_node) in entries.items():
             baselines[chip] = BaselineSpec(
                 _path(ctx, value_node, f"baseline.{chip}", "an image path or build directory"),
@@ -534,7 +535,7 @@ def _parse_board(ctx: _Ctx, node: Node, path: str) -> BoardSpec:
     board_id = _string(ctx, entries["id"][1], f"{path}.id",
                        "a board id of letters, digits, '.', '_', '-'", _ID_RE,
                        hint="e.g. id: esp32-1")
-    chip = _choice(ctx, entries["chip"][1], f"{path}.chip", CHIPS)
+    chip = _choice(ctx, entries["chip"][1], f"{path}.chip", FARM_CHIPS)
 
     given = [key for key in _PORT_KEYS if key in entries]
     if not given:
@@ -650,9 +651,9 @@ def _check_reset(ctx: _Ctx, node: Node, path: str, reset: str, port: PortSpec,
     if reset == "virtual" and port.kind != "virtual":
         raise ctx.error(node, path, "reset 'virtual' only works for a board with port: virtual",
                         hint="use classic, usb-jtag or none for a physical board")
-    if reset == "usb-jtag" and chip not in ("esp32c3", "esp32s3", "esp32c6"):
-        # Of the chips supported here the ESP32-C3, -S3 and -C6 have the USB-Serial/JTAG
-        # peripheral (their TRMs, "USB Serial/JTAG Controller"); ESP32/ESP32-S2 need a bridge.
+    if reset == "usb-jtag" and not CHIP_TABLE[chip].usb_serial_jtag:
+        # ESP32/ESP32-S2 have no USB-Serial/JTAG peripheral (esptool's target classes say which
+        # chips do): they need a USB-UART bridge.
         raise ctx.error(node, path, f"the {chip} has no USB-Serial/JTAG peripheral",
                         hint="use reset: classic (DTR/RTS through the USB-UART bridge)")
 

@@ -24,11 +24,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pytest_hilfarm.discovery import Adapter, ProbeResult, match_rack
+from pytest_hilfarm.description.rack import RackSpec, parse_rack
+from pytest_hilfarm.drivers.discovery.udev import Adapter, ProbeResult, match_rack
 from pytest_hilfarm.errors import ConfigError, UsageError
-from pytest_hilfarm.rack import CHIPS, RackSpec, parse_rack
+from pytest_hilfarm.esp.chips import FARM_CHIPS
 
-# A chip a probe could not tell: the rack needs one of CHIPS, so a guess is written with a
+# A chip a probe could not tell: the rack needs one of FARM_CHIPS, so a guess is written with a
 # comment that says so. The USB-Serial/JTAG (303a:1001) is built into the ESP32-C3 alone among
 # the chips racks support (ESP32-C3 TRM, "USB Serial/JTAG Controller"), so that guess is sound.
 _GUESS_COMMENT = ("not probed: the chip is a guess; check it or run "
@@ -228,7 +229,7 @@ def merge_boards(text: str | None, found: Sequence[DiscoveredBoard], *, source: 
             assert item.probe is not None
             updates.append(BoardUpdate(None, "skipped", f"{adapter.describe()}: chip "
                                        f"{item.probe.chip_name} is not one racks support "
-                                       f"({', '.join(CHIPS)}); not added", adapter))
+                                       f"({', '.join(FARM_CHIPS)}); not added", adapter))
             continue
         board_id = new_board_id("unknown" if guessed else chip, taken_ids)
         taken_ids.add(board_id)

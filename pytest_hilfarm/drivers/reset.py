@@ -19,8 +19,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from pytest_hilfarm.drivers.power import DriverSpec, build_driver
 from pytest_hilfarm.errors import UsageError
-from pytest_hilfarm.power import DriverSpec, build_driver
 
 
 @runtime_checkable
@@ -150,7 +150,7 @@ class UsbJtagReset:
 
 
 class VirtualResetControl(Protocol):
-    """The part of the virtual rack control client reset needs (simclient.ControlClient)."""
+    """The part of the virtual rack control client reset needs (virtual.ControlClient)."""
 
     def reset(self, board: str, boot: Any = "flash") -> None:
         """Pulse EN of a virtual board with IO0 high ("flash") or low ("download")."""
@@ -258,7 +258,7 @@ def _build_usb_jtag(params: Mapping[str, Any]) -> ResetDriver:
 def _build_virtual(params: Mapping[str, Any]) -> ResetDriver:
     control = params["control"]
     if isinstance(control, str):
-        from pytest_hilfarm.simclient import ControlClient
+        from pytest_hilfarm.drivers.virtual import ControlClient
 
         control = ControlClient(control)
     return VirtualReset(control=control, board=str(params["board"]))

@@ -212,7 +212,7 @@ class HttpPower(_CycleMixin):
 
 
 class VirtualControl(Protocol):
-    """The part of the virtual rack control client power needs (simclient.ControlClient)."""
+    """The part of the virtual rack control client power needs (virtual.ControlClient)."""
 
     def power(self, board: str, on: bool) -> None:
         """Switch a virtual board's power."""
@@ -313,7 +313,7 @@ def _build_http(params: Mapping[str, Any]) -> PowerDriver:
 def _build_virtual(params: Mapping[str, Any]) -> PowerDriver:
     control = params["control"]
     if isinstance(control, str):
-        from pytest_hilfarm.simclient import ControlClient
+        from pytest_hilfarm.drivers.virtual import ControlClient
 
         control = ControlClient(control)
     return VirtualPower(control=control, board=str(params["board"]))

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from pytest_hilfarm.errors import InfrastructureError, PortError, UsageError
+from pytest_hilfarm.esp.chips import FARM_CHIPS, chip_for_esptool_name
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +47,6 @@ ADAPTER_KINDS: Mapping[tuple[str, str], AdapterKind] = {
 # A USB device's kernel name: bus-port[.port...] (``1-1.3``); an interface adds ``:config.iface``.
 _USB_DEVICE_RE = re.compile(r"\d+-\d+(?:\.\d+)*")
 _USB_INTERFACE_RE = re.compile(r"(\d+-\d+(?:\.\d+)*):(\d+\.\d+)")
-# esptool's chip names ("ESP32-C3") -> the rack file's chip names ("esp32c3").
-_CHIP_NAMES = {"ESP32": "esp32", "ESP32-S2": "esp32s2", "ESP32-C3": "esp32c3",
-               "ESP32-S3": "esp32s3", "ESP32-C6": "esp32c6"}
 
 
 @dataclass(frozen=True)
@@ -349,7 +347,7 @@ def _esptool_connect(port: str) -> Any:
     """Open ``port`` exclusively and connect esptool's loader (auto-detecting the chip)."""
     from esptool.cmds import detect_chip
 
-    from pytest_hilfarm.transports import open_port
+    from pytest_hilfarm.drivers.transports import open_port
 
     # Opened by us with an exclusive lock, so a port held by a console or another esptool is
     # refused ("busy") instead of both sides reading half the bytes.
@@ -409,7 +407,8 @@ def probe(adapter: Adapter, reserved: Callable[[str], bool], *, rack: RackLike |
     finally:
         if esp is not None:
             _restore_normal_boot(esp, target)
-    return ProbeResult(_CHIP_NAMES.get(chip_name), chip_name, mac, description)
+    chip = chip_for_esptool_name(chip_name)
+    return ProbeResult(chip if chip in FARM_CHIPS else None, chip_name, mac, description)
 
 
 def _restore_normal_boot(esp: Any, target: str) -> None:

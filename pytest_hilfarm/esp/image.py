@@ -18,17 +18,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from esptool.bin_image import (
-    ELFSection,
-    ESP32C3FirmwareImage,
-    ESP32C6FirmwareImage,
-    ESP32FirmwareImage,
-    ESP32S2FirmwareImage,
-    ESP32S3FirmwareImage,
-)
+from esptool.bin_image import ELFSection
 from esptool.loader import ESPLoader
 
 from pytest_hilfarm.errors import ImageError
+from pytest_hilfarm.esp.chips import Chip, chip_for_id, chip_id_of
+from pytest_hilfarm.esp.chips import chip as _chip_record
 
 # Header layout: esptool bin_image.py ("<BBBBI" + EXTENDED_HEADER_STRUCT_FMT) and IDF
 # esp_app_format.h esp_image_header_t (static_assert size 24).
@@ -53,70 +48,13 @@ SIG_BLOCK_SIZE = 1216
 SIG_BLOCK_MAGIC = 0xE7
 MAX_SIG_BLOCKS = 3
 
-# The chips the virtual rack simulates; esptool holds the numbers.
-_IMAGE_CLASSES: Mapping[str, type[ESP32FirmwareImage]] = MappingProxyType({
-    "esp32": ESP32FirmwareImage,
-    "esp32s2": ESP32S2FirmwareImage,
-    "esp32s3": ESP32S3FirmwareImage,
-    "esp32c3": ESP32C3FirmwareImage,
-    "esp32c6": ESP32C6FirmwareImage,
-})
-
 # esptool cmds.py FLASH_MODES
 FLASH_MODES: Mapping[str, int] = MappingProxyType({"qio": 0, "qout": 1, "dio": 2, "dout": 3})
 
 
-def _image_class(chip: str) -> type[ESP32FirmwareImage]:
-    try:
-        return _IMAGE_CLASSES[chip]
-    except KeyError:
-        raise ImageError(
-            f"unsupported chip {chip!r}", hint=f"use one of {', '.join(sorted(_IMAGE_CLASSES))}"
-        ) from None
-
-
-def chip_id_of(chip: str) -> int:
-    """``esp_chip_id_t`` of a chip name (esptool ``ROM_LOADER.IMAGE_CHIP_ID``)."""
-    return int(_image_class(chip).ROM_LOADER.IMAGE_CHIP_ID)
-
-
-def chip_for_id(chip_id: int) -> str | None:
-    """Chip name for an image chip_id, or None when unknown."""
-    for name, cls in _IMAGE_CLASSES.items():
-        if cls.ROM_LOADER.IMAGE_CHIP_ID == chip_id:
-            return name
-    return None
-
-
-@dataclass(frozen=True)
-class ChipMemoryMap:
-    """Flash-mapped windows of a chip (esptool targets ``*_MAP_START/END``)."""
-
-    irom_start: int
-    irom_end: int
-    drom_start: int
-    drom_end: int
-    bootloader_offset: int
-
-    def is_irom(self, addr: int) -> bool:
-        return self.irom_start <= addr < self.irom_end
-
-    def is_drom(self, addr: int) -> bool:
-        return self.drom_start <= addr < self.drom_end
-
-    def is_mapped(self, addr: int) -> bool:
-        return self.is_irom(addr) or self.is_drom(addr)
-
-
-def memory_map(chip: str) -> ChipMemoryMap:
-    rom = _image_class(chip).ROM_LOADER
-    return ChipMemoryMap(
-        irom_start=rom.IROM_MAP_START,
-        irom_end=rom.IROM_MAP_END,
-        drom_start=rom.DROM_MAP_START,
-        drom_end=rom.DROM_MAP_END,
-        bootloader_offset=rom.BOOTLOADER_FLASH_OFFSET,
-    )
+def memory_map(chip_name: str) -> Chip:
+    """A chip's flash-mapped windows and bootloader offset: its record in the chip table."""
+    return _chip_record(chip_name)
 
 
 def xor_checksum(data: bytes, state: int = CHECKSUM_SEED) -> int:
@@ -347,6 +285,36 @@ class AppImage:
 Reader = Callable[[int, int], bytes]
 
 
+def image_chip(data: bytes) -> str | None:
+    """The chip an app/bootloader image was built for; None when ``data`` is not an image.
+
+    A cheap look at the header only (magic, segment count, chip id), for checks before a flash:
+    an image whose chip id no chip has gives ``"unknown chip id N"``.
+    """
+    if len(data) < HEADER_SIZE or data[0] != ESP_IMAGE_MAGIC or data[1] > MAX_SEGMENTS:
+        return None
+    chip_id = struct.unpack_from("<H", data, 12)[0]
+    return chip_for_id(chip_id) or f"unknown chip id {chip_id}"
+
+
+def app_identity(data: bytes) -> tuple[str, str] | None:
+    """(project_name, version) from an app image's ``esp_app_desc_t``; None if it has none.
+
+    Reads only the descriptor's first 80 bytes (magic ... project_name), so a region that is cut
+    short after them still names its app.
+    """
+    if image_chip(data) is None or len(data) < APP_DESC_OFFSET + 80:
+        return None
+    if struct.unpack_from("<I", data, APP_DESC_OFFSET)[0] != APP_DESC_MAGIC:
+        return None
+
+    def text(raw: bytes) -> str:
+        return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+    at = APP_DESC_OFFSET
+    return text(data[at + 48 : at + 80]), text(data[at + 16 : at + 48])
+
+
 def _bytes_reader(data: bytes) -> Reader:
     view = memoryview(data)
 
@@ -521,7 +489,7 @@ def build_app_image(
     esptool then writes first, so the descriptor lands at image offset 0x20 as ESP-IDF requires.
     Data lengths are padded to 4 bytes.
     """
-    cls = _image_class(chip)
+    cls = memory_map(chip).image_class
     image = cls()
     rom = cls.ROM_LOADER
     try:

@@ -1,0 +1,119 @@
+"""The chip table: one record per ESP32-family chip esptool 5 supports, and the farm's chips.
+
+Names (the rack file's and esptool's ``--chip``), image chip ids, second-stage bootloader
+offsets, flash-mapped windows, USB-Serial/JTAG support and the SPI flash clocks come from
+esptool's own target classes (``esptool.targets.CHIP_DEFS``) and image classes, so a new
+esptool brings its numbers along. ``FARM_CHIPS`` are the chips a rack file may name: the ones
+the virtual rack models and the suite tests. This module does no I/O and knows nothing of
+boards, racks or the simulator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from esptool import bin_image
+from esptool.targets import CHIP_DEFS
+
+from pytest_hilfarm.errors import ImageError
+
+# The chips a rack may name (and the virtual rack simulates), in the order the docs list them.
+FARM_CHIPS = ("esp32", "esp32s2", "esp32c3", "esp32s3", "esp32c6")
+
+# ESP-IDF's IDF_TARGET_ARCH_XTENSA targets; every chip after them has RISC-V cores.
+_XTENSA = ("esp32", "esp32s2", "esp32s3")
+# ESP-IDF's sdkconfig default for ESPTOOLPY_FLASHFREQ: the clock a build of that chip writes
+# into its image header unless the project changes it. Known for the farm's chips only.
+_DEFAULT_FLASH_FREQ = {"esp32": "40m", "esp32s2": "80m", "esp32c3": "80m", "esp32s3": "80m",
+                       "esp32c6": "80m"}
+
+
+@dataclass(frozen=True)
+class Chip:
+    """What the farm needs to know about one chip family (all from esptool's tables)."""
+
+    name: str  # "esp32c3": rack files, esptool --chip
+    esptool_name: str  # "ESP32-C3": esptool's CHIP_NAME, as detect_chip reports it
+    image_chip_id: int  # esp_image_header_t.chip_id (bytes 12-13 of an image)
+    bootloader_offset: int  # where the second-stage bootloader lives in flash
+    irom_start: int  # flash-mapped instruction window [irom_start, irom_end)
+    irom_end: int
+    drom_start: int  # flash-mapped data window [drom_start, drom_end)
+    drom_end: int
+    usb_serial_jtag: bool  # has the built-in USB-Serial/JTAG peripheral
+    architecture: str  # "xtensa" or "riscv": what its panics and ELF files look like
+    flash_freqs: tuple[str, ...]  # SPI flash clocks its image header can name
+    default_flash_freq: str | None  # ESP-IDF's default for this chip; None where not modelled
+    image_class: type[bin_image.ESP32FirmwareImage]  # esptool's image class for this chip
+
+    def is_irom(self, addr: int) -> bool:
+        return self.irom_start <= addr < self.irom_end
+
+    def is_drom(self, addr: int) -> bool:
+        return self.drom_start <= addr < self.drom_end
+
+    def is_mapped(self, addr: int) -> bool:
+        return self.is_irom(addr) or self.is_drom(addr)
+
+
+def _table() -> Mapping[str, Chip]:
+    chips = {}
+    for name, rom in CHIP_DEFS.items():
+        # esptool names each image class after its ROM class (ESP32C3ROM -> ESP32C3FirmwareImage)
+        image_class = getattr(bin_image, rom.__name__.replace("ROM", "FirmwareImage"), None)
+        if image_class is None or not issubclass(image_class, bin_image.ESP32FirmwareImage):
+            continue  # the ESP8266: no ESP32-style image, not a farm chip
+        chips[name] = Chip(
+            name=name,
+            esptool_name=rom.CHIP_NAME,
+            image_chip_id=int(rom.IMAGE_CHIP_ID),
+            bootloader_offset=int(rom.BOOTLOADER_FLASH_OFFSET),
+            irom_start=rom.IROM_MAP_START,
+            irom_end=rom.IROM_MAP_END,
+            drom_start=rom.DROM_MAP_START,
+            drom_end=rom.DROM_MAP_END,
+            usb_serial_jtag=bool(rom.USB_SERIAL_JTAG_SUPPORTED),
+            architecture="xtensa" if name in _XTENSA else "riscv",
+            flash_freqs=tuple(rom.FLASH_FREQUENCY),
+            default_flash_freq=_DEFAULT_FLASH_FREQ.get(name),
+            image_class=image_class,
+        )
+    return MappingProxyType(chips)
+
+
+CHIPS: Mapping[str, Chip] = _table()
+# Where each chip's second-stage bootloader lives (an index of the table, for look-ups by name).
+BOOTLOADER_OFFSETS: Mapping[str, int] = MappingProxyType(
+    {c.name: c.bootloader_offset for c in CHIPS.values()})
+_BY_IMAGE_ID = MappingProxyType({c.image_chip_id: c for c in CHIPS.values()})
+_BY_ESPTOOL_NAME = MappingProxyType({c.esptool_name: c for c in CHIPS.values()})
+
+
+def chip(name: str) -> Chip:
+    """The record of a chip name ("esp32c3"); ImageError naming the known ones otherwise."""
+    try:
+        return CHIPS[name]
+    except KeyError:
+        raise ImageError(f"unsupported chip {name!r}",
+                         hint=f"use one of {', '.join(sorted(CHIPS))}") from None
+
+
+def chip_id_of(name: str) -> int:
+    """``esp_chip_id_t`` of a chip name (esptool ``ROM_LOADER.IMAGE_CHIP_ID``)."""
+    return chip(name).image_chip_id
+
+
+def chip_for_id(chip_id: int) -> str | None:
+    """Chip name for an image chip_id, or None when no chip has it."""
+    found = _BY_IMAGE_ID.get(chip_id)
+    return found.name if found else None
+
+
+def chip_for_esptool_name(esptool_name: str) -> str | None:
+    """The rack name ("esp32c3") of esptool's chip name ("ESP32-C3"), or None."""
+    found = _BY_ESPTOOL_NAME.get(esptool_name)
+    return found.name if found else None
+
+

@@ -21,10 +21,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import filelock
 import pytest
 
-from pytest_hilfarm.drivers.netem import (
+from pytest_hilfarm.description.network import (
     CLEAR,
     Conditions,
-    NetemController,
     NetworkProfile,
     load_profiles,
     parse_loss,
@@ -32,6 +31,7 @@ from pytest_hilfarm.drivers.netem import (
     parse_outages,
     parse_rate,
 )
+from pytest_hilfarm.drivers.netem import NetemController
 from pytest_hilfarm.drivers.netproxy import ImpairmentProxy, OutageMode
 from pytest_hilfarm.errors import ConfigError, HilfarmError, InfrastructureError, UsageError
 

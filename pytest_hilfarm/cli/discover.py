@@ -56,7 +56,7 @@ def register(subparsers: Any) -> None:
 
 
 def _load_rack(args: argparse.Namespace) -> Any:
-    from pytest_hilfarm.description.rack import load_rack
+    from pytest_hilfarm.description.rack import lists_boards, load_rack
 
     if args.rack:
         return load_rack(args.rack)
@@ -66,21 +66,11 @@ def _load_rack(args: argparse.Namespace) -> Any:
         except ConfigError:
             # A skeleton a person started (no boards yet) is fine to write into; any other
             # mistake is reported now, before anything is probed or switched.
-            if _has_boards(Path(args.write)):
+            if lists_boards(Path(args.write)):
                 raise
             return None
     env = os.environ.get("HILFARM_RACK", "")
     return load_rack(env) if env else None
-
-
-def _has_boards(path: Path) -> bool:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, OSError, UnicodeDecodeError):
-        return True  # not readable as YAML: let the loader's error stand
-    return not isinstance(data, dict) or bool(data.get("boards"))
 
 
 def reserved_checker(rack: Any) -> Callable[[str], bool]:

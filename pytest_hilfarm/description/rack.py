@@ -51,13 +51,13 @@ _IFACE_RE = re.compile(r"[A-Za-z0-9._:@-]{1,15}")
 _COM_RE = re.compile(r"COM\d+", re.IGNORECASE)
 _URL_SCHEMES = ("rfc2217", "socket")
 
-# network_profiles is read (and checked, with file and line) by netem.load_profiles when a
-# test asks for network conditions; the rack loader only admits the key.
+# network_profiles is read (and checked, with file and line) by description.network.load_profiles
+# when a test asks for network conditions; the rack loader only admits the key.
 _TOP_KEYS = ("version", "name", "lock_dir", "state_dir", "backend", "baseline", "settings",
              "network_profiles", "boards")
 # sim: the virtual board's eFuse / secure boot settings and its chip revision, MAC and flash
-# size, read and checked by the virtual rack daemon (docs/virtual-rack.md); the rack loader only
-# checks it is a mapping on a virtual board.
+# size, read and checked by description.virtual (the virtual rack's view, docs/virtual-rack.md);
+# the farm's loader only checks it is a mapping on a virtual board.
 _BOARD_KEYS = ("id", "chip", "port", "usb_serial", "usb_path", "reset", "power", "flash",
                "features", "baseline", "interface", "sim")
 _PORT_KEYS = ("port", "usb_serial", "usb_path")
@@ -236,6 +236,18 @@ def load_rack(path: str | os.PathLike[str], *,
         raise ConfigError(f"cannot read rack file: {exc.strerror}", where=str(file),
                           hint="check the path and its permissions") from None
     return _parse(text, str(file), file.absolute().parent, environ, file)
+
+
+def lists_boards(path: Path) -> bool:
+    """Whether a rack file (checked or not) lists any board: a skeleton without boards is not.
+
+    A file that cannot be read as YAML counts as listing boards, so the loader's error stands.
+    """
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return True
+    return not isinstance(data, dict) or bool(data.get("boards"))
 
 
 def parse_rack(text: str, source_name: str = "<rack>", *, base_dir: Path | None = None,

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from pytest_hilfarm.drivers.netem import CLEAR, Conditions
+from pytest_hilfarm.description.network import CLEAR, Conditions
 from pytest_hilfarm.errors import UsageError
 
 OutageMode = Literal["hold", "cut"]

@@ -10,6 +10,7 @@ boards, racks or the simulator.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -117,3 +118,20 @@ def chip_for_esptool_name(esptool_name: str) -> str | None:
     return found.name if found else None
 
 
+def parse_revision(text: str | int | float) -> int:
+    """A chip revision as ESP-IDF and esptool count it (major * 100 + minor).
+
+    ``"v0.4"``, ``"0.4"``, ``"v3.1"`` -> 4, 4, 301; an int passes as major*100+minor.
+    """
+    if isinstance(text, bool):
+        raise ValueError(f"revision {text!r} is not a chip revision like v0.4")
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*v?(\d+)\.(\d+)\s*", str(text))
+    if not match:
+        raise ValueError(f"revision {text!r} is not a chip revision like v0.4 or v3.1")
+    return int(match.group(1)) * 100 + int(match.group(2))
+
+
+def format_revision(revision: int) -> str:
+    return f"v{revision // 100}.{revision % 100}"

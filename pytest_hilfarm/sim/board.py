@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from pytest_hilfarm.errors import ImageError, UsageError
+from pytest_hilfarm.esp.chips import format_revision
 from pytest_hilfarm.esp.image import (
     AppImage,
     chip_for_id,
@@ -42,7 +43,7 @@ from pytest_hilfarm.ota.signing import max_signature_blocks, verify_block
 from pytest_hilfarm.sim import boot as boot_chain
 from pytest_hilfarm.sim.app import DemoApp
 from pytest_hilfarm.sim.boot import BootEfuse
-from pytest_hilfarm.sim.chips import format_revision, rom_banner
+from pytest_hilfarm.sim.chips import rom_banner
 from pytest_hilfarm.sim.flash import FlashMemory
 from pytest_hilfarm.sim.loader import LoaderSession
 from pytest_hilfarm.sim.model import AppInfo, BootOutcome, OtaError, OtaResult

@@ -13,7 +13,6 @@ constant data or pure functions: no I/O, no state, nothing about how the loader 
 from __future__ import annotations
 
 import hashlib
-import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -328,22 +327,6 @@ def revision_registers(chip: str | ChipSpec, revision: int) -> dict[int, int]:
         put(addr, bit, width, rest)
         rest >>= width
     return regs
-
-
-def parse_revision(text: str | int | float) -> int:
-    """``"v0.4"``, ``"0.4"``, ``"v3.1"`` -> 4, 4, 301; an int passes as major*100+minor."""
-    if isinstance(text, bool):
-        raise ValueError(f"revision {text!r} is not a chip revision like v0.4")
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*v?(\d+)\.(\d+)\s*", str(text))
-    if not match:
-        raise ValueError(f"revision {text!r} is not a chip revision like v0.4 or v3.1")
-    return int(match.group(1)) * 100 + int(match.group(2))
-
-
-def format_revision(revision: int) -> str:
-    return f"v{revision // 100}.{revision % 100}"
 
 
 def efuse_registers(chip: str | ChipSpec, mac: bytes,

@@ -22,13 +22,8 @@ import pytest
 from netns_helpers import VethPair, netem_missing, python_in, tbf_stand_in
 
 from pytest_hilfarm.cli import net as cli_net
-from pytest_hilfarm.drivers.netem import (
-    BUILTIN_PROFILES,
-    NETEM_HANDLE,
-    Conditions,
-    NetemController,
-    read_records,
-)
+from pytest_hilfarm.description.network import BUILTIN_PROFILES, Conditions
+from pytest_hilfarm.drivers.netem import NETEM_HANDLE, NetemController, read_records
 from pytest_hilfarm.errors import InfrastructureError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,7 +57,8 @@ def test_restored_when_the_test_raises(veth: VethPair, tmp_path: Path) -> None:
 _CHILD = r"""
 import subprocess, sys, time
 from pathlib import Path
-from pytest_hilfarm.drivers.netem import Conditions, NetemController, subprocess_runner
+from pytest_hilfarm.description.network import Conditions
+from pytest_hilfarm.drivers.netem import NetemController, subprocess_runner
 stand_in = sys.argv[4] == "1"
 def runner(argv):
     argv = list(argv)
@@ -153,7 +149,8 @@ def test_without_cap_net_admin_the_error_says_what_is_missing(veth: VethPair,
     # the real root created, so tc is refused exactly as for an unprivileged user.
     code = (
         "from pathlib import Path\n"
-        "from pytest_hilfarm.drivers.netem import Conditions, NetemController\n"
+        "from pytest_hilfarm.description.network import Conditions\n"
+        "from pytest_hilfarm.drivers.netem import NetemController\n"
         "from pytest_hilfarm.errors import InfrastructureError\n"
         f"ctl = NetemController({veth.if_a!r}, {veth.ns_a!r}, state_dir=Path({str(tmp_path)!r}))\n"
         "try:\n    ctl.apply(Conditions(delay_ms=10))\n"

@@ -8,15 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from pytest_hilfarm.description.network import BUILTIN_PROFILES, Conditions, load_profiles
 from pytest_hilfarm.drivers.netem import (
-    BUILTIN_PROFILES,
     NETEM_HANDLE,
-    Conditions,
     NetemController,
     RunResult,
     cut_flows_argv,
     has_net_admin,
-    load_profiles,
     netem_argv,
     read_records,
     reset_all,

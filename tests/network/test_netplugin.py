@@ -13,7 +13,13 @@ from typing import Any
 
 import pytest
 
-from pytest_hilfarm.drivers.netem import BUILTIN_PROFILES, CLEAR, Conditions, NetworkProfile, Outage
+from pytest_hilfarm.description.network import (
+    BUILTIN_PROFILES,
+    CLEAR,
+    Conditions,
+    NetworkProfile,
+    Outage,
+)
 from pytest_hilfarm.errors import UsageError
 from pytest_hilfarm.netplugin import MARKER_SIGNATURE, make_network, resolve_request
 

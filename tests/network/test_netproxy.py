@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pytest_hilfarm.drivers.netem import BUILTIN_PROFILES, Conditions
+from pytest_hilfarm.description.network import BUILTIN_PROFILES, Conditions
 from pytest_hilfarm.drivers.netproxy import ImpairmentProxy
 from pytest_hilfarm.errors import UsageError
 

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pytest_hilfarm.console import Console
+from pytest_hilfarm.board.console import Console
 from pytest_hilfarm.drivers.transports import open_port
 from pytest_hilfarm.ota.keys import generate_signing_key, key_digest
 from pytest_hilfarm.ota.server import OtaServer

@@ -63,7 +63,7 @@ class ConsoleTimeout(HilfarmError):
 class CommandError(HilfarmError):
     """A console command's reply says it failed (a test-level failure, not a rig fault).
 
-    Raised by :meth:`pytest_hilfarm.device.Device.command` for a reply line that starts with
+    Raised by :meth:`pytest_hilfarm.board.device.Device.command` for a reply line that starts with
     ``error:`` (the demo app's convention) or is one of ESP-IDF console REPL's own failure lines
     (``Unrecognized command``, ``Command returned non-zero error code: ...``, ``Internal error:
     ...``). ``command``, ``reply`` and ``board`` say which command, what came back and where.

@@ -22,9 +22,9 @@ from pytest_hilfarm.description import settings as hs
 from pytest_hilfarm.errors import HilfarmError, InfrastructureError, UsageError
 
 if TYPE_CHECKING:
-    from pytest_hilfarm.candidate import Candidate
-    from pytest_hilfarm.device import Device
+    from pytest_hilfarm.board.device import Device
     from pytest_hilfarm.farm import Farm
+    from pytest_hilfarm.farm.candidate import Candidate
 
 
 class Terminated(KeyboardInterrupt):
@@ -122,7 +122,7 @@ def _resolve(firmware: object, settings: hs.Settings, key: str, *, skip: bool = 
              where: str | None = None) -> Candidate | None:
     if firmware is None or skip:
         return None
-    from pytest_hilfarm.candidate import resolve_candidate
+    from pytest_hilfarm.farm.candidate import resolve_candidate
 
     source = where or str(settings.source_of(key))
     return resolve_candidate(firmware, source=source)
@@ -400,7 +400,7 @@ def hil_devices(
 def _fixture_candidate(config: pytest.Config, settings: hs.Settings, value: object
                        ) -> Candidate | None:
     """The ``hil_firmware`` fixture's value as a Candidate (a conftest may return a path)."""
-    from pytest_hilfarm.candidate import Candidate
+    from pytest_hilfarm.farm.candidate import Candidate
 
     if value is None or isinstance(value, Candidate):
         return value

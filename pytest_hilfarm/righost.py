@@ -46,6 +46,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
 
+from pytest_hilfarm.board.wiring import LocalWiring, VirtualRack, flash_and_boot
 from pytest_hilfarm.description.rack import BoardSpec, RackSpec, load_rack
 from pytest_hilfarm.drivers.flashing import FlashPlan, FlashReport, Region
 from pytest_hilfarm.drivers.rigclient import read_token
@@ -58,7 +59,6 @@ from pytest_hilfarm.errors import (
     InfrastructureError,
     UsageError,
 )
-from pytest_hilfarm.wiring import LocalWiring, VirtualRack, flash_and_boot
 
 log = logging.getLogger("pytest_hilfarm.righost")
 

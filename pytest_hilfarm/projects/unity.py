@@ -12,8 +12,8 @@ typed earlier), so a case that crashes or resets the board fails alone and the n
 runs. Cases tagged ``[ignore]``/``[disable]`` are reported skipped unless named; multi-stage and
 multi-device cases are reported skipped (this runner does not drive their stages).
 
-It only writes to and reads from a console (a :class:`~pytest_hilfarm.device.Device` or
-:class:`~pytest_hilfarm.console.Console`); it never resets or flashes boards itself.
+It only writes to and reads from a console (a :class:`~pytest_hilfarm.board.device.Device` or
+:class:`~pytest_hilfarm.board.console.Console`); it never resets or flashes boards itself.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_hilfarm.console import Console
+from pytest_hilfarm.board.console import Console
 from pytest_hilfarm.drivers.transports import open_port
 from pytest_hilfarm.errors import ConsoleTimeout, PortError
 

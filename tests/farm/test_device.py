@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from pytest_hilfarm.console import Console
-from pytest_hilfarm.device import Device, parse_boot_info
+from pytest_hilfarm.board.console import Console
+from pytest_hilfarm.board.device import Device, parse_boot_info
 from pytest_hilfarm.drivers.flashing import FlashPlan, FlashReport, RegionResult
 from pytest_hilfarm.drivers.power import VirtualPower
 from pytest_hilfarm.drivers.reset import VirtualReset

@@ -170,7 +170,7 @@ def test_unplugged_usb_board_is_not_offered(tmp_path: Path,
         "usb.yaml", environ={"HILFARM_STATE_DIR": str(tmp_path)},
     )
     plugged = {"A1": None, "B2": "/dev/ttyUSB1"}
-    monkeypatch.setattr("pytest_hilfarm.farm.find_usb",
+    monkeypatch.setattr("pytest_hilfarm.farm.core.find_usb",
                         lambda serial=None, path=None: plugged.get(serial or ""))
     with Farm(rack, log_root=tmp_path / "logs") as f:
         with f.reserve(1, timeout=2) as lease:

@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sim"))
 
 from realbuild import RealBuild, build  # noqa: E402
 
-from pytest_hilfarm.console import Console  # noqa: E402
-from pytest_hilfarm.device import Device  # noqa: E402
+from pytest_hilfarm.board.console import Console  # noqa: E402
+from pytest_hilfarm.board.device import Device  # noqa: E402
 from pytest_hilfarm.drivers.power import VirtualPower  # noqa: E402
 from pytest_hilfarm.drivers.reset import VirtualReset  # noqa: E402
 from pytest_hilfarm.drivers.transports import open_port  # noqa: E402

@@ -147,7 +147,7 @@ def test_unity_app_on_a_virtual_board(unity_device) -> None:
 def test_unity_cannot_run_a_real_build_on_a_virtual_board(rack, real, tmp_path: Path) -> None:
     # A real build is not the demo app: the board says it cannot run it, and the runner
     # passes that on instead of waiting for a menu that never comes.
-    from pytest_hilfarm.device import AppCannotRun
+    from pytest_hilfarm.board.device import AppCannotRun
 
     board = board_of(rack, "esp32c3")
     device = open_device(rack, board, tmp_path / "dut.log")

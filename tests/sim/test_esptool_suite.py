@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from realbuild import RealBuild, build, write_build_dir
 
-from pytest_hilfarm.console import Console
-from pytest_hilfarm.device import AppCannotRun, Device
+from pytest_hilfarm.board.console import Console
+from pytest_hilfarm.board.device import AppCannotRun, Device
 from pytest_hilfarm.drivers.power import VirtualPower
 from pytest_hilfarm.drivers.reset import VirtualReset
 from pytest_hilfarm.drivers.transports import open_port

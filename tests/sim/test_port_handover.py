@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_hilfarm.device import Device
+from pytest_hilfarm.board.device import Device
 from pytest_hilfarm.farm import Farm
 from pytest_hilfarm.sim.appbuild import write_build_dir
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from pytest_hilfarm.description.rack import BoardSpec
 from pytest_hilfarm.description.settings import ImageSpec
 from pytest_hilfarm.drivers.flashing import FlashPlan, Region, check_plan, make_plan
 from pytest_hilfarm.errors import HilfarmError, ImageError, UsageError
@@ -289,3 +290,10 @@ def revision_text(full: int) -> str:
 
 __all__ = ["AppIdentity", "Candidate", "check_images", "plan_chip", "plan_digest",
            "resolve_candidate", "revision_text"]
+
+
+def firmware_plan(candidate: Candidate | None, board: BoardSpec) -> FlashPlan | None:
+    """The candidate's plan for this board's chip (ImageError naming the board if it has none)."""
+    if candidate is None:
+        return None
+    return candidate.require(board.chip, where=f"board {board.id}")

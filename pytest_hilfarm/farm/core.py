@@ -1,4 +1,4 @@
-"""The farm: reserve boards, bring them to a known state, flash them, hand out devices, release.
+"""The farm: open a rack, reserve boards, hand out prepared sessions and devices, report status.
 
 Usable without pytest: ``Farm.open(rack)`` then ``with farm.session(count=2, firmware=...) as s``.
 It wires rack records to drivers (ports, power, reset, console) and keeps each board's health in
@@ -11,17 +11,17 @@ from __future__ import annotations
 import os
 import re
 import threading
-import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from pytest_hilfarm.allocate import BoardInfo, BoardRequest, can_ever_satisfy
-from pytest_hilfarm.candidate import Candidate, plan_digest, resolve_candidate
-from pytest_hilfarm.console import Console
+from pytest_hilfarm.board.console import Console
+from pytest_hilfarm.board.device import Device
+from pytest_hilfarm.board.wiring import BoardWiring, LocalWiring, RemoteWiring, VirtualRack
 from pytest_hilfarm.description.rack import (
     BoardSpec,
     RackSpec,
@@ -29,18 +29,17 @@ from pytest_hilfarm.description.rack import (
     load_rack,
 )
 from pytest_hilfarm.description.settings import ImageSpec
-from pytest_hilfarm.device import Device
-from pytest_hilfarm.drivers.flashing import FlashPlan, FlashReport, RegionResult
+from pytest_hilfarm.drivers.flashing import FlashPlan, FlashReport
 from pytest_hilfarm.drivers.transports import find_usb
 from pytest_hilfarm.drivers.virtual import ControlClient
 from pytest_hilfarm.errors import (
-    BootError,
     HilfarmError,
     ImageError,
-    InfrastructureError,
     PortError,
 )
-from pytest_hilfarm.esp.image import app_identity
+from pytest_hilfarm.farm import prepare
+from pytest_hilfarm.farm.candidate import Candidate, resolve_candidate
+from pytest_hilfarm.farm.session import BoardFault, HilSession, PreparedBoard
 from pytest_hilfarm.reservation import LeaseProtocol, Owner, ReservationBackend, Reserver
 from pytest_hilfarm.store import (
     BoardHealth,
@@ -49,153 +48,6 @@ from pytest_hilfarm.store import (
     LeaseOutcome,
     check_due_reason,
 )
-from pytest_hilfarm.wiring import BoardWiring, LocalWiring, RemoteWiring, VirtualRack
-
-# A boot that printed the ROM banner / bootloader lines but never reached the app is the
-# firmware's fault; a board that printed nothing at all is the rig's.
-_ANY_BOOT_OUTPUT = re.compile(r"rst:0x|ESP-ROM:|ets [A-Z][a-z]{2} |boot: ")
-
-
-class BoardFault(InfrastructureError):
-    """An infrastructure fault on specific boards (they are marked UNKNOWN)."""
-
-    def __init__(self, what: str, *, board_ids: Iterable[str], where: str | None = None,
-                 hint: str | None = None) -> None:
-        self.board_ids = tuple(board_ids)
-        super().__init__(what, where=where, hint=hint)
-
-
-@dataclass
-class PreparedBoard:
-    """A board of a session after preparation."""
-
-    device: Device
-    report: FlashReport | None
-    firmware_sha256: str | None
-    firmware_failure: str | None = None
-    health_checked: bool = False
-    lost_at_start: int = 0  # the console's lost_count when the test got the board
-
-    @property
-    def seconds(self) -> float:
-        return self.report.seconds if self.report else 0.0
-
-
-@dataclass
-class SessionFlash:
-    """What the plugin reports per board: regions written/skipped, seconds, firmware digest."""
-
-    regions: tuple[RegionResult, ...]
-    seconds: float
-    firmware_sha256: str | None
-
-
-@dataclass
-class HilSession:
-    """Boards reserved and prepared for one test (or one CLI command)."""
-
-    farm: Farm
-    lease: LeaseProtocol
-    boards: list[PreparedBoard]
-    test_id: str
-    started: float = field(default_factory=time.monotonic)
-    _finished: bool = False
-    candidate: Candidate | None = None
-
-    @property
-    def devices(self) -> list[Device]:
-        return [b.device for b in self.boards]
-
-    @property
-    def flash_reports(self) -> list[SessionFlash]:
-        return [
-            SessionFlash(b.report.regions if b.report else (), b.seconds, b.firmware_sha256)
-            for b in self.boards
-        ]
-
-    def port_lost(self, board_id: str) -> bool:
-        """Whether the board's console port vanished since the board was handed out."""
-        for prepared in self.boards:
-            if prepared.device.id == board_id:
-                return prepared.device.console.lost_count > prepared.lost_at_start
-        return False
-
-    @property
-    def firmware_failure(self) -> str | None:
-        failures = [b.firmware_failure for b in self.boards if b.firmware_failure]
-        return "\n\n".join(failures) if failures else None
-
-    def finish(self, outcome: str = "passed", board_outcomes: Mapping[str, str] | None = None,
-               *, note: str = "") -> None:
-        """Close consoles, record results and release the boards (idempotent).
-
-        ``outcome`` is the test's: passed, failed, skipped, not_run, infra_error or aborted
-        (interrupted; ``note`` says by what, e.g. "SIGINT"). A board whose firmware did not
-        start (the candidate, or an image the test flashed) is left for a health check whatever
-        the test's outcome, so nobody else gets a board that boots into a crash.
-        """
-        if self._finished:
-            return
-        self._finished = True
-        duration = time.monotonic() - self.started
-        lease_outcomes: dict[str, str] = {}
-        notes: list[str] = [note] if note else []
-        for prepared in self.boards:
-            dev = prepared.device
-            per_board = (board_outcomes or {}).get(dev.id, outcome)
-            lease_outcomes[dev.id] = _lease_outcome(per_board)
-            broken = prepared.firmware_failure or dev.boot_failure
-            if broken and lease_outcomes[dev.id] != LeaseOutcome.ABORTED.value:
-                lease_outcomes[dev.id] = LeaseOutcome.BROKEN_APP.value
-                first = broken.strip().splitlines()[0] if broken.strip() else "no boot"
-                notes.append(f"{dev.id}: {first}"[:200])
-            if self.port_lost(dev.id):
-                # The port vanished during the test: a rig fault, whatever the test made of it.
-                lease_outcomes[dev.id] = LeaseOutcome.INFRA_ERROR.value
-            try:
-                dev.console.close()
-            except Exception:  # noqa: BLE001 - closing must not hide the test's own result
-                lease_outcomes[dev.id] = LeaseOutcome.INFRA_ERROR.value
-            if per_board in ("passed", "failed"):
-                self.farm.store.record_result(
-                    dev.id, self.test_id, per_board, duration, prepared.firmware_sha256 or ""
-                )
-        self.lease.release(lease_outcomes, note="; ".join(notes))
-
-    def __enter__(self) -> HilSession:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        if exc is None:
-            self.finish("passed")
-        elif isinstance(exc, InfrastructureError):
-            self.finish("infra_error")
-        elif isinstance(exc, Exception):
-            self.finish("failed")
-        else:
-            self.finish("aborted", note=interruption_note(exc))
-
-
-def interruption_note(exc: BaseException) -> str:
-    """How an interruption reads in a board's health reason: ``SIGINT (Ctrl-C)``, ``SIGTERM``."""
-    signal_name = getattr(exc, "signal_name", None)
-    if signal_name:
-        return str(signal_name)
-    if isinstance(exc, KeyboardInterrupt):
-        return "SIGINT (Ctrl-C)"
-    return type(exc).__name__
-
-
-def _lease_outcome(test_outcome: str) -> str:
-    return {
-        "passed": LeaseOutcome.OK.value,
-        "failed": LeaseOutcome.FAILED.value,
-        "skipped": LeaseOutcome.SKIPPED.value,
-        "not_run": LeaseOutcome.OK.value,
-        "infra_error": LeaseOutcome.INFRA_ERROR.value,
-        "aborted": LeaseOutcome.ABORTED.value,
-        "broken_app": LeaseOutcome.BROKEN_APP.value,
-    }.get(test_outcome, LeaseOutcome.FAILED.value)
 
 
 def _chips_words(chips: Iterable[str]) -> str:
@@ -376,7 +228,7 @@ class Farm:
 
     def candidate(self, firmware: object, *, source: str = "firmware argument"
                   ) -> Candidate | None:
-        """Resolve and check candidate firmware once (see :mod:`pytest_hilfarm.candidate`)."""
+        """Resolve and check candidate firmware once (see :mod:`pytest_hilfarm.farm.candidate`)."""
         return resolve_candidate(firmware, source=source)
 
     def present(self, board: BoardSpec) -> bool:
@@ -443,162 +295,29 @@ class Farm:
             return f"at USB path {value}"
         return value
 
-    # -- preparation --------------------------------------------------------------------------
+    # -- preparation (farm/prepare.py) ------------------------------------------------------
 
     def baseline_of(self, board: BoardSpec) -> Path | None:
-        if self.baseline_override is not None:
-            path = self.baseline_override.for_chip(board.chip)
-            if path is not None:
-                return path
-        spec = board.baseline or self.rack.baseline_for(board)
-        if spec is not None:
-            return spec.path
-        if board.is_virtual:
-            baselines = self.virtual_info().get("baselines") or {}
-            path = baselines.get(board.chip)
-            return Path(path) if path else None
-        return None
+        """The known-good image a health check flashes onto this board, if any."""
+        return prepare.baseline_of(self, board)
 
     def health_check(self, device: Device, *, reason: str = "") -> BoardHealth:
         """Power-cycle, flash the baseline (skipping identical regions), check that it boots."""
-        board = self.board(device.id)
-        before = self.store.health(board.id).health
-        try:
-            baseline = self.baseline_of(board)
-            if board.power.driver != "none":
-                device.power_driver.cycle(0.2)
-                device.console.wait_connected(timeout=device.boot_timeout)
-            if baseline is not None:
-                device.flash(baseline, skip_identical=True)
-                detail = f"baseline {device.boot_info().project or 'app'} booted"
-            else:
-                # No baseline to boot: check what can be checked (port, reset lines, ROM).
-                device.probe(wait=False)
-                detail = "download mode answers (no baseline configured)"
-            ok = True
-        except HilfarmError as exc:
-            ok, detail = False, str(exc).splitlines()[0]
-        after = self.store.record_check(board.id, ok, detail)
-        if after != before:
-            self._note_change(f"{board.id}: {before.value} -> {after.value} ({detail})")
-        if not ok:
-            raise BoardFault(
-                f"health check of {board.id} failed: {detail}",
-                board_ids=[board.id],
-                where=str(device.log_path),
-                hint=("the board is marked " + after.value
-                      + "; see its log; `hilfarm board restore` after fixing a quarantined board"),
-            )
-        return after
+        return prepare.health_check(self, device, reason=reason)
 
-    def _note_change(self, text: str) -> None:
+    def prepare_board(self, board_id: str, *, firmware: object, needs_check: bool,
+                      boot_timeout: float, log_path: Path) -> PreparedBoard:
+        """Bring one reserved board to a known state and start the candidate firmware."""
+        return prepare.prepare_board(self, board_id, firmware=firmware, needs_check=needs_check,
+                                     boot_timeout=boot_timeout, log_path=log_path)
+
+    def note_health_change(self, text: str) -> None:
         with self._changes_lock:
             self._health_changes.append(text)
 
     def health_changes(self) -> list[str]:
         with self._changes_lock:
             return list(self._health_changes)
-
-    @staticmethod
-    def _firmware_plan(candidate: Candidate | None, board: BoardSpec) -> FlashPlan | None:
-        if candidate is None:
-            return None
-        return candidate.require(board.chip, where=f"board {board.id}")
-
-    def _store_says_flashed(self, board_id: str, plan: FlashPlan) -> bool:
-        """Whether the store's digests alone may stand for the device's flash.
-
-        Not for a plan with otadata: an OTA update (or a rollback) in an earlier test rewrites
-        otadata without changing what the boot log shows, so such plans are compared on the
-        device (one MD5 per region, no data sent when equal).
-        """
-        if any(r.role == "otadata" for r in plan.regions):
-            return False
-        for region in plan.regions:
-            record = self.store.flashed_digest(board_id, region.offset)
-            if record is None or record.digest != region.sha256:
-                return False
-        return True
-
-    def prepare_board(self, board_id: str, *, firmware: object, needs_check: bool,
-                      boot_timeout: float, log_path: Path) -> PreparedBoard:
-        """Bring one reserved board to a known state and start the candidate firmware.
-
-        ``firmware`` is a :class:`Candidate` (or anything :meth:`candidate` resolves).
-        """
-        board = self.board(board_id)
-        candidate = self.candidate(firmware)
-        try:
-            device = self.open_device(board_id, log_path=log_path, boot_timeout=boot_timeout)
-        except HilfarmError as exc:
-            raise BoardFault(str(exc), board_ids=[board_id]) from exc
-        try:
-            health = self.store.health(board_id).health
-            checked = False
-            if needs_check or health != BoardHealth.GOOD:
-                self.health_check(device)
-                checked = True
-            plan = self._firmware_plan(candidate, board)
-            report: FlashReport | None = None
-            digest = plan_digest(plan) if plan else None
-            if plan is not None and not self._store_says_flashed(board_id, plan):
-                report = device.flash(plan, skip_identical=True, wait=False)
-            failure = self._boot(device, plan)
-            if plan is not None and report is None and (
-                failure or not self._runs_candidate(device, plan)
-            ):
-                # The store's digests were stale (flashed by hand, an OTA in the last test):
-                # compare on the device, region by region, and write what differs.
-                self.store.forget_flash(board_id)
-                report = device.flash(plan, skip_identical=True, wait=False)
-                failure = self._boot(device, plan)
-            return PreparedBoard(device, report, digest, failure, checked,
-                                 device.console.lost_count)
-        except BoardFault:
-            device.console.close()
-            raise
-        except ImageError as exc:
-            # The image does not fit this board (its chip revision, its flash): nothing was
-            # written and the board is as healthy as before; say where the image came from.
-            device.console.close()
-            source = f" (candidate from {candidate.source})" if candidate is not None else ""
-            if source and candidate is not None and candidate.source in (exc.where or ""):
-                source = ""
-            raise ImageError(exc.what, where=f"{exc.where}{source}", hint=exc.hint) from None
-        except InfrastructureError as exc:
-            device.console.close()
-            self.store.set_health(board_id, BoardHealth.UNKNOWN, str(exc).splitlines()[0])
-            raise BoardFault(str(exc), board_ids=[board_id]) from exc
-        except BaseException:
-            device.console.close()
-            raise
-
-    @staticmethod
-    def _runs_candidate(device: Device, plan: FlashPlan) -> bool:
-        """Whether the boot log shows the plan's app (project, version, offset) running."""
-        for region in plan.regions:
-            ident = app_identity(region.data) if region.role in ("app", None) else None
-            if ident is not None:
-                info = device.boot_info()
-                return (info.project, info.app_version, info.partition_offset) == (
-                    ident[0], ident[1], region.offset
-                )
-        return True  # no app descriptor to compare (a raw image): trust the digests
-
-    def _boot(self, device: Device, plan: FlashPlan | None) -> str | None:
-        """Reset into the app; None if it started, else the failure text (firmware's fault)."""
-        mark = device.console.mark()
-        try:
-            device.reset()
-        except BootError as exc:
-            seen = device.console.text_since(mark)
-            if not _ANY_BOOT_OUTPUT.search(seen):
-                raise  # nothing at all on the console: the rig, not the firmware
-            return (
-                f"{device.id}: the candidate firmware did not start\n{exc}\n"
-                f"log: {device.log_path}"
-            )
-        return None
 
     def start_session(self, count: int = 1, *, chip: str | None = None,
                       features: Iterable[str] = (), firmware: object = None,
@@ -715,42 +434,3 @@ class Farm:
         seconds) is None for a request that waits on a person or an offline rig host.
         """
         return [asdict(entry) for entry in self.reserver.queue()]
-
-
-def flash_boards(farm: Farm, board_ids: Sequence[str], plan: object, *,
-                 timeout: float = 60.0, progress: Any = None) -> list[FlashReport]:
-    """Reserve the named boards, flash ``plan`` on each (in parallel) and release them.
-
-    ``progress`` is one callback for every board, or a mapping of board id to callback.
-    """
-    boards = [farm.board(b) for b in board_ids]
-    chips = {b.chip for b in boards}
-    candidate = resolve_candidate(plan, source="the command line",
-                                  default_chip=chips.pop() if len(chips) == 1 else None)
-    for board in boards:  # refuse before reserving anything: nothing is written on a mismatch
-        farm._firmware_plan(candidate, board)
-    lease = farm.reserve(len(board_ids), only=board_ids, timeout=timeout,
-                         reason="hilfarm flash")
-    reports: list[FlashReport] = []
-    outcome = LeaseOutcome.OK
-    try:
-        def one(board_id: str) -> FlashReport:
-            dev = farm.open_device(board_id)
-            try:
-                chip_plan = farm._firmware_plan(candidate, farm.board(board_id))
-                assert chip_plan is not None
-                board_progress = progress.get(board_id) if isinstance(progress, Mapping) \
-                    else progress
-                return dev.flash(chip_plan, progress=board_progress, skip_identical=True)
-            finally:
-                dev.console.close()
-
-        with ThreadPoolExecutor(max_workers=len(board_ids)) as pool:
-            reports = list(pool.map(one, board_ids))
-    except InfrastructureError:
-        outcome = LeaseOutcome.INFRA_ERROR
-        raise
-    finally:
-        lease.release(default=outcome)
-    return reports
-

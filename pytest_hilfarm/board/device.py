@@ -6,8 +6,8 @@ FlashError / PortError (InfrastructureError), so the plugin reports a setup erro
 board UNKNOWN instead of failing the test. It must not open ports itself: the console owns the
 port, and flashing borrows it through ``pause()``/``resume()``.
 
-``ota_update`` drives an over-the-air update through the app's console (``ota <url>``, the
-demo app's protocol in ``sim/app.py``, which firmware under test is expected to mirror) and
+``ota_update`` drives an over-the-air update through the app's console (``ota <url>``: the
+console protocol, :mod:`pytest_hilfarm.board.protocol`, which firmware under test mirrors) and
 reads the outcome from the log; it serves a local image through an
 :class:`~pytest_hilfarm.ota.server.OtaServer` on 127.0.0.1 when given a path or bytes.
 """
@@ -21,7 +21,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pytest_hilfarm.console import DEFAULT_PROMPT, Console
+from pytest_hilfarm.board.console import DEFAULT_PROMPT, Console
+from pytest_hilfarm.board.protocol import (
+    APP_STARTED,
+    BANNER_FIELDS,
+    BOOT_FAILED,
+    CANNOT_RUN,
+    COMMAND_FAILED,
+    DEMO_RUNS,
+    LOADED_APP,
+    OTA_NEW,
+    OTA_RESULT,
+    REPLY_FIELD,
+    ROLLBACK_REASON,
+    ROM_RESET,
+    TABLE_ROW,
+)
 from pytest_hilfarm.drivers.flashing import (
     FlashPlan,
     FlashReport,
@@ -34,48 +49,8 @@ from pytest_hilfarm.drivers.power import PowerDriver
 from pytest_hilfarm.drivers.reset import ResetDriver
 from pytest_hilfarm.errors import BootError, CommandError, ConsoleTimeout, UsageError
 
-# A virtual board that booted an image it has no model of says so in one line (sim/board.py
-# cannot_run_line) and runs nothing more: the boot is over there.
-CANNOT_RUN = re.compile(r"\[virtual board [^:\]\r\n]+: cannot run this app: ([^\r\n]*)\]")
-# The app has started once ESP-IDF prints its version in the app's startup banner
-# (app_init in IDF >= 5.0, cpu_start before) or calls app_main.
-APP_STARTED = re.compile(
-    r"(?:app_init|cpu_start): ESP-IDF:[^\n]*\n|main_task: Calling app_main\(\)|"
-    + CANNOT_RUN.pattern
-)
-# The virtual rack's demo app announces itself right after app_main (sim/app.py).
-_DEMO_RUNS = re.compile(r"hilfarm-demo: running partition ")
-# Signs that the boot will not reach the app: fail at once instead of waiting for the timeout.
-# A slot that is "not bootable", and "ota data partition invalid, falling back to factory", are
-# not among them: the bootloader goes on to the next slot (an OTA rollback, a refused signature;
-# bootloader_utility.c), and "No bootable app partitions" follows when none is left.
-BOOT_FAILED = re.compile(
-    r"Guru Meditation Error[^\n]*|abort\(\) was called[^\n]*|"
-    r"E \(\d+\) boot: (?:No bootable app partitions|(?!ota data partition invalid).*[Ii]nvalid)"
-    r"[^\n]*|ets_main\.c \d+[^\n]*|invalid header: 0x[0-9a-f]+"
-)
-
 Flasher = Callable[..., FlashReport]
 
-# The app's OTA result lines (sim/app.py documents them) and what rolls an update back.
-_OTA_RESULT = re.compile(
-    r"hilfarm-demo: OTA (succeeded|failed): ([^\r\n]*)"
-)
-_OTA_NEW = re.compile(r"OTA succeeded: (\S+) (\S+) in (\S+), rebooting")
-_ROLLBACK_REASON = re.compile(
-    r"self-test failed[^\r\n]*|Guru Meditation Error[^\r\n]*|task_wdt:[^\r\n]*|"
-    r"OTA app partition slot \d+ is not bootable[^\r\n]*"
-)
-_ROM_RESET = re.compile(r"rst:0x[0-9a-f]+")
-_REPLY_FIELD = re.compile(r"^(\w+): (.*)$", re.M)
-# A reply line that says the command failed: the demo app's one-line ``error: <message>``
-# (sim/app.py), and the lines ESP-IDF's console REPL prints itself after a command
-# (esp_console's repl task: unknown command, a non-zero return code, a console error).
-COMMAND_FAILED = re.compile(
-    r"^(?:error:.*|Unrecognized command|Command returned non-zero error code:.*|"
-    r"Internal error:.*)$",
-    re.M,
-)
 OTA_OUTCOMES = ("confirmed", "rolled_back", "rejected")
 
 
@@ -136,17 +111,6 @@ class AppCannotRun(ConsoleTimeout):
     """The board said it cannot run the flashed app (a virtual board given a real build)."""
 
 
-_LOADED = re.compile(r"boot: Loaded app from partition at offset (0x[0-9a-fA-F]+)")
-_TABLE_ROW = re.compile(
-    r"boot:\s+\d+\s+(\S+)\s+.*?\s([0-9a-fA-F]{8})\s+([0-9a-fA-F]{8})\s*$", re.M
-)
-_FIELD = {
-    "project": re.compile(r"(?:app_init|cpu_start): Project name:\s+(\S.*?)\s*$", re.M),
-    "app_version": re.compile(r"(?:app_init|cpu_start): App version:\s+(\S.*?)\s*$", re.M),
-    "idf_version": re.compile(r"(?:app_init|cpu_start): ESP-IDF:\s+(\S.*?)\s*$", re.M),
-}
-
-
 def _quoted(reply: str) -> str:
     lines = reply.split("\n") if reply else ["(empty reply)"]
     return "\n".join(f"    | {line}" for line in lines)
@@ -156,20 +120,20 @@ def parse_boot_info(text: str) -> BootInfo:
     """Parse an ESP-IDF boot log (bootloader + app startup lines); the last boot wins."""
     text = text.replace("\r", "")
     offset: int | None = None
-    for match in _LOADED.finditer(text):
+    for match in LOADED_APP.finditer(text):
         offset = int(match.group(1), 16)
     label: str | None = None
     if offset is not None:
-        for row in _TABLE_ROW.finditer(text):
+        for row in TABLE_ROW.finditer(text):
             if int(row.group(2), 16) == offset:
                 label = row.group(1)
     fields: dict[str, str | None] = {}
-    for key, regex in _FIELD.items():
+    for key, regex in BANNER_FIELDS.items():
         found = regex.findall(text)
         fields[key] = found[-1] if found else None
     # Whichever was said last belongs to the last boot.
     cannot = list(CANNOT_RUN.finditer(text))
-    demo = list(_DEMO_RUNS.finditer(text))
+    demo = list(DEMO_RUNS.finditer(text))
     runs: bool | None = None
     reason: str | None = None
     if cannot and (not demo or cannot[-1].start() > demo[-1].start()):
@@ -477,7 +441,7 @@ class Device:
         driver (virtual); after flashing the reset driver boots the app while the console
         listens, so the boot log is captured.
         """
-        from pytest_hilfarm.wiring import flash_and_boot
+        from pytest_hilfarm.board.wiring import flash_and_boot
 
         plan = make_plan(plan_or_path)
         self.console.pause()
@@ -501,7 +465,7 @@ class Device:
         fields: dict[str, str] = {}
         for cmd in ("version", "status"):
             reply = self.command(cmd, timeout=timeout).replace("\r", "")
-            for match in _REPLY_FIELD.finditer(reply):
+            for match in REPLY_FIELD.finditer(reply):
                 fields.setdefault(match.group(1), match.group(2).strip())
         return fields
 
@@ -556,13 +520,13 @@ class Device:
         if COMMAND_FAILED.search(reply) is not None:
             raise UsageError(f"the app refused the update: {reply.strip()}", where=where,
                              hint="wait for the previous update to end, and check the URL")
-        result = self._ota_wait(_OTA_RESULT, mark, deadline, where)
+        result = self._ota_wait(OTA_RESULT, mark, deadline, where)
         if result.group(1) == "failed":
             self.console.seek(result.end() + self.console.window(mark)[0])
             running = self.app_fields()
             return OtaOutcome("rejected", url, before, before, running, result.group(2).strip(),
                               self.console.text_since(mark), time.monotonic() - started)
-        new = _OTA_NEW.search(result.group(0))
+        new = OTA_NEW.search(result.group(0))
         new_version = new.group(2) if new else None
         new_slot = new.group(3) if new else None
         boot_start, prompt_end = self._ota_settle(mark, deadline, where)
@@ -577,7 +541,7 @@ class Device:
         # (esp_ota_set_boot_partition then writes no NEW state and nothing is confirmed).
         ok = (running.get("version") == new_version and running.get("partition") == new_slot
               and running.get("ota_state") in ("VALID", "UNDEFINED"))
-        reason_match = None if ok else _ROLLBACK_REASON.search(log)
+        reason_match = None if ok else ROLLBACK_REASON.search(log)
         reason = reason_match.group(0).strip() if reason_match else None
         return OtaOutcome("confirmed" if ok else "rolled_back", url, before, after, running,
                           reason, log, time.monotonic() - started)
@@ -607,14 +571,14 @@ class Device:
         prompt = re.compile(DEFAULT_PROMPT)
         while True:
             base, text = self.console.window(mark)
-            result = _OTA_RESULT.search(text)
+            result = OTA_RESULT.search(text)
             after = result.end() if result else 0
             boots = list(APP_STARTED.finditer(text, after))
             if boots:
                 last = boots[-1]
                 shown = prompt.search(text, last.end())
                 if shown is not None:
-                    resets = [m.start() for m in _ROM_RESET.finditer(text, after, last.start())]
+                    resets = [m.start() for m in ROM_RESET.finditer(text, after, last.start())]
                     first_line = text.rfind("\n", 0, resets[-1]) + 1 if resets else last.start()
                     return base + first_line, base + shown.end()
             if time.monotonic() >= deadline:

@@ -1,9 +1,9 @@
 """``hilfarm export``: run the rig host service for one rack in the foreground.
 
-Job: parse the command line into a :class:`~pytest_hilfarm.righost.RigHostConfig`, start the
-service, print where it serves each board, and stop it cleanly (host marked offline at once) on
-Ctrl-C or SIGTERM. Must not: start without authentication, or daemonise (run it under systemd or
-a CI service wrapper, which restarts it and collects its log).
+Job: parse the command line into a :class:`~pytest_hilfarm.services.righost.RigHostConfig`, start
+the service, print where it serves each board, and stop it cleanly (host marked offline at once) on
+Ctrl-C or SIGTERM. Must not: start without authentication, or daemonise (run it under systemd or a
+CI service wrapper, which restarts it and collects its log).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pytest_hilfarm.righost import RigHost, config_from_args, describe
+    from pytest_hilfarm.services.righost import RigHost, config_from_args, describe
 
     host = RigHost(config_from_args(args))
 

@@ -21,7 +21,7 @@ from pytest_hilfarm.description.network import (
     Outage,
 )
 from pytest_hilfarm.errors import UsageError
-from pytest_hilfarm.netplugin import MARKER_SIGNATURE, make_network, resolve_request
+from pytest_hilfarm.plugin.network import MARKER_SIGNATURE, make_network, resolve_request
 
 pytest_plugins = ["pytester"]
 
@@ -281,7 +281,7 @@ def _real_rack(tmp_path: Path, interface_line: str) -> Any:
 
 
 def test_real_rig_uses_the_held_boards_interfaces(tmp_path: Path) -> None:
-    from pytest_hilfarm.netplugin import NetemBackend, _backend_for
+    from pytest_hilfarm.plugin.network import NetemBackend, _backend_for
 
     rack = _real_rack(tmp_path, "    interface: enx001\n")
     backend = _backend_for(_Request(["hil_devices"], [_Dev("b1")]), _Farm(rack))  # type: ignore[arg-type]
@@ -295,7 +295,7 @@ def test_real_rig_uses_the_held_boards_interfaces(tmp_path: Path) -> None:
 
 
 def test_real_rig_needs_boards_and_interfaces(tmp_path: Path) -> None:
-    from pytest_hilfarm.netplugin import _backend_for
+    from pytest_hilfarm.plugin.network import _backend_for
 
     with pytest.raises(UsageError, match="holds none"):
         _backend_for(_Request([], []), _Farm(_real_rack(tmp_path, "")))  # type: ignore[arg-type]

@@ -1,4 +1,4 @@
-"""The hil_ota_server fixture (pytest_hilfarm.otaplugin), through pytester."""
+"""The hil_ota_server fixture (pytest_hilfarm.plugin.ota), through pytester."""
 
 from __future__ import annotations
 

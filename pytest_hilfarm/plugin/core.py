@@ -83,7 +83,7 @@ _firmware_failure_key = pytest.StashKey[str]()
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
-    from pytest_hilfarm import hookspecs
+    from pytest_hilfarm.plugin import hookspecs
 
     pluginmanager.add_hookspecs(hookspecs)
 

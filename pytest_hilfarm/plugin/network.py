@@ -6,7 +6,7 @@ rig (:mod:`pytest_hilfarm.drivers.netem`), the radio medium (control endpoint ``
 impairment proxies (:mod:`pytest_hilfarm.drivers.netproxy`) on the virtual rack. It must not import
 the virtual rack (``pytest_hilfarm.sim``) and must leave every interface and the mesh as it found
 them, whatever the test does. Loaded by the main plugin (``pytest_plugins``) or ``-p
-pytest_hilfarm.netplugin``.
+pytest_hilfarm.plugin.network``.
 """
 
 from __future__ import annotations
@@ -418,7 +418,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def _rack_path(config: pytest.Config) -> Path | None:
     # The main plugin resolves the rack once; read it from there when it is loaded.
-    from pytest_hilfarm.plugin import hil_settings
+    from pytest_hilfarm.plugin.core import hil_settings
 
     try:
         rack = hil_settings(config).rack

@@ -3,8 +3,8 @@
 Its job: give each test its own :class:`pytest_hilfarm.ota.server.OtaServer` on 127.0.0.1 (an
 ephemeral port), stopped when the test ends, whatever the test did. It must not touch boards or
 the farm (``Device.ota_update`` does the board side) and holds no state between tests.
-Registered as a pytest11 entry point (``hilfarm_ota = "pytest_hilfarm.otaplugin"``), or load it
-with ``-p pytest_hilfarm.otaplugin``.
+Registered as a pytest11 entry point (``hilfarm_ota = "pytest_hilfarm.plugin.ota"``), or load it
+with ``-p pytest_hilfarm.plugin.ota``.
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ def _write_new(path: str, data: bytes) -> None:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from pytest_hilfarm.ota.inspect import format_report, inspect_image
+    from pytest_hilfarm.ota.describe import format_report, inspect_image
 
     report = inspect_image(args.image, args.partition_size, partition_table=args.partition_table)
     if args.json:

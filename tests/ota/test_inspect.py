@@ -8,7 +8,7 @@ import pytest
 
 from pytest_hilfarm.errors import ImageError, UsageError
 from pytest_hilfarm.esp.partitions import two_ota_layout
-from pytest_hilfarm.ota.inspect import format_report, inspect_image
+from pytest_hilfarm.ota.describe import format_report, inspect_image
 from pytest_hilfarm.ota.keys import generate_signing_key, key_digest
 from pytest_hilfarm.ota.signing import sign_image
 from pytest_hilfarm.sim.appbuild import build_app

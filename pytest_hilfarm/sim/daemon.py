@@ -7,20 +7,20 @@ and closed at once (the client sees EOF / "socket disconnected"), and the first 
 working. Opening a port never changes the board's mode: over ``socket://`` the farm drives reset
 and boot mode through the control endpoint (``reset`` with ``boot=download|flash``), over
 ``rfc2217://`` esptool's own DTR/RTS reset works. The control endpoint speaks JSON lines
-(docs/virtual-rack.md). The daemon writes ``daemon.json`` into its state dir while it runs.
+(docs/virtual-rack.md; its ops are :mod:`pytest_hilfarm.sim.control`'s, the port clients
+:mod:`pytest_hilfarm.sim.ports`'). The daemon writes ``daemon.json`` into its state dir while it
+runs; this module is its lifecycle (start, admit clients, stop) and its command line.
 
-It must never import the farm core (pytest_hilfarm.description.rack/farm/plugin...): the farm
-reaches it only through port URLs and the control endpoint, like a physical rack.
+It reads the rack through :mod:`pytest_hilfarm.description.virtual` and must never import the farm
+core (farm, board, drivers, plugin): the farm reaches it only through port URLs and the control
+endpoint, like a physical rack.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import fcntl
-import heapq
-import itertools
 import json
 import os
 import random
@@ -32,15 +32,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serial import rfc2217
-
 from pytest_hilfarm.description.virtual import (
     SIM_KEY,
-    BoardSecurity,
     load_virtual_rack,
     parse_virtual_rack,
 )
@@ -48,11 +44,19 @@ from pytest_hilfarm.description.virtual import VirtualBoardSpec as BoardSpec
 from pytest_hilfarm.description.virtual import VirtualRackSpec as RackSpec
 from pytest_hilfarm.errors import ConfigError, UsageError
 from pytest_hilfarm.esp.chips import format_revision
-from pytest_hilfarm.ota.signing import max_signature_blocks
-from pytest_hilfarm.sim.board import SINK_TIMEOUT, VirtualBoard, burn_efuse, secure_version_bits
+from pytest_hilfarm.sim.board import VirtualBoard
 from pytest_hilfarm.sim.boot import BootEfuse
 from pytest_hilfarm.sim.chips import check_revision, chip_spec, mac_for
+from pytest_hilfarm.sim.control import (
+    EFUSE_KEYS,
+    ControlOps,
+    atomic_write,
+    burn_security,
+    efuse_from_json,
+    efuse_to_json,
+)
 from pytest_hilfarm.sim.mesh import MeshMedium
+from pytest_hilfarm.sim.ports import PortClient, Scheduler, Slot
 
 HOST = "127.0.0.1"
 DAEMON_JSON = "daemon.json"
@@ -111,198 +115,10 @@ def resolve_state_dir(explicit: Path | str | None = None) -> Path:
     return (base / "hilfarm" / "virtual-rack").resolve()
 
 
-# ---------------------------------------------------------------------------- shared scheduler
-
-
-class _Scheduler:
-    """One timer thread for the radio medium (boards have their own threads for their timers)."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Callable[[], None]]] = []
-        self._seq = itertools.count()
-        self._cond = threading.Condition()
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="rack-clock", daemon=True)
-        self._thread.start()
-
-    def schedule(self, delay: float, func: Callable[[], None]) -> None:
-        with self._cond:
-            heapq.heappush(self._heap, (time.monotonic() + max(0.0, delay), next(self._seq), func))
-            self._cond.notify()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._stopped:
-                    if self._heap and self._heap[0][0] <= time.monotonic():
-                        break
-                    wait = self._heap[0][0] - time.monotonic() if self._heap else None
-                    self._cond.wait(wait)
-                if self._stopped:
-                    return
-                _, _, func = heapq.heappop(self._heap)
-            with contextlib.suppress(Exception):  # a medium bug must not stop the clock
-                func()
-
-
-# ---------------------------------------------------------------------------- port clients
-
-
-class _Client:
-    """The one client connected to a board's UART, over socket:// or rfc2217://."""
-
-    def __init__(self, sock: socket.socket, board: VirtualBoard, kind: str,
-                 on_attached: Callable[[], None] | None = None) -> None:
-        self.sock = sock
-        self.board = board
-        self.kind = kind
-        self.on_attached = on_attached
-        self._lock = threading.Lock()  # PortManager's own writes and board output share it
-        self._pm: rfc2217.PortManager | None = None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # The timeout bounds sendall() to a client that stopped reading (see board.SINK_TIMEOUT);
-        # recv() just loops on it.
-        sock.settimeout(SINK_TIMEOUT)
-
-    def announce_attached(self) -> None:
-        """Tell the daemon this connection's admission is decided (once; later calls no-op)."""
-        callback, self.on_attached = self.on_attached, None
-        if callback is not None:
-            callback()
-
-    def write_raw(self, data: bytes) -> None:
-        with self._lock:
-            self.sock.sendall(data)
-
-    def write(self, data: bytes) -> None:
-        """OutputSink: the board's TX bytes (telnet-escaped on rfc2217)."""
-        if self._pm is not None:
-            data = data.replace(b"\xff", b"\xff\xff")
-        try:
-            self.write_raw(data)
-        except OSError:
-            # Gone, or stopped reading for SINK_TIMEOUT: drop it so the port becomes free.
-            self.close()
-            raise
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-    def serve(self) -> None:
-        if self.kind == "rfc2217":
-            self._pm = rfc2217.PortManager(_UartLines(self.board), _RawWriter(self))
-        self.board.attach(self)
-        self.announce_attached()
-        while True:
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-            if not data:
-                break
-            pm = self._pm
-            if pm is not None:
-                # Fast path: most chunks carry no telnet command, and PortManager.filter() is a
-                # per-byte generator.
-                if pm.mode == rfc2217.M_NORMAL and pm.suboption is None and b"\xff" not in data:
-                    self.board.feed(data)
-                else:
-                    self.board.feed(b"".join(pm.filter(data)))
-            else:
-                self.board.feed(data)
-
-
-class _RawWriter:
-    """The ``connection`` PortManager writes telnet replies to (unescaped, shared lock)."""
-
-    def __init__(self, client: _Client) -> None:
-        self._client = client
-
-    def write(self, data: bytes) -> None:
-        with contextlib.suppress(OSError):
-            self._client.write_raw(data)
-
-
-class _UartLines:
-    """The serial-port object PortManager configures: forwards DTR/RTS to the board.
-
-    Baud/format settings are acknowledged and remembered but do not change the board's UART: the
-    chip sets its own baud (CHANGE_BAUDRATE); a real mismatch would only garble bytes.
-    """
-
-    def __init__(self, board: VirtualBoard) -> None:
-        self._board = board
-        self._dtr = False
-        self._rts = False
-        self.baudrate = 115200
-        self.bytesize = 8
-        self.parity = "N"
-        self.stopbits = 1
-        self.rtscts = False
-        self.xonxoff = False
-        self.break_condition = False
-        # A DevKit's USB-UART leaves the modem-status inputs unconnected.
-        self.cts = False
-        self.dsr = False
-        self.ri = False
-        self.cd = False
-
-    @property
-    def dtr(self) -> bool:
-        return self._dtr
-
-    @dtr.setter
-    def dtr(self, value: bool) -> None:
-        self._dtr = bool(value)
-        self._board.set_client_lines(dtr=self._dtr)
-
-    @property
-    def rts(self) -> bool:
-        return self._rts
-
-    @rts.setter
-    def rts(self, value: bool) -> None:
-        self._rts = bool(value)
-        self._board.set_client_lines(rts=self._rts)
-
-    def reset_input_buffer(self) -> None:
-        """Purge request: the virtual UART has no buffer to purge."""
-
-    def reset_output_buffer(self) -> None:
-        """Purge request: the virtual UART has no buffer to purge."""
-
-
 # ---------------------------------------------------------------------------- the daemon
 
 
-@dataclass
-class _Slot:
-    """A board with its listeners and its (single) client; mutated under Daemon._lock."""
-
-    spec: BoardSpec
-    board: VirtualBoard
-    serial_sock: socket.socket
-    rfc_sock: socket.socket
-    client: _Client | None = None
-    plugged: bool = True
-    # Connections accepted (or waiting in the listen queue) whose admission is not decided yet:
-    # reset and power wait for them, as a real port is open once open() returns (see
-    # Daemon._settle_ports).
-    admitting: int = 0
-
-
-class Daemon:
+class Daemon(ControlOps):
     """Hosts the boards of one rack. ``start()`` binds and writes daemon.json; ``stop()`` ends."""
 
     def __init__(
@@ -320,7 +136,7 @@ class Daemon:
         self._wire_time = wire_time
         self._seed = seed
         self._lock = threading.Lock()
-        self._slots: dict[str, _Slot] = {}
+        self._slots: dict[str, Slot] = {}
         # What each board's eFuses are when its chip is new (the rack's ``sim:`` burned onto
         # blank eFuses): the state ``efuse new_chip`` returns a board to.
         self._fresh_efuse: dict[str, BootEfuse] = {}
@@ -332,7 +148,7 @@ class Daemon:
         self._wake_r, self._wake_w = socket.socketpair()
         self._control_sock: socket.socket | None = None
         self._acceptor: threading.Thread | None = None
-        self._scheduler: _Scheduler | None = None
+        self._scheduler: Scheduler | None = None
         self.medium: Any = None
 
     # -- lifecycle
@@ -348,7 +164,7 @@ class Daemon:
             raise
 
     def _start(self) -> None:
-        self._scheduler = _Scheduler()
+        self._scheduler = Scheduler()
         self.medium = MeshMedium(
             time.monotonic, random.Random(self._seed), self._scheduler.schedule
         )
@@ -370,7 +186,7 @@ class Daemon:
                 revision=spec.revision,
                 **self._board_state(spec),
             )
-            self._slots[spec.id] = _Slot(spec, board, serial_sock, rfc_sock)
+            self._slots[spec.id] = Slot(spec, board, serial_sock, rfc_sock)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._selector.register(self._control_sock, selectors.EVENT_READ, ("control", None))
         for slot in self._slots.values():
@@ -452,7 +268,7 @@ class Daemon:
         host, port = self._control_sock.getsockname()[:2]
         return f"{host}:{port}"
 
-    def board_urls(self, slot: _Slot) -> tuple[str, str]:
+    def board_urls(self, slot: Slot) -> tuple[str, str]:
         port = slot.serial_sock.getsockname()[1]
         rfc = slot.rfc_sock.getsockname()[1]
         return f"socket://{HOST}:{port}", f"rfc2217://{HOST}:{rfc}"
@@ -535,14 +351,14 @@ class Daemon:
             if isinstance(loaded, dict):
                 state.update(loaded)
         else:
-            _atomic_write(path, json.dumps(state, indent=2) + "\n")
+            atomic_write(path, json.dumps(state, indent=2) + "\n")
         try:
-            efuse = _efuse_from_json(state.get("efuse"))
+            efuse = efuse_from_json(state.get("efuse"))
         except (TypeError, ValueError) as exc:
             raise ConfigError(
                 f"bad 'efuse' entry: {exc}",
                 where=str(path),
-                hint=f"use null or an object with keys {', '.join(_EFUSE_KEYS)}",
+                hint=f"use null or an object with keys {', '.join(EFUSE_KEYS)}",
             ) from exc
 
         lock = threading.Lock()
@@ -551,13 +367,13 @@ class Daemon:
             # Called on the board's thread (anti-rollback raise, a burn): written at once, as
             # an eFuse burn is immediate and survives a crash of the daemon.
             with lock:
-                state["efuse"] = _efuse_to_json(new)
-                _atomic_write(path, json.dumps(state, indent=2) + "\n")
+                state["efuse"] = efuse_to_json(new)
+                atomic_write(path, json.dumps(state, indent=2) + "\n")
 
         security = spec.security
         if security is not None:
             try:
-                burned = _burn_security(efuse, spec.chip, security)
+                burned = burn_security(efuse, spec.chip, security)
             except UsageError as exc:
                 raise ConfigError(f"the rack's '{SIM_KEY}:' cannot be burned: {exc.what}",
                                   where=f"board {spec.id}", hint=exc.hint) from None
@@ -566,7 +382,7 @@ class Daemon:
             if burned != efuse or security.rollback is not None:
                 efuse = burned
                 store(efuse)
-        self._fresh_efuse[spec.id] = _burn_security(BootEfuse(), spec.chip, security) \
+        self._fresh_efuse[spec.id] = burn_security(BootEfuse(), spec.chip, security) \
             if security is not None else BootEfuse()
         return {
             "efuse": efuse,
@@ -575,7 +391,7 @@ class Daemon:
         }
 
     def _write_daemon_json(self) -> None:
-        _atomic_write(self.state_dir / DAEMON_JSON, json.dumps(self.info(), indent=2) + "\n")
+        atomic_write(self.state_dir / DAEMON_JSON, json.dumps(self.info(), indent=2) + "\n")
 
     def _remove_daemon_json(self) -> None:
         path = self.state_dir / DAEMON_JSON
@@ -608,12 +424,12 @@ class Daemon:
                 else:
                     self._admit(slot, sock, kind)
 
-    def _admit(self, slot: _Slot, sock: socket.socket, kind: str, *, waited: bool = False
+    def _admit(self, slot: Slot, sock: socket.socket, kind: str, *, waited: bool = False
                ) -> None:
         with self._lock:
             held = slot.client is not None
             busy = held or not slot.plugged or self._stopped.is_set()
-            client = None if busy else _Client(sock, slot.board, kind,
+            client = None if busy else PortClient(sock, slot.board, kind,
                                                on_attached=lambda: self._admitted(slot))
             if client is not None:
                 slot.client = client
@@ -637,7 +453,7 @@ class Daemon:
             daemon=True,
         ).start()
 
-    def _admit_after_handover(self, slot: _Slot, sock: socket.socket, kind: str) -> None:
+    def _admit_after_handover(self, slot: Slot, sock: socket.socket, kind: str) -> None:
         deadline = time.monotonic() + HANDOVER_GRACE
         while time.monotonic() < deadline and not self._stopped.is_set():
             with self._lock:
@@ -646,12 +462,12 @@ class Daemon:
             time.sleep(0.005)
         self._admit(slot, sock, kind, waited=True)
 
-    def _admitted(self, slot: _Slot) -> None:
+    def _admitted(self, slot: Slot) -> None:
         """One pending connection is decided (attached to its board, or refused)."""
         with self._lock:
             slot.admitting = max(0, slot.admitting - 1)
 
-    def _settle_ports(self, slot: _Slot, timeout: float = 2.0) -> None:
+    def _settle_ports(self, slot: Slot, timeout: float = 2.0) -> None:
         """Wait until connections made to the board's ports so far are attached or refused.
 
         A client's connect() returns once the kernel queued the connection, before the daemon
@@ -669,7 +485,7 @@ class Daemon:
                 return
             time.sleep(0.002)
 
-    def _serve_client(self, slot: _Slot, client: _Client) -> None:
+    def _serve_client(self, slot: Slot, client: PortClient) -> None:
         try:
             client.serve()
         finally:
@@ -701,298 +517,6 @@ class Daemon:
                 if response.get("shutdown"):
                     threading.Thread(target=self.stop, name="shutdown", daemon=True).start()
                     return
-
-    # -- control protocol
-
-    def handle_line(self, line: bytes) -> dict[str, Any]:
-        """Answer one control request line (JSON) with a response dict; never raises."""
-        try:
-            request = json.loads(line)
-        except ValueError as exc:
-            return _error(f"request is not JSON ({exc}); send one JSON object per line")
-        if not isinstance(request, dict):
-            return _error('request must be a JSON object such as {"op": "status"}')
-        return self.handle(request)
-
-    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Answer one control request (docs/virtual-rack.md); never raises."""
-        op = request.get("op")
-        handler = _OPS.get(op) if isinstance(op, str) else None
-        if handler is None:
-            return _error(f"unknown op {op!r}; known ops: {', '.join(sorted(_OPS))}")
-        try:
-            return handler(self, request)
-        except _RequestError as exc:
-            return _error(str(exc))
-        except Exception as exc:  # noqa: BLE001 - the endpoint must answer, whatever happened
-            return _error(f"{op} failed: {exc!r}")
-
-    def _slot(self, request: dict[str, Any]) -> _Slot:
-        board_id = request.get("board")
-        slot = self._slots.get(board_id) if isinstance(board_id, str) else None
-        if slot is None:
-            raise _RequestError(
-                f"unknown board {board_id!r}; this rack has: {', '.join(self._slots)}"
-            )
-        return slot
-
-    def _op_status(self, request: dict[str, Any]) -> dict[str, Any]:
-        boards = []
-        for slot in self._slots.values():
-            st = slot.board.status()
-            port, rfc = self.board_urls(slot)
-            boards.append(
-                {
-                    "id": st.board_id,
-                    "chip": st.chip,
-                    "revision": st.revision,
-                    "mac": st.mac,
-                    "port": port,
-                    "rfc2217": rfc,
-                    "powered": st.powered,
-                    "plugged": slot.plugged,
-                    "mode": st.mode,
-                    "flash_size": st.flash_size,
-                    "baud": st.baud,
-                    "app": st.app,
-                    "client": st.client,
-                    "en": st.en,
-                    "io0": st.io0,
-                    "wire_time": st.wire_time,
-                    "rx_bytes": st.rx_bytes,
-                    "tx_bytes": st.tx_bytes,
-                    "wire_seconds": round(st.wire_seconds, 6),
-                    "features": list(slot.spec.features),
-                }
-            )
-        return {"ok": True, "control": self.control_address, "rack": self.rack.source,
-                "boards": boards}
-
-    def _op_power(self, request: dict[str, Any]) -> dict[str, Any]:
-        slot = self._slot(request)
-        on = _flag(request, "on")
-        if on and not slot.plugged:
-            raise _RequestError(f"board {slot.spec.id} is unplugged; plug it in first")
-        self._settle_ports(slot)
-        slot.board.power(on)
-        return {"ok": True, "board": slot.spec.id, "powered": on}
-
-    def _op_reset(self, request: dict[str, Any]) -> dict[str, Any]:
-        slot = self._slot(request)
-        boot = request.get("boot", "flash")
-        if boot not in ("flash", "download"):
-            raise _RequestError(f"boot must be 'flash' or 'download', not {boot!r}")
-        if not slot.board.status().powered:
-            raise _RequestError(f"board {slot.spec.id} is powered off; power it on first")
-        self._settle_ports(slot)
-        slot.board.reset(boot)
-        return {"ok": True, "board": slot.spec.id, "mode": slot.board.status().mode}
-
-    def _op_lines(self, request: dict[str, Any]) -> dict[str, Any]:
-        slot = self._slot(request)
-        en = _flag(request, "en") if "en" in request else None
-        io0 = _flag(request, "io0") if "io0" in request else None
-        self._settle_ports(slot)
-        slot.board.set_lines(en=en, io0=io0)
-        st = slot.board.status()
-        return {"ok": True, "board": slot.spec.id, "en": st.en, "io0": st.io0, "mode": st.mode}
-
-    def _op_unplug(self, request: dict[str, Any]) -> dict[str, Any]:
-        slot = self._slot(request)
-        with self._lock:
-            slot.plugged = False
-            client, slot.client = slot.client, None
-        if client is not None:
-            slot.board.detach(client)
-            client.close()
-        # A DevKit is powered through its USB cable: unplugged means unpowered.
-        slot.board.power(False)
-        return {"ok": True, "board": slot.spec.id, "plugged": False}
-
-    def _op_plug(self, request: dict[str, Any]) -> dict[str, Any]:
-        slot = self._slot(request)
-        with self._lock:
-            slot.plugged = True
-        slot.board.power(True)
-        return {"ok": True, "board": slot.spec.id, "plugged": True}
-
-    def _op_mesh(self, request: dict[str, Any]) -> dict[str, Any]:
-        changes: dict[str, Any] = {}
-        if "loss" in request:
-            loss = request["loss"]
-            if not isinstance(loss, (int, float)) or isinstance(loss, bool) or not 0 <= loss <= 1:
-                raise _RequestError(f"loss must be a number from 0 to 1, not {loss!r}")
-            changes["loss"] = float(loss)
-        if "latency_ms" in request:
-            latency = request["latency_ms"]
-            if not isinstance(latency, (int, float)) or isinstance(latency, bool) or latency < 0:
-                raise _RequestError(f"latency_ms must be a number >= 0, not {latency!r}")
-            changes["latency_ms"] = float(latency)
-        if "partitions" in request:
-            parts = request["partitions"]
-            if not isinstance(parts, list) or not all(
-                isinstance(group, list) and all(isinstance(b, str) for b in group)
-                for group in parts
-            ):
-                raise _RequestError(
-                    'partitions must be a list of lists of board ids, e.g. [["a"], ["b", "c"]]'
-                )
-            unknown = sorted({b for group in parts for b in group} - set(self._slots))
-            if unknown:
-                raise _RequestError(
-                    f"partitions name unknown boards {unknown}; this rack has: "
-                    f"{', '.join(self._slots)}"
-                )
-            changes["partitions"] = [list(group) for group in parts]
-        if changes:
-            self.medium.configure(**changes)
-        return {"ok": True, **_jsonable(self.medium.conditions())}
-
-    def _op_wire_time(self, request: dict[str, Any]) -> dict[str, Any]:
-        enabled = _flag(request, "enabled")
-        slots = [self._slot(request)] if "board" in request else list(self._slots.values())
-        for slot in slots:
-            slot.board.set_wire_time(enabled)
-        return {"ok": True, "wire_time": enabled, "boards": [s.spec.id for s in slots]}
-
-    def _op_efuse(self, request: dict[str, Any]) -> dict[str, Any]:
-        slot = self._slot(request)
-        board = slot.board
-        burn = request.get("burn")
-        if request.get("new_chip") is True:
-            # Simulator only: a board with a fresh chip (a replaced module), eFuses as the rack
-            # file burns them at start. Real eFuses cannot be reset; this is how a shared
-            # virtual rack gets a board back after a test burned its eFuses.
-            board.replace_chip(self._fresh_efuse.get(slot.spec.id, BootEfuse()))
-        elif burn is not None:
-            if not isinstance(burn, dict) or not burn:
-                raise _RequestError(
-                    'burn must be an object such as {"key_digest": HEX}, {"secure_version": N}, '
-                    '{"secure_boot": true}, {"anti_rollback": true} or {"signed_apps": true}')
-            unknown = sorted(set(burn) - set(_BURN_KEYS))
-            if unknown:
-                raise _RequestError(f"cannot burn {unknown}; burnable: {', '.join(_BURN_KEYS)}")
-            kwargs: dict[str, Any] = {}
-            if "key_digest" in burn:
-                text = str(burn["key_digest"]).replace(":", "").replace(" ", "").lower()
-                try:
-                    digest = bytes.fromhex(text)
-                except ValueError:
-                    digest = b""
-                if len(digest) != 32:
-                    raise _RequestError(
-                        f"key_digest {burn['key_digest']!r} is not 64 hex digits "
-                        "(get one with `hilfarm ota digest KEY`)")
-                kwargs["key_digest"] = digest
-            if "secure_version" in burn:
-                version = burn["secure_version"]
-                if not isinstance(version, int) or isinstance(version, bool):
-                    raise _RequestError(f"secure_version must be a whole number, not {version!r}")
-                kwargs["secure_version"] = version
-            for key, arg in (("secure_boot", "secure_boot"), ("anti_rollback", "anti_rollback"),
-                             ("signed_apps", "signed_apps")):
-                if key in burn:
-                    if burn[key] is not True:
-                        raise _RequestError(
-                            f"{key} can only be burned to true (eFuse bits only go from 0 to 1)")
-                    kwargs[arg] = True
-            try:
-                board.burn_efuse(**kwargs)
-            except UsageError as exc:
-                raise _RequestError(f"board {slot.spec.id}: {exc.what}"
-                                    + (f" ({exc.hint})" if exc.hint else "")) from None
-        return {"ok": True, "board": slot.spec.id, **efuse_report(board.efuse, slot.spec.chip)}
-
-    def _op_shutdown(self, request: dict[str, Any]) -> dict[str, Any]:
-        return {"ok": True, "shutdown": True}
-
-
-class _RequestError(Exception):
-    """A control request that cannot be carried out as asked (answered with ok=false)."""
-
-
-def _error(message: str) -> dict[str, Any]:
-    return {"ok": False, "error": message}
-
-
-def _flag(request: dict[str, Any], key: str) -> bool:
-    value = request.get(key)
-    if not isinstance(value, bool):
-        raise _RequestError(f"{key!r} must be true or false, not {value!r}")
-    return value
-
-
-def _jsonable(value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        return {"conditions": value}
-    return dict(json.loads(json.dumps(value, default=list)))
-
-
-_OPS: dict[str, Callable[[Daemon, dict[str, Any]], dict[str, Any]]] = {
-    "status": Daemon._op_status,
-    "power": Daemon._op_power,
-    "reset": Daemon._op_reset,
-    "lines": Daemon._op_lines,
-    "unplug": Daemon._op_unplug,
-    "plug": Daemon._op_plug,
-    "mesh": Daemon._op_mesh,
-    "wire_time": Daemon._op_wire_time,
-    "efuse": Daemon._op_efuse,
-    "shutdown": Daemon._op_shutdown,
-}
-_BURN_KEYS = ("key_digest", "secure_version", "secure_boot", "anti_rollback", "signed_apps")
-
-
-def efuse_report(efuse: BootEfuse, chip: str) -> dict[str, Any]:
-    """The ``efuse`` op's answer: the eFuse record plus the chip's limits."""
-    return {
-        "chip": chip,
-        "efuse": _efuse_to_json(efuse),
-        "key_digest_slots": max_signature_blocks(chip),
-        "secure_version_bits": secure_version_bits(chip),
-    }
-
-
-def _burn_security(efuse: BootEfuse, chip: str, security: BoardSecurity) -> BootEfuse:
-    """Burn a rack file's ``sim:`` onto ``efuse`` (only upwards; what is burned stays)."""
-    out = efuse
-    for digest in security.key_digests:
-        out = burn_efuse(out, chip, key_digest=digest)
-    if security.secure_version is not None and security.secure_version > out.secure_version:
-        out = burn_efuse(out, chip, secure_version=security.secure_version)
-    return burn_efuse(out, chip, secure_boot=bool(security.secure_boot),
-                      anti_rollback=bool(security.anti_rollback),
-                      signed_apps=bool(security.signed_apps))
-
-
-_EFUSE_KEYS = tuple(f.name for f in dataclasses.fields(BootEfuse))
-
-
-def _efuse_from_json(value: Any) -> BootEfuse:
-    if value is None:
-        return BootEfuse()
-    if not isinstance(value, dict):
-        raise TypeError("expected an object")
-    unknown = set(value) - set(_EFUSE_KEYS)
-    if unknown:
-        raise ValueError(f"unknown keys {sorted(unknown)}")
-    fields = dict(value)
-    if "key_digests" in fields:
-        fields["key_digests"] = tuple(bytes.fromhex(d) for d in fields["key_digests"])
-    return BootEfuse(**fields)
-
-
-def _efuse_to_json(efuse: BootEfuse) -> dict[str, Any]:
-    data = dataclasses.asdict(efuse)
-    data["key_digests"] = [d.hex() for d in efuse.key_digests]
-    return data
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
 
 @contextlib.contextmanager
 def running(

@@ -22,8 +22,8 @@ from pytest_hilfarm.description.virtual import (
 from pytest_hilfarm.description.virtual import VirtualRackSpec as RackSpec
 from pytest_hilfarm.errors import UsageError
 from pytest_hilfarm.ota.signing import max_signature_blocks
-from pytest_hilfarm.sim.board import burn_efuse, secure_version_bits
 from pytest_hilfarm.sim.boot import BootEfuse
+from pytest_hilfarm.sim.efuse import burn_efuse, secure_version_bits
 from pytest_hilfarm.sim.ports import Slot
 
 

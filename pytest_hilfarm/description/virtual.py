@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -312,3 +314,20 @@ def load_virtual_rack(path: Path | str | None = None) -> VirtualRackSpec:
     except yaml.YAMLError as exc:
         raise ConfigError(f"not valid YAML: {exc}", where=str(file)) from exc
     return parse_virtual_rack(data, str(file))
+
+
+def state_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """Return the virtual rack state directory (the rule in docs/CONTRACTS.md).
+
+    ``HILFARM_SIM_DIR`` if set, else ``$XDG_STATE_HOME/hilfarm/virtual-rack``, else
+    ``~/.local/state/hilfarm/virtual-rack``. Empty variables count as unset, as XDG says.
+    """
+    env = os.environ if environ is None else environ
+    explicit = env.get("HILFARM_SIM_DIR", "")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = env.get("XDG_STATE_HOME", "")
+    if xdg:
+        return Path(xdg).expanduser() / "hilfarm" / "virtual-rack"
+    home = env.get("HOME") or str(Path.home())
+    return Path(home) / ".local" / "state" / "hilfarm" / "virtual-rack"

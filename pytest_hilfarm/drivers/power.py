@@ -311,12 +311,9 @@ def _build_http(params: Mapping[str, Any]) -> PowerDriver:
 
 
 def _build_virtual(params: Mapping[str, Any]) -> PowerDriver:
-    control = params["control"]
-    if isinstance(control, str):
-        from pytest_hilfarm.drivers.virtual import ControlClient
+    from pytest_hilfarm.drivers.virtual import control_client
 
-        control = ControlClient(control)
-    return VirtualPower(control=control, board=str(params["board"]))
+    return VirtualPower(control=control_client(params["control"]), board=str(params["board"]))
 
 
 def _build_none(params: Mapping[str, Any]) -> PowerDriver:

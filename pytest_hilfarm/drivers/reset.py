@@ -256,12 +256,9 @@ def _build_usb_jtag(params: Mapping[str, Any]) -> ResetDriver:
 
 
 def _build_virtual(params: Mapping[str, Any]) -> ResetDriver:
-    control = params["control"]
-    if isinstance(control, str):
-        from pytest_hilfarm.drivers.virtual import ControlClient
+    from pytest_hilfarm.drivers.virtual import control_client
 
-        control = ControlClient(control)
-    return VirtualReset(control=control, board=str(params["board"]))
+    return VirtualReset(control=control_client(params["control"]), board=str(params["board"]))
 
 
 def _build_none(params: Mapping[str, Any]) -> ResetDriver:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+# Where the virtual rack keeps its state: one rule, kept with the virtual rack's description.
+from pytest_hilfarm.description.virtual import state_dir as sim_dir
 from pytest_hilfarm.errors import InfrastructureError, PortError, UsageError
 
 START_HINT = (
@@ -23,23 +24,6 @@ START_HINT = (
 )
 
 BootMode = Literal["flash", "download"]
-
-
-def sim_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """Return the virtual rack state directory (the rule in docs/CONTRACTS.md).
-
-    ``HILFARM_SIM_DIR`` if set, else ``$XDG_STATE_HOME/hilfarm/virtual-rack``, else
-    ``~/.local/state/hilfarm/virtual-rack``. Empty variables count as unset, as XDG says.
-    """
-    env = os.environ if environ is None else environ
-    explicit = env.get("HILFARM_SIM_DIR", "")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = env.get("XDG_STATE_HOME", "")
-    if xdg:
-        return Path(xdg).expanduser() / "hilfarm" / "virtual-rack"
-    home = env.get("HOME") or str(Path.home())
-    return Path(home) / ".local" / "state" / "hilfarm" / "virtual-rack"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -273,3 +257,8 @@ def _read_line(sock: socket.socket, limit: int = 16 * 1024 * 1024) -> str:
         if size > limit:
             break
     return b"".join(chunks).decode("utf-8", errors="replace").strip()
+
+
+def control_client(control: Any) -> Any:
+    """A :class:`ControlClient` for a control endpoint address, or the client itself if given."""
+    return ControlClient(control) if isinstance(control, str) else control

@@ -39,6 +39,7 @@ from pytest_hilfarm.description.virtual import (
     SIM_KEY,
     load_virtual_rack,
     parse_virtual_rack,
+    state_dir,
 )
 from pytest_hilfarm.description.virtual import VirtualBoardSpec as BoardSpec
 from pytest_hilfarm.description.virtual import VirtualRackSpec as RackSpec
@@ -104,15 +105,8 @@ def load_rack(path: Path | str | None = None) -> RackSpec:
 
 
 def resolve_state_dir(explicit: Path | str | None = None) -> Path:
-    """The state dir: explicit, else ``HILFARM_SIM_DIR``, else XDG state, else ~/.local/state."""
-    if explicit:
-        return Path(explicit).expanduser().resolve()
-    env = os.environ.get("HILFARM_SIM_DIR")
-    if env:
-        return Path(env).expanduser().resolve()
-    xdg = os.environ.get("XDG_STATE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "state"
-    return (base / "hilfarm" / "virtual-rack").resolve()
+    """The state dir, absolute: ``explicit``, else :func:`state_dir`'s rule (HILFARM_SIM_DIR)."""
+    return (Path(explicit).expanduser() if explicit else state_dir()).resolve()
 
 
 # ---------------------------------------------------------------------------- the daemon

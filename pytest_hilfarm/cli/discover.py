@@ -1,10 +1,11 @@
 """``hilfarm discover``: list a rig's USB serial adapters, probe them, map power, write the rack.
 
 A thin layer over :mod:`pytest_hilfarm.drivers.discovery.udev`,
-:mod:`pytest_hilfarm.drivers.discovery.powermap` and :mod:`pytest_hilfarm.description.rackwrite`: it
-reads the rack (to name known boards and to ask whether they are reserved), calls them in a safe
-order (map power, list again, probe, write) and prints a table or JSON. It must not import the
-pytest plugin, and never probes or switches a reserved board.
+:mod:`pytest_hilfarm.drivers.discovery.powermap` and
+:mod:`pytest_hilfarm.drivers.discovery.rackwrite`: it reads the rack (to name known boards and to
+ask whether they are reserved), calls them in a safe order (map power, list again, probe, write) and
+prints a table or JSON. It must not import the pytest plugin, and never probes or switches a
+reserved board.
 """
 
 from __future__ import annotations
@@ -96,8 +97,7 @@ def reserved_checker(rack: Any) -> Callable[[str], bool]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pytest_hilfarm.description import rackwrite
-    from pytest_hilfarm.drivers.discovery import powermap
+    from pytest_hilfarm.drivers.discovery import powermap, rackwrite
     from pytest_hilfarm.drivers.discovery import udev as discovery
 
     rack = _load_rack(args)

@@ -1,5 +1,6 @@
-"""Description: what the rack and the settings say, parsed once into frozen records.
+"""Description: what the rack and the settings say, parsed into frozen records.
 
-The rack file (one parser for every reader: farm, virtual rack, network conditions, discovery),
-the settings precedence and the rack writer. It describes; it never acts on a board.
+The rack file (``rack``: the farm's checked loader; ``virtual``: the virtual rack's view of the
+same file; ``network``: its network conditions and profiles) and the settings precedence
+(``settings``). It describes; it never acts on a board.
 """

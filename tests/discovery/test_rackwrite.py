@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pytest_hilfarm.description.rack import load_rack
-from pytest_hilfarm.description.rackwrite import (
+from pytest_hilfarm.drivers.discovery.rackwrite import (
     DiscoveredBoard,
     choose_identity,
     new_board_id,

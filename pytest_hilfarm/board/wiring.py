@@ -219,6 +219,17 @@ class RemoteWiring:
     spec: BoardSpec
     client: Any  # a RigClient (pytest_hilfarm.drivers.rigclient)
 
+    @classmethod
+    def registered(cls, spec: BoardSpec, directory: Any) -> RemoteWiring:
+        """The wiring of a board a rig host registered in the farm database (``directory``).
+
+        The rig host's control URL comes from its registration; the token from
+        ``HILFARM_RIG_TOKEN``. An offline host is an InfrastructureError.
+        """
+        from pytest_hilfarm.drivers.rigclient import client_for_board
+
+        return cls(spec, client_for_board(directory, spec.id))
+
     def port(self) -> str:
         return self.spec.port.value
 

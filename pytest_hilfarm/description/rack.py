@@ -15,7 +15,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -236,6 +236,22 @@ def load_rack(path: str | os.PathLike[str], *,
         raise ConfigError(f"cannot read rack file: {exc.strerror}", where=str(file),
                           hint="check the path and its permissions") from None
     return _parse(text, str(file), file.absolute().parent, environ, file)
+
+
+def registered_board(record: Any) -> BoardSpec:
+    """A rack-style BoardSpec for a board a rig host registered (a ``RegisteredBoard``).
+
+    Its port is the board's ``rfc2217://`` URL (consoles; attach first unless the rig host runs
+    with ``--open-serial``); power and reset say ``none`` because they go through the rig host's
+    control API, which the board wiring (``RemoteWiring``) reaches for boards whose ``host`` is
+    set.
+    """
+    return BoardSpec(
+        id=record.board, chip=record.chip, port=PortSpec("url", record.port_url),
+        reset="none", power=PowerSpec("none"), flash=FlashSpec(),
+        features=frozenset(record.features), baseline=None,
+        where=Location(f"farm database (rig host {record.host})", 0),
+    )
 
 
 def lists_boards(path: Path) -> bool:

@@ -288,24 +288,6 @@ def client_for_board(directory: BoardDirectory, board: str, token: str | None = 
                      ssl_context=ssl_context, lease=lease)
 
 
-def remote_board_spec(record: Any) -> Any:
-    """A rack-style BoardSpec for a board a rig host registered (a ``RegisteredBoard``).
-
-    Its port is the board's ``rfc2217://`` URL (consoles; attach first unless the rig host runs
-    with ``--open-serial``); power and reset say ``none`` because they go through the rig host's
-    control API (:class:`RemotePower`, :class:`RemoteReset`, :func:`remote_flasher`), which the
-    farm wires for boards whose ``host`` is set.
-    """
-    from pytest_hilfarm.description.rack import BoardSpec, FlashSpec, Location, PortSpec, PowerSpec
-
-    return BoardSpec(
-        id=record.board, chip=record.chip, port=PortSpec("url", record.port_url),
-        reset="none", power=PowerSpec("none"), flash=FlashSpec(),
-        features=frozenset(record.features), baseline=None,
-        where=Location(f"farm database (rig host {record.host})", 0),
-    )
-
-
 def remote_flasher(client: RigClient, board: str) -> Callable[..., FlashReport]:
     """A flasher with :func:`pytest_hilfarm.drivers.flashing.flash`'s signature that uses the upload
     path.

@@ -27,6 +27,7 @@ from pytest_hilfarm.description.rack import (
     RackSpec,
     builtin_virtual_rack_path,
     load_rack,
+    registered_board,
 )
 from pytest_hilfarm.description.settings import ImageSpec
 from pytest_hilfarm.drivers.flashing import FlashPlan, FlashReport
@@ -95,14 +96,13 @@ class Farm:
             rack = load_rack(rack or builtin_virtual_rack_path())
         url = rack.backend or os.environ.get("HILFARM_DATABASE_URL")
         if url and "store" not in kwargs and "reserver" not in kwargs:
-            from pytest_hilfarm.drivers.rigclient import remote_board_spec
             from pytest_hilfarm.pg import is_database_url, open_backend
             from pytest_hilfarm.reservation.postgresql import PgReserver
 
             if is_database_url(url):
                 store, reserver = open_backend(url, rack)
                 local = {b.id for b in rack.boards}
-                remote = [remote_board_spec(r) for r in store.registered_boards().values()
+                remote = [registered_board(r) for r in store.registered_boards().values()
                           if r.host and r.board not in local]
                 if remote:
                     reserver = PgReserver(url, store, boards=(*rack.boards, *remote))
@@ -140,10 +140,7 @@ class Farm:
     def wiring(self, board: BoardSpec) -> BoardWiring:
         """The board's port, console opener, power, reset and flasher (local or remote)."""
         if board.id in self._remote:
-            from pytest_hilfarm.drivers.rigclient import client_for_board
-
-            client = client_for_board(self.store, board.id)  # type: ignore[arg-type]
-            return RemoteWiring(board, client)
+            return RemoteWiring.registered(board, self.store)
         return LocalWiring(board, self.virtual)
 
     def port_of(self, board: BoardSpec) -> str:

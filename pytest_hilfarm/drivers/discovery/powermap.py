@@ -149,7 +149,7 @@ Switch = Callable[[str, int, bool], None]
 
 
 def uhubctl_switch(uhubctl: str = "uhubctl") -> Switch:
-    """A switch function that runs ``uhubctl -l HUB -p PORT -a on|off`` through power.py."""
+    """A switch function that runs ``uhubctl -l HUB -p PORT -a on|off`` through drivers/power.py."""
 
     def switch(hub: str, port: int, on: bool) -> None:
         driver = UhubctlPower(hub=hub, port=port, uhubctl=uhubctl)

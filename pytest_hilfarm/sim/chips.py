@@ -1,9 +1,10 @@
 """Per-chip facts of the simulated ESP32, ESP32-S2, ESP32-C3, ESP32-S3 and ESP32-C6 that esptool
 5.6 relies on.
 
-Magic values, IMAGE_CHIP_ID, eFuse words (where the MAC and the chip revision live), SPI
-controller registers, GET_SECURITY_INFO payloads, RTC watchdog registers, ROM banner text,
-bootloader offsets and the simulated SPI flash's JEDEC id / SFDP table. Values come from
+Magic values, eFuse words (where the MAC and the chip revision live), SPI controller registers,
+GET_SECURITY_INFO payloads, RTC watchdog registers, ROM banner text and the simulated SPI
+flash's JEDEC id / SFDP table; names, image chip ids and bootloader offsets are the shared chip
+table's (:mod:`pytest_hilfarm.esp.chips`). Values come from
 esptool's target classes (``esptool/targets/*.py``: register addresses and the bit fields its
 ``get_major_chip_version`` / ``get_minor_chip_version`` read), Espressif's chip errata (which
 revisions exist) and real-chip traces (see the ESP ROM protocol note). Everything here is
@@ -18,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from pytest_hilfarm.esp.chips import CHIPS
+
 CHIP_DETECT_MAGIC_REG = 0x40001000
 
 # SPI_CMD_REG bit that starts a "user" command (esptool's SPI_CMD_USR).
@@ -30,10 +33,8 @@ FLASH_SECTOR = 0x1000
 class ChipSpec:
     """What one chip family looks like from the serial port."""
 
-    name: str  # "esp32", as in the rack file and model.CHIPS
-    esptool_name: str  # esptool's CHIP_NAME, "ESP32"
+    name: str  # "esp32", as in the rack file (esp.chips.FARM_CHIPS)
     magic: int  # word at CHIP_DETECT_MAGIC_REG
-    image_chip_id: int  # IMAGE_CHIP_ID in app images and in GET_SECURITY_INFO
     rom_sync_value: int  # the non-zero "value" of the ROM's SYNC replies
     rom_begin_words: int  # u32 words of FLASH_BEGIN / FLASH_DEFL_BEGIN the ROM takes
     # GET_SECURITY_INFO reply body, or None where the ROM lacks the command (ESP32).
@@ -47,7 +48,6 @@ class ChipSpec:
     spi_w0: int
     spi_addr_msb: bool  # address written MSB-aligned into SPI_ADDR_REG (ESP32 only)
     uart_clkdiv_reg: int
-    bootloader_offset: int  # where the second-stage bootloader lives in flash
     oui: bytes  # Espressif OUI used for simulated MACs
     rom_header: str  # banner lines before the "rst:" line (CRLF line ends)
     # eFuse / peripheral words that are not zero (MAC and revision words are added per board).
@@ -68,6 +68,21 @@ class ChipSpec:
     # The high half of the word after the MAC: ESP32-C6 keeps the EUI-64 filler ff:fe there
     # (esptool prints it as MAC_EXT); 0 elsewhere.
     mac_ext: int = 0
+
+    @property
+    def esptool_name(self) -> str:
+        """The chip's name in esptool (CHIP_NAME, "ESP32-C3"), from the chip table."""
+        return CHIPS[self.name].esptool_name
+
+    @property
+    def image_chip_id(self) -> int:
+        """IMAGE_CHIP_ID in app images and in GET_SECURITY_INFO, from the chip table."""
+        return CHIPS[self.name].image_chip_id
+
+    @property
+    def bootloader_offset(self) -> int:
+        """Where the second-stage bootloader lives in flash, from the chip table."""
+        return CHIPS[self.name].bootloader_offset
 
     @property
     def mac_words(self) -> tuple[int, int]:
@@ -96,9 +111,7 @@ _ESP32_DOWNLOAD = "boot:0x3 (DOWNLOAD_BOOT(UART0/UART1/SDIO_REI_REO_V2))"
 
 ESP32 = ChipSpec(
     name="esp32",
-    esptool_name="ESP32",
     magic=0x00F01D83,
-    image_chip_id=0,
     rom_sync_value=0x55551207,
     rom_begin_words=4,
     security_info=None,
@@ -111,7 +124,6 @@ ESP32 = ChipSpec(
     spi_w0=0x80,
     spi_addr_msb=True,
     uart_clkdiv_reg=0x3FF40014,
-    bootloader_offset=0x1000,
     oui=bytes.fromhex("240ac4"),
     rom_header="ets Jun  8 2016 00:22:57\r\n\r\n",
     fixed_registers=_ESP32_FIXED,
@@ -123,9 +135,7 @@ ESP32 = ChipSpec(
 
 ESP32S2 = ChipSpec(
     name="esp32s2",
-    esptool_name="ESP32-S2",
     magic=0x000007C6,
-    image_chip_id=2,
     rom_sync_value=0x20120707,
     rom_begin_words=5,
     security_info=_S2_SECURITY,
@@ -138,7 +148,6 @@ ESP32S2 = ChipSpec(
     spi_w0=0x58,
     spi_addr_msb=False,
     uart_clkdiv_reg=0x3F400014,
-    bootloader_offset=0x1000,
     oui=bytes.fromhex("7cdfa1"),
     rom_header="ESP-ROM:esp32s2-rc4-20191025\r\nBuild:Oct 25 2019\r\n",
     fixed_registers=(),
@@ -150,10 +159,8 @@ ESP32S2 = ChipSpec(
 
 ESP32C3 = ChipSpec(
     name="esp32c3",
-    esptool_name="ESP32-C3",
     # esptool 5.x identifies the C3 by chip id, not magic; this is the real ECO3 ROM word.
     magic=0x1B31506F,
-    image_chip_id=5,
     rom_sync_value=0x20120707,
     rom_begin_words=5,
     security_info=_C3_SECURITY,
@@ -166,7 +173,6 @@ ESP32C3 = ChipSpec(
     spi_w0=0x58,
     spi_addr_msb=False,
     uart_clkdiv_reg=0x60000014,
-    bootloader_offset=0x0,
     oui=bytes.fromhex("58cf79"),
     rom_header="ESP-ROM:esp32c3-api1-20210207\r\nBuild:Feb  7 2021\r\n",
     fixed_registers=(),
@@ -180,9 +186,7 @@ ESP32C3 = ChipSpec(
 
 ESP32S3 = ChipSpec(
     name="esp32s3",
-    esptool_name="ESP32-S3",
     magic=0x00000009,  # esptool 5.x identifies the S3 by chip id (USES_MAGIC_VALUE = False)
-    image_chip_id=9,
     rom_sync_value=0x20120707,  # real S3 ROM SYNC trace (ESP ROM protocol note)
     rom_begin_words=5,
     security_info=_S3_SECURITY,
@@ -195,7 +199,6 @@ ESP32S3 = ChipSpec(
     spi_w0=0x58,
     spi_addr_msb=False,
     uart_clkdiv_reg=0x60000014,
-    bootloader_offset=0x0,
     oui=bytes.fromhex("f412fa"),
     rom_header="ESP-ROM:esp32s3-20210327\r\nBuild:Mar 27 2021\r\n",
     fixed_registers=(),
@@ -207,9 +210,7 @@ ESP32S3 = ChipSpec(
 
 ESP32C6 = ChipSpec(
     name="esp32c6",
-    esptool_name="ESP32-C6",
     magic=0x2CE0806F,  # unused by esptool 5.x (chip id detection)
-    image_chip_id=13,
     rom_sync_value=0x20120707,
     rom_begin_words=5,
     security_info=_C6_SECURITY,
@@ -222,7 +223,6 @@ ESP32C6 = ChipSpec(
     spi_w0=0x58,
     spi_addr_msb=False,
     uart_clkdiv_reg=0x60000014,
-    bootloader_offset=0x0,
     oui=bytes.fromhex("404cca"),
     rom_header="ESP-ROM:esp32c6-20220919\r\nBuild:Sep 19 2022\r\n",
     fixed_registers=(),

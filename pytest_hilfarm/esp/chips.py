@@ -10,15 +10,19 @@ boards, racks or the simulator.
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
-
-from esptool import bin_image
-from esptool.targets import CHIP_DEFS
+from typing import TYPE_CHECKING, TypeVar
 
 from pytest_hilfarm.errors import ImageError
+
+if TYPE_CHECKING:
+    from esptool.bin_image import ESP32FirmwareImage
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 # The chips a rack may name (and the virtual rack simulates), in the order the docs list them.
 FARM_CHIPS = ("esp32", "esp32s2", "esp32c3", "esp32s3", "esp32c6")
@@ -47,7 +51,7 @@ class Chip:
     architecture: str  # "xtensa" or "riscv": what its panics and ELF files look like
     flash_freqs: tuple[str, ...]  # SPI flash clocks its image header can name
     default_flash_freq: str | None  # ESP-IDF's default for this chip; None where not modelled
-    image_class: type[bin_image.ESP32FirmwareImage]  # esptool's image class for this chip
+    image_class: type[ESP32FirmwareImage]  # esptool's image class for this chip
 
     def is_irom(self, addr: int) -> bool:
         return self.irom_start <= addr < self.irom_end
@@ -59,7 +63,10 @@ class Chip:
         return self.is_irom(addr) or self.is_drom(addr)
 
 
-def _table() -> Mapping[str, Chip]:
+def _build() -> dict[str, Chip]:
+    from esptool import bin_image
+    from esptool.targets import CHIP_DEFS
+
     chips = {}
     for name, rom in CHIP_DEFS.items():
         # esptool names each image class after its ROM class (ESP32C3ROM -> ESP32C3FirmwareImage)
@@ -81,15 +88,50 @@ def _table() -> Mapping[str, Chip]:
             default_flash_freq=_DEFAULT_FLASH_FREQ.get(name),
             image_class=image_class,
         )
-    return MappingProxyType(chips)
+    return chips
 
 
-CHIPS: Mapping[str, Chip] = _table()
+class _Table(Mapping[K, V]):
+    """A read-only mapping built from esptool's classes on first use.
+
+    Importing esptool costs tens of milliseconds; a rack file or the pytest plugin that never
+    needs more than :data:`FARM_CHIPS` should not pay it in every process.
+    """
+
+    def __init__(self, value: Callable[[Chip], V], key: Callable[[Chip], K]) -> None:
+        self._value = value
+        self._key = key
+        self._data: dict[K, V] | None = None
+
+    def _items(self) -> dict[K, V]:
+        if self._data is None:
+            self._data = {self._key(c): self._value(c) for c in _chips().values()}
+        return self._data
+
+    def __getitem__(self, key: K) -> V:
+        return self._items()[key]
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._items())
+
+    def __len__(self) -> int:
+        return len(self._items())
+
+
+@functools.cache
+def _chips() -> dict[str, Chip]:
+    return _build()
+
+
+def _itself(c: Chip) -> Chip:
+    return c
+
+
+CHIPS: Mapping[str, Chip] = _Table(_itself, lambda c: c.name)
 # Where each chip's second-stage bootloader lives (an index of the table, for look-ups by name).
-BOOTLOADER_OFFSETS: Mapping[str, int] = MappingProxyType(
-    {c.name: c.bootloader_offset for c in CHIPS.values()})
-_BY_IMAGE_ID = MappingProxyType({c.image_chip_id: c for c in CHIPS.values()})
-_BY_ESPTOOL_NAME = MappingProxyType({c.esptool_name: c for c in CHIPS.values()})
+BOOTLOADER_OFFSETS: Mapping[str, int] = _Table(lambda c: c.bootloader_offset, lambda c: c.name)
+_BY_IMAGE_ID: Mapping[int, Chip] = _Table(_itself, lambda c: c.image_chip_id)
+_BY_ESPTOOL_NAME: Mapping[str, Chip] = _Table(_itself, lambda c: c.esptool_name)
 
 
 def chip(name: str) -> Chip:

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pytest_hilfarm.drivers.flashing import Region
+from pytest_hilfarm.drivers.flashing.builds import Build
 from pytest_hilfarm.errors import HilfarmError
 from pytest_hilfarm.esp.image import APP_DESC_MAGIC, APP_DESC_OFFSET, AppDesc
-from pytest_hilfarm.projects.builds import Build
 
 # Chips whose CPU is RISC-V (the rest of the ESP32 family is Xtensa).
 RISCV_CHIPS = frozenset({"esp32c2", "esp32c3", "esp32c5", "esp32c6", "esp32c61", "esp32h2",

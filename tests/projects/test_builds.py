@@ -2,7 +2,7 @@
 
 Images come from esptool itself (elf2image on the real RISC-V ELF, merge-bin) and from the
 virtual rack's builder (real-format ESP-IDF images for ESP32 / S3); the directory layouts are
-those the tools leave (file names and offsets cited in pytest_hilfarm/projects/builds.py).
+those the tools leave (file names and offsets cited in pytest_hilfarm/drivers/flashing/builds.py).
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ import pytest
 from conftest import board_of, open_device, read_flash
 from realbuild import RealBuild, write_build_dir
 
-from pytest_hilfarm.drivers.flashing import FlashPlan, check_plan
+from pytest_hilfarm.drivers.flashing import FlashPlan, builds, check_plan
 from pytest_hilfarm.errors import ImageError
 from pytest_hilfarm.esp.otadata import OtaSelectEntry, encode_otadata, initial_otadata
 from pytest_hilfarm.esp.partitions import layout
-from pytest_hilfarm.projects import builds
 from pytest_hilfarm.sim import appbuild
 
 TWO_OTA = layout("two_ota").encode()

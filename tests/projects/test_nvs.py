@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from conftest import board_of, open_device, read_flash
 
-from pytest_hilfarm.drivers.flashing import FlashPlan, check_plan
+from pytest_hilfarm.drivers.flashing import FlashPlan, builds, check_plan
 from pytest_hilfarm.errors import ImageError
-from pytest_hilfarm.projects import builds, nvs
+from pytest_hilfarm.projects import nvs
 from pytest_hilfarm.sim import appbuild
 
 CSV = """\

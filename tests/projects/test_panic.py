@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from panicbuild import PanicBuild, build
 
-from pytest_hilfarm.projects import builds
+from pytest_hilfarm.drivers.flashing import builds
 from pytest_hilfarm.projects.panic import PanicDecoder, find_panics, find_toolchain
 from pytest_hilfarm.sim.app import panic_text
 

@@ -123,18 +123,19 @@ class FlashPlan:
 
 
 def make_plan(what: FlashPlan | Path | str | bytes | Sequence[tuple[Any, Any]]) -> FlashPlan:
-    """Build a plan from a plan, an image file, a build directory, flasher_args.json or pairs."""
+    """Build a plan from a plan, an image file, a build directory (ESP-IDF, Arduino CLI,
+    PlatformIO), flasher_args.json, a merged image or (offset, file) pairs.
+    """
     if isinstance(what, FlashPlan):
         return what
     if isinstance(what, bytes | bytearray):
         return FlashPlan.from_image(bytes(what))
     if isinstance(what, str | Path):
-        path = Path(what)
-        if path.is_dir():
-            return FlashPlan.from_build_dir(path)
-        if path.name.endswith(".json"):
-            return FlashPlan.from_flasher_args(path)
-        return FlashPlan.from_image(path)
+        # An ESP-IDF, Arduino CLI or PlatformIO build, a merged image or a plain app image:
+        # recognised from the path (drivers/flashing/builds.py).
+        from pytest_hilfarm.drivers.flashing.builds import plan_for
+
+        return plan_for(what)
     if isinstance(what, Sequence):
         pairs = cast("list[tuple[Any, Any]]", list(what))
         return FlashPlan.from_files(pairs)

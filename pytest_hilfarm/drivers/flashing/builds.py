@@ -29,10 +29,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pytest_hilfarm.drivers.flashing import APP_OFFSET, SECTOR, FlashPlan, Region
+from pytest_hilfarm.drivers.flashing.plan import APP_OFFSET, SECTOR, FlashPlan, Region
 from pytest_hilfarm.errors import ImageError
 from pytest_hilfarm.esp.chips import BOOTLOADER_OFFSETS
-from pytest_hilfarm.esp.image import APP_DESC_MAGIC, image_chip
+from pytest_hilfarm.esp.image import APP_DESC_MAGIC, image_chip, parse_image
 from pytest_hilfarm.esp.partitions import TABLE_OFFSET as PARTITION_TABLE_OFFSET
 from pytest_hilfarm.esp.partitions import read_entries as parse_partition_table
 
@@ -139,6 +139,8 @@ def _merged(data: bytes, path: Path) -> Build | None:
             continue
         table_at = PARTITION_TABLE_OFFSET - base
         if data[table_at : table_at + 2] != _TABLE_MAGIC:
+            if not _more_after_image(data, at):
+                continue  # one image (an app without a descriptor), not a merged file
             raise ImageError(
                 f"this looks like a merged image for {chip} (a bootloader at file offset "
                 f"{at:#x}) but there is no partition table at file offset {table_at:#x}",
@@ -150,6 +152,15 @@ def _merged(data: bytes, path: Path) -> Build | None:
                      _sibling_elf(path), notes=(f"merged image for {chip}, written from flash "
                                                 f"offset {base:#x}",))
     return None
+
+
+def _more_after_image(data: bytes, at: int) -> bool:
+    """Whether the file holds more than the image at ``at`` (anything but 0xFF after it)."""
+    try:
+        end = at + parse_image(data[at:], verify=False).length
+    except ImageError:
+        return False  # not even one well-formed image: the image checks say what is wrong
+    return data[end:].strip(b"\xff") != b""
 
 
 def _has_app_desc(image: bytes) -> bool:
@@ -207,8 +218,8 @@ def _from_dir(path: Path) -> Build:
         "platformio.ini or .pio/build/<env> (PlatformIO), or <sketch>.ino.bin (Arduino); "
         f"found: {_listing(path)}",
         where=str(path),
-        hint="pass the ESP-IDF build directory, the PlatformIO project, the Arduino output "
-        "directory, a merged image or the app .bin itself",
+        hint="pass the ESP-IDF build directory (run `idf.py build` first), the PlatformIO "
+        "project, the Arduino output directory, a merged image or the app .bin itself",
     )
 
 

@@ -36,7 +36,7 @@ FLASH_FREQS = ("80m", "40m", "26m", "20m", "keep")
 DEFAULT_BAUD = 921600
 # Keys a rack file may set in its ``settings:`` section; their values are checked by
 # settings.resolve, which names this file and line when one is wrong.
-RACK_SETTING_KEYS = ("lock_timeout", "boot_timeout", "infra_retries", "no_flash")
+RACK_SETTING_KEYS = ("lock_timeout", "boot_timeout", "infra_retries", "no_flash", "addr2line")
 
 PortKind = Literal["path", "url", "usb_serial", "usb_path", "virtual"]
 

@@ -186,6 +186,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
           "fault (default 0)", "retries", "N"),
     _spec("boot_timeout", "seconds from reset to the boot banner (default 15)", "seconds",
           "SECONDS"),
+    _spec("addr2line", "the toolchain's addr2line for decoding panics against the build's ELF "
+          "(default: found from ESP-IDF's tools, PATH, or Debian's RISC-V binutils)", "path",
+          "PATH"),
     _spec("log_dir", "where device logs go (default: hilfarm-logs/ in the directory pytest was "
           "started from)", "path", "DIR"),
     _spec("priority", "this run's priority for boards: a higher one is served first while "
@@ -213,6 +216,7 @@ _KEYS: Mapping[str, _Key] = MappingProxyType({
     "no_flash": _Key("bool", False, farm_wide=True),
     "infra_retries": _Key("retries", 0, farm_wide=True),
     "boot_timeout": _Key("seconds", 15.0),
+    "addr2line": _Key("path", None, farm_wide=True),  # None: search (projects/panic.py)
     "log_dir": _Key("path", None, farm_wide=True),  # None: <invocation dir>/hilfarm-logs
     "priority": _Key("priority", 0, farm_wide=True),
     "count": _Key("count", 1, marker_only=True),
@@ -258,6 +262,7 @@ class Settings:
     no_flash: bool
     infra_retries: int
     boot_timeout: float
+    addr2line: Path | None
     log_dir: Path | None
     priority: int
     count: int

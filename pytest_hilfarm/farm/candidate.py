@@ -25,6 +25,7 @@ from types import MappingProxyType
 from pytest_hilfarm.description.rack import BoardSpec
 from pytest_hilfarm.description.settings import ImageSpec
 from pytest_hilfarm.drivers.flashing import FlashPlan, Region, check_plan, make_plan
+from pytest_hilfarm.drivers.flashing.builds import detect as detect_build
 from pytest_hilfarm.errors import HilfarmError, ImageError, UsageError
 from pytest_hilfarm.esp.chips import BOOTLOADER_OFFSETS
 from pytest_hilfarm.esp.image import AppImage, chip_for_id, parse_image
@@ -66,6 +67,8 @@ class Candidate:
     identities: Mapping[str, AppIdentity] = field(
         default_factory=lambda: MappingProxyType({}), hash=False
     )
+    # The ELF each chip's build left (for decoding panics), where the build has one.
+    elves: Mapping[str, Path] = field(default_factory=lambda: MappingProxyType({}), hash=False)
 
     @property
     def chips(self) -> frozenset[str]:
@@ -144,11 +147,12 @@ def resolve_candidate(firmware: object, *, source: str = "firmware argument",
         return None
     plans: dict[str, FlashPlan] = {}
     identities: dict[str, AppIdentity] = {}
+    elves: dict[str, Path] = {}
     for wanted, what in items:
         if base_dir is not None and isinstance(what, str | os.PathLike) \
                 and not Path(what).is_absolute():
             what = base_dir / Path(what)
-        plan = _plan(what, source)
+        plan, elf = _plan(what, source)
         chip = _checked_chip(plan, wanted or _data_only_chip(plan, default_chip), source)
         if chip in plans:
             raise ImageError(
@@ -158,12 +162,19 @@ def resolve_candidate(firmware: object, *, source: str = "firmware argument",
             )
         identities[chip] = check_images(plan, chip, source=source)
         plans[chip] = plan
-    return Candidate(MappingProxyType(plans), source, MappingProxyType(identities))
+        if elf is not None:
+            elves[chip] = elf
+    return Candidate(MappingProxyType(plans), source, MappingProxyType(identities),
+                     MappingProxyType(elves))
 
 
-def _plan(what: object, source: str) -> FlashPlan:
+def _plan(what: object, source: str) -> tuple[FlashPlan, Path | None]:
+    """The flash plan of what the user named, and its build's ELF when there is one."""
     try:
-        return make_plan(what)  # type: ignore[arg-type]
+        if isinstance(what, str | os.PathLike):
+            build = detect_build(os.fspath(what))
+            return build.plan, build.elf
+        return make_plan(what), None  # type: ignore[arg-type]
     except ImageError as exc:
         raise ImageError(exc.what, where=f"{exc.where or what} (from {source})",
                          hint=exc.hint) from None

@@ -46,9 +46,12 @@ class _RunStats:
     flash_seconds: float = 0.0
     health_changes: list[str] = field(default_factory=list)
     infra_errors: int = 0
+    # Why panics could not be decoded (no ELF, no toolchain...): said once, in the summary.
+    panic_notes: set[str] = field(default_factory=set)
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "panic_notes": sorted(self.panic_notes),
             "boards": sorted(self.boards),
             "flashed": self.flashed,
             "skipped": self.skipped,
@@ -64,6 +67,7 @@ class _RunStats:
         self.flash_seconds += float(data.get("flash_seconds", 0.0))
         self.health_changes.extend(data.get("health_changes", ()))
         self.infra_errors += int(data.get("infra_errors", 0))
+        self.panic_notes.update(data.get("panic_notes", ()))
 
 
 _settings_key = pytest.StashKey[hs.Settings]()
@@ -219,6 +223,8 @@ def pytest_runtest_makereport(
         for board_id, path in logs.items():
             report.sections.append((f"hil device log {board_id}", _tail(path)))
         session = item.stash.get(_session_key, None)
+        if session is not None:
+            _add_decoded_panics(item, report, session)
         lost = [b for b in logs if session is not None and session.port_lost(b)]
         if lost:
             report.sections.append((
@@ -231,6 +237,46 @@ def pytest_runtest_makereport(
 
 _logs_key = pytest.StashKey[dict[str, Path]]()
 _session_key = pytest.StashKey[Any]()
+_decoders_key = pytest.StashKey[dict[tuple[int, str], Any]]()
+
+
+def _add_decoded_panics(item: pytest.Item, report: pytest.TestReport, session: Any) -> None:
+    """Decode each board's panic against its build's ELF into the report (and JUnit).
+
+    Where it cannot (no ELF, no toolchain, an ELF of another build), the reason goes to the
+    terminal summary once per run instead of into every report.
+    """
+    from pytest_hilfarm.projects.panic import PanicDecoder, find_panics
+
+    config = item.config
+    settings = config.stash[_settings_key]
+    decoders = config.stash.setdefault(_decoders_key, {})
+    candidate = session.candidate
+    for dev in session.devices:
+        text = dev.console.text_since(0)
+        if not find_panics(text):
+            continue
+        key = (id(candidate), dev.chip)
+        if key not in decoders:
+            plan = candidate.plan_for(dev.chip) if candidate is not None else None
+            app = next((r.data for r in plan.regions if r.role in ("app", "factory")), None) \
+                if plan is not None else None
+            elf = candidate.elves.get(dev.chip) if candidate is not None else None
+            decoders[key] = PanicDecoder.create(dev.chip, elf, app_image=app,
+                                                addr2line=settings.addr2line)
+        decoder = decoders[key]
+        if not decoder.available:
+            config.stash[_stats_key].panic_notes.add(f"{dev.chip}: {decoder.reason}")
+            continue
+        decoded = decoder.decode(text)
+        if decoded is None:
+            continue
+        title = f"decoded panic on {dev.id}"
+        addsection = getattr(report.longrepr, "addsection", None)
+        if callable(addsection):
+            addsection(title, decoded.text)  # shown with the failure, and in JUnit's <failure>
+        else:
+            report.sections.append((title, decoded.text))
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -455,3 +501,5 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         tr.write_line(f"infrastructure errors: {stats.infra_errors}")
     for change in stats.health_changes:
         tr.write_line(f"health: {change}")
+    for note in sorted(stats.panic_notes):
+        tr.write_line(f"panics: {note}")

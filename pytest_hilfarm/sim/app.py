@@ -26,7 +26,7 @@ from functools import partial
 from pytest_hilfarm.esp.chips import CHIPS
 from pytest_hilfarm.esp.image import HEADER_SIZE, chip_id_of
 from pytest_hilfarm.sim.mesh import BROADCAST, MeshMedium, Packet
-from pytest_hilfarm.sim.model import AppHost, AppInfo, FetchHandle, OtaError
+from pytest_hilfarm.sim.model import AppHost, AppInfo, Faults, FetchHandle, OtaError
 
 TAG = "hilfarm-demo"
 MESH_TAG = "hilfarm-mesh"
@@ -121,7 +121,7 @@ class DemoApp:
         if faults.crash_at_boot:
             self._state = _State.DEAD
             self._host.panic(panic_text(self._host.chip, info.image_sha256, store=False,
-                                        elf_sha256=info.elf_sha256))
+                                        elf_sha256=info.elf_sha256, faults=faults))
         elif faults.hang_at_boot:
             # The main task spins without yielding: no console, only the watchdog.
             self._state = _State.HUNG
@@ -279,7 +279,7 @@ class DemoApp:
     def _cmd_crash(self, words: list[str], line: str) -> None:
         self.stop()
         self._host.panic(panic_text(self._host.chip, self._info.image_sha256, store=True,
-                                    elf_sha256=self._info.elf_sha256))
+                                    elf_sha256=self._info.elf_sha256, faults=self._info.faults))
         return None
 
     def _cmd_ota(self, words: list[str], line: str) -> list[str]:
@@ -456,7 +456,8 @@ class _UnityMenu:
         if kind == "panic":
             self._app.stop()
             host.panic(panic_text(host.chip, self._app._info.image_sha256, store=True,
-                                  elf_sha256=self._app._info.elf_sha256))
+                                  elf_sha256=self._app._info.elf_sha256,
+                                  faults=self._app._info.faults))
             return
 
         def finish() -> None:
@@ -680,25 +681,29 @@ def battery_values(mac: str, uptime: float) -> tuple[float, int]:
     return 3.3 + 0.9 * pct / 100.0, int(pct)
 
 
-def panic_text(chip: str, sha256: str, *, store: bool, elf_sha256: str) -> str:
+def panic_text(chip: str, sha256: str, *, store: bool, elf_sha256: str,
+               faults: Faults | None = None) -> str:
     """ESP-IDF-like panic output for a NULL access, CRLF line ends, ending in ``Rebooting...``.
 
     Xtensa chips say LoadProhibited/StoreProhibited, RISC-V ones Load/Store access fault, as
     ESP-IDF does. Addresses derive from the image hash ``sha256`` so one image always crashes
     the same way; the "ELF file SHA256" line is the app descriptor's ``app_elf_sha256``
     (``elf_sha256``, hex), as ESP-IDF's panic handler prints it, never the image's hash.
+    An image built with ``panic_pc``/``panic_ra`` faults there instead (addresses of its ELF).
     """
     seed = hashlib.sha256(f"{sha256}/{store}".encode()).digest()
     words = [int.from_bytes(seed[i : i + 4], "big") for i in range(0, 32, 4)]
     if CHIPS[chip].architecture == "riscv":
         cause = "Store access fault" if store else "Load access fault"
-        pc = 0x42000000 | (words[0] & 0x000FFFFC)
+        pc = (faults.panic_pc if faults and faults.panic_pc else 0x42000000
+              | (words[0] & 0x000FFFFC))
+        ra = faults.panic_ra if faults and faults.panic_ra else pc - 0x1A
         sp = 0x3FC80000 | (words[1] & 0x0000FFF0)
         lines = [
             f"Guru Meditation Error: Core  0 panic'ed ({cause}). Exception was unhandled.",
             "",
             "Core  0 register dump:",
-            f"MEPC    : 0x{pc:08x}  RA      : 0x{pc - 0x1A:08x}  SP      : 0x{sp:08x}  "
+            f"MEPC    : 0x{pc:08x}  RA      : 0x{ra:08x}  SP      : 0x{sp:08x}  "
             f"GP      : 0x3fc8b200",
             f"TP      : 0x{sp + 0x200:08x}  T0      : 0x{words[2]:08x}  T1      : "
             f"0x{words[3]:08x}  T2      : 0x00000000",
@@ -709,7 +714,8 @@ def panic_text(chip: str, sha256: str, *, store: bool, elf_sha256: str) -> str:
         ]
     else:
         cause = "StoreProhibited" if store else "LoadProhibited"
-        pc = 0x400D0000 | (words[0] & 0x0000FFFC)
+        pc = (faults.panic_pc if faults and faults.panic_pc else 0x400D0000
+              | (words[0] & 0x0000FFFC))
         sp = 0x3FFB0000 | (words[1] & 0x0000FFF0)
         lines = [
             f"Guru Meditation Error: Core  0 panic'ed ({cause}). Exception was unhandled.",

@@ -102,8 +102,10 @@ def encode_faults(faults: Faults) -> bytes:
 
 def _fault_fields(faults: Faults) -> dict[str, object]:
     fields = dataclasses.asdict(faults)
-    if not faults.unity_menu:
-        del fields["unity_menu"]
+    # Written only when set, so every image built before these fields keeps its exact bytes.
+    for name in ("unity_menu", "panic_pc", "panic_ra"):
+        if not fields[name]:
+            del fields[name]
     return fields
 
 
@@ -148,6 +150,8 @@ def faults_from_desc_segment(segment_data: bytes) -> Faults:
             slow_boot=float(values.get("slow_boot", 0.0)),
             drop_mesh=float(values.get("drop_mesh", 0.0)),
             unity_menu=bool(values.get("unity_menu", False)),
+            panic_pc=int(values.get("panic_pc", 0)),
+            panic_ra=int(values.get("panic_ra", 0)),
         )
     except (TypeError, ValueError) as exc:
         raise ImageError(f"bad value in fault record {text!r}: {exc}") from None
@@ -191,10 +195,13 @@ def build_app(
     pad_to: int | str | None = None,
     *,
     flash_size: str = "4MB",
+    elf_sha256: bytes | None = None,
 ) -> bytes:
     """An ESP-IDF-format app image for ``chip`` (see the module docstring).
 
     ``flash_size`` goes into the image header (esptool ``--flash-size``), as idf.py does.
+    ``elf_sha256`` is the app descriptor's ``app_elf_sha256`` (as esptool elf2image patches it
+    in from the ELF); by default a digest of the build inputs stands in, as there is no ELF.
 
     ``pad_to`` grows the IROM segment with compressible filler so the image is just under that
     size (at most ``pad_to`` bytes, within 64 bytes of it), e.g. ``"1MB"`` for benchmarks.
@@ -209,8 +216,9 @@ def build_app(
     desc = AppDesc(
         project_name=project, version=version, secure_version=secure_version, idf_ver=idf_ver,
         time=BUILD_TIME, date=BUILD_DATE,
-        app_elf_sha256=_elf_sha(chip, project, version, str(secure_version), idf_ver,
-                                json.dumps(_fault_fields(faults), sort_keys=True)),
+        app_elf_sha256=elf_sha256 or _elf_sha(
+            chip, project, version, str(secure_version), idf_ver,
+            json.dumps(_fault_fields(faults), sort_keys=True)),
         mmu_page_size=16,  # log2(64 KiB), CONFIG_MMU_PAGE_SIZE
     )
     rodata = encode_faults(faults) + f"{project} {version}\0".encode()
@@ -332,11 +340,12 @@ def write_build_dir(
     pad_to: int | str | None = None,
     layout: str = "factory",
     flash_size: str = "4MB",
+    elf_sha256: bytes | None = None,
 ) -> BuildDir:
     """Write an ESP-IDF-like ``build/`` directory (see docs: esp-idf-build-outputs.md)."""
     root = Path(path)
     app = build_app(chip, project, version, secure_version, idf_ver, faults, pad_to,
-                    flash_size=flash_size)
+                    flash_size=flash_size, elf_sha256=elf_sha256)
     parts = build_flash_layout(chip, app, layout, flash_size, idf_ver)
     table = partition_table_for(layout, flash_size)
     names = {

@@ -30,6 +30,11 @@ class Faults:
     # Not a fault: the image is a Unity unit-test app (ESP-IDF's unity_run_menu() from
     # app_main), so the demo app shows the Unity test menu instead of its console.
     unity_menu: bool = False
+    # Where the image's code faults when it panics (the crash command, crash_at_boot): the
+    # program counter and return address, taken from the build's ELF so a decoded backtrace
+    # names real functions. 0: addresses derived from the image's hash (no ELF to point into).
+    panic_pc: int = 0
+    panic_ra: int = 0
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,9 @@ def add_build_app_parser(sim_subparsers: Any) -> argparse.ArgumentParser:
                         help="extra boot time in seconds")
     faults.add_argument("--drop-mesh", type=_fraction, default=0.0, metavar="FRACTION",
                         help="fraction (0..1) of mesh packets the app drops")
+    p.add_argument("--unity", action="store_true",
+                   help="build a Unity unit-test app: it boots into ESP-IDF's test menu "
+                   "(pytest: @pytest.mark.hil_unity)")
     p.add_argument("--pad-to", type=_size, default=None, metavar="SIZE",
                    help="pad the app image to about SIZE bytes (e.g. 1MB) for benchmarks")
     p.add_argument("-o", "--output", required=True, metavar="DIR",
@@ -98,6 +101,7 @@ def run_build_app(args: argparse.Namespace) -> int:
         fail_self_test=args.fail_self_test,
         slow_boot=args.slow_boot,
         drop_mesh=args.drop_mesh,
+        unity_menu=args.unity,
     )
     if args.secure_version < 0:
         raise UsageError(f"--secure-version must be >= 0, got {args.secure_version}")

@@ -8,6 +8,7 @@ Settings are resolved once per test through :mod:`pytest_hilfarm.description.set
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -101,6 +102,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", hs.HIL_MARKER_HELP)
+    config.addinivalue_line("markers", HIL_UNITY_MARKER_HELP)
     config.stash[_stats_key] = _RunStats()
     config.stash[_marker_candidates_key] = {}
     try:
@@ -120,6 +122,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(exc)) from None
     _install_sigterm(config)
     config.pluginmanager.register(_InterruptWatch(config), "hilfarm-interrupt-watch")
+    config.pluginmanager.register(_UnityCases(config), "hilfarm-unity-cases")
 
 
 def _resolve(firmware: object, settings: hs.Settings, key: str, *, skip: bool = False,
@@ -301,11 +304,124 @@ _in_call_key = pytest.StashKey[bool]()
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
-    """A candidate firmware that did not boot fails the test (it is the firmware's fault)."""
+    """A candidate firmware that did not boot fails the test (it is the firmware's fault);
+    a ``hil_unity`` test first runs its Unity cases, one result per case.
+    """
     failure = pyfuncitem.stash.get(_firmware_failure_key, None)
     if failure is not None:
         pytest.fail(failure, pytrace=False)
+    marker = pyfuncitem.get_closest_marker("hil_unity")
+    if marker is not None:
+        _run_unity_cases(pyfuncitem, marker)
     return None
+
+
+HIL_UNITY_MARKER_HELP = (
+    "hil_unity(group=None, name=None, include_ignored=False, case_timeout=30): run the Unity "
+    "cases of an ESP-IDF unit-test app on the test's board (all, a [group], or one case by "
+    "name), one pytest result and JUnit testcase per case; the test fails if any case fails. "
+    "Ask for the hil_unity fixture."
+)
+_UNITY_KEYS = ("group", "name", "include_ignored", "case_timeout")
+
+
+def _run_unity_cases(item: pytest.Function, marker: pytest.Mark) -> None:
+    from pytest_hilfarm.projects.unity import select
+
+    unknown = set(marker.kwargs) - set(_UNITY_KEYS)
+    if marker.args or unknown:
+        raise pytest.UsageError(
+            f"{item.nodeid}: @pytest.mark.hil_unity takes only {', '.join(_UNITY_KEYS)} by "
+            f"name, got {sorted(unknown) or list(marker.args)}")
+    runner: Any = item.funcargs.get("hil_unity")
+    if runner is None:
+        raise pytest.UsageError(f"{item.nodeid}: a @pytest.mark.hil_unity test must ask for the "
+                                "hil_unity fixture (def test_x(hil_unity): ...)")
+    if "case_timeout" in marker.kwargs:
+        runner.case_timeout = float(marker.kwargs["case_timeout"])
+    cases = select(runner.menu(), group=marker.kwargs.get("group"),
+                   name=marker.kwargs.get("name"),
+                   include_ignored=bool(marker.kwargs.get("include_ignored", False)))
+    failed = []
+    results = runner.run(cases)
+    # Carried on the test's own report to whoever logs it (this process, or the xdist
+    # controller: a worker may only report the item it runs), which then logs each case.
+    item.user_properties.append((_UNITY_PROPERTY, json.dumps([
+        {"name": r.name, "group": r.group, "outcome": r.outcome, "message": r.message,
+         "duration": r.duration, "text": r.text, "file": r.file, "line": r.line,
+         "reset": r.reset} for r in results])))
+    for result in results:
+        if result.outcome in ("failed", "error"):
+            failed.append(f"{result.name}: {result.message or result.outcome}")
+    if failed:
+        pytest.fail(f"{len(failed)} of {len(cases)} Unity case(s) failed:\n  "
+                    + "\n  ".join(failed), pytrace=False)
+
+
+_UNITY_PROPERTY = "hilfarm.unity_cases"
+
+
+class _UnityCases:
+    """Logs each Unity case a ``hil_unity`` test carried as its own result, where the test's
+    report is logged (this process, or the xdist controller).
+    """
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.session: pytest.Session | None = None
+
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        self.session = session
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "call" or hasattr(self.config, "workerinput"):
+            return  # an xdist worker passes the report on; the controller logs the cases
+        carried = [p for p in report.user_properties if p[0] == _UNITY_PROPERTY]
+        if not carried:
+            return
+        report.user_properties = [p for p in report.user_properties if p[0] != _UNITY_PROPERTY]
+        cases = json.loads(str(carried[0][1]))
+        if self.session is not None:  # the cases are results of their own: progress counts them
+            self.session.testscollected += len(cases)
+        for case in cases:
+            _log_unity_case(report, case, self.config.hook)
+
+
+def _log_unity_case(parent: pytest.TestReport, case: dict[str, Any], hook: Any) -> None:
+    """One Unity case as its own test result: terminal line, stats and JUnit testcase."""
+    nodeid = f"{parent.nodeid}[{case['name']}]"
+    path, lineno, domain = parent.location
+    location = (path, lineno, f"{domain}[{case['name']}]")
+    where = f"{case['file']}:{case['line']}" if case["file"] else parent.nodeid
+    outcome = {"error": "failed"}.get(case["outcome"], case["outcome"])
+    longrepr: Any = None
+    if outcome == "failed":
+        longrepr = f"{where}: {case['message'] or 'failed'}" + (
+            "\n(the board crashed or reset during the case)" if case["reset"] else "")
+    elif outcome == "skipped":
+        longrepr = (str(case["file"] or path), int(case["line"] or 0),
+                    f"Skipped: {case['message'] or 'ignored'}")
+    properties = [("unity.group", case["group"]), ("unity.case", case["name"])]
+    phases: tuple[tuple[Any, Any, Any, list[tuple[str, str]], float], ...] = (
+        ("setup", "passed", None, [], 0.0),
+        ("call", outcome, longrepr, [("Captured stdout call", case["text"])], case["duration"]),
+        ("teardown", "passed", None, [], 0.0),
+    )
+    for when, rep_outcome, rep_longrepr, sections, duration in phases:
+        report = pytest.TestReport(
+            nodeid, location, {case["name"]: 1, "unity": 1}, rep_outcome, rep_longrepr,
+            when, sections=sections, duration=duration, user_properties=properties,
+        )
+        hook.pytest_runtest_logreport(report=report)
+
+
+@pytest.fixture
+def hil_unity(hil_device: Device) -> Any:
+    """A Unity test-menu runner on the test's board (ESP-IDF unit-test apps)."""
+    from pytest_hilfarm.projects.unity import UnityRunner
+
+    return UnityRunner(hil_device)
 
 
 @pytest.fixture(scope="session")

@@ -376,6 +376,29 @@ class Device:
             f"full log: {self.log_path}",
         )
 
+    def check_stays_up(self, seconds: float = 0.5) -> None:
+        """After a boot: raise BootError if the app panics or aborts within ``seconds``.
+
+        A boot check that only waits for the start banner passes an app that crashes right
+        after ``app_main`` starts (the banner comes first); a health check must not.
+        """
+        mark = self.console.position
+        deadline = time.monotonic() + seconds
+        while True:
+            crashed = BOOT_FAILED.search(self.console.window(mark)[1])
+            if crashed is not None:
+                self.boot_failure = crashed.group(0).strip()
+                raise BootError(
+                    f"the app crashed right after it started: {self.boot_failure}\n"
+                    f"{self._tail()}",
+                    where=f"board {self.id} ({self.chip})",
+                    hint=f"the firmware crashes at start; full log: {self.log_path}",
+                )
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.02))
+
     def _tail(self) -> str:
         tail = self.console.tail(20)
         lines = tail.split("\n") if tail else ["(no output at all)"]

@@ -53,13 +53,13 @@ _URL_SCHEMES = ("rfc2217", "socket")
 
 # network_profiles is read (and checked, with file and line) by description.network.load_profiles
 # when a test asks for network conditions; the rack loader only admits the key.
-_TOP_KEYS = ("version", "name", "lock_dir", "state_dir", "backend", "baseline", "settings",
+_TOP_KEYS = ("version", "name", "lock_dir", "state_dir", "backend", "baseline", "settings", "nvs",
              "network_profiles", "boards")
 # sim: the virtual board's eFuse / secure boot settings and its chip revision, MAC and flash
 # size, read and checked by description.virtual (the virtual rack's view, docs/virtual-rack.md);
 # the farm's loader only checks it is a mapping on a virtual board.
 _BOARD_KEYS = ("id", "chip", "port", "usb_serial", "usb_path", "reset", "power", "flash",
-               "features", "baseline", "interface", "sim")
+               "features", "baseline", "interface", "sim", "nvs")
 _PORT_KEYS = ("port", "usb_serial", "usb_path")
 _FLASH_KEYS = ("baud", "mode", "size", "freq")
 _POWER_KEYS = {
@@ -132,6 +132,25 @@ class BaselineSpec:
 
 
 @dataclass(frozen=True)
+class NvsSpec:
+    """Per-board NVS data: a CSV template for Espressif's NVS partition generator, the
+    partition it fills, and values for its placeholders ({board_id}, {mac}, {chip}, ...).
+    """
+
+    csv: Path | None
+    partition: str | None
+    values: Mapping[str, str] = field(hash=False)
+    where: Location
+
+    def over(self, base: NvsSpec | None) -> NvsSpec:
+        """A board's spec (this one) on top of the rack-wide ``base``."""
+        if base is None:
+            return self
+        return NvsSpec(self.csv or base.csv, self.partition or base.partition,
+                       MappingProxyType({**base.values, **self.values}), self.where)
+
+
+@dataclass(frozen=True)
 class BoardSpec:
     """One board of a rack, as the rack file describes it."""
 
@@ -146,6 +165,7 @@ class BoardSpec:
     where: Location
     # Kept for the later network-conditions feature; nothing uses it yet.
     interface: str | None = None
+    nvs: NvsSpec | None = None  # this board's own NVS data (over the rack-wide one)
 
     @property
     def is_virtual(self) -> bool:
@@ -178,6 +198,12 @@ class RackSpec:
     settings: Mapping[str, RackSetting] = field(
         default_factory=lambda: MappingProxyType({}), hash=False
     )
+    nvs: NvsSpec | None = None  # NVS data for every board (a board's own nvs: goes over it)
+
+    def nvs_for(self, board: BoardSpec) -> NvsSpec | None:
+        """The NVS data to write on ``board`` (None: none), with a CSV to fill."""
+        spec = board.nvs.over(self.nvs) if board.nvs is not None else self.nvs
+        return spec if spec is not None and spec.csv is not None else None
 
     @property
     def is_virtual(self) -> bool:
@@ -486,13 +512,38 @@ def _parse(text: str, source: str, base_dir: Path, environ: Mapping[str, str] | 
             value = _scalar(ctx, value_node, f"settings.{key}", "a single value")
             settings[key] = RackSetting(value, ctx.loc(value_node))
 
+    nvs = _parse_nvs(ctx, top["nvs"][1], "nvs") if "nvs" in top else None
     # A client of a multi-host farm may own no boards: rig hosts register theirs.
     boards = _parse_boards(ctx, top["boards"][1], allow_empty=backend is not None)
+    if nvs is not None and nvs.csv is None:
+        raise ctx.error(top["nvs"][1], "nvs", "the rack-wide nvs: needs a csv:",
+                        hint="e.g. nvs: {csv: nvs/board.csv, values: {wifi_ssid: lab}}")
     return RackSpec(
         name=name, version=RACK_VERSION, path=file, lock_dir=lock_dir, state_dir=state_dir,
         backend=backend, baselines=MappingProxyType(baselines), boards=boards,
-        settings=MappingProxyType(settings),
+        settings=MappingProxyType(settings), nvs=nvs,
     )
+
+
+_NVS_KEYS = ("csv", "partition", "values")
+
+
+def _parse_nvs(ctx: _Ctx, node: Node, path: str) -> NvsSpec:
+    entries = _fields(ctx, node, path, _NVS_KEYS,
+                      "a mapping with csv, partition and values, e.g. {csv: nvs/board.csv}")
+    _check_keys(ctx, entries, path, _NVS_KEYS)
+    csv = (_path(ctx, entries["csv"][1], f"{path}.csv", "a CSV file path")
+           if "csv" in entries else None)
+    partition = (_string(ctx, entries["partition"][1], f"{path}.partition",
+                         "a partition label, e.g. nvs") if "partition" in entries else None)
+    values: dict[str, str] = {}
+    if "values" in entries:
+        value_entries = _fields(ctx, entries["values"][1], f"{path}.values", (),
+                                "a mapping of placeholder names to values")
+        for key, (_k, value_node) in value_entries.items():
+            value = _scalar(ctx, value_node, f"{path}.values.{key}", "a single value")
+            values[key] = str(value)
+    return NvsSpec(csv, partition, MappingProxyType(values), ctx.loc(node))
 
 
 def _default_state_dir(name: str, environ: Mapping[str, str]) -> Path:
@@ -618,9 +669,10 @@ def _parse_board(ctx: _Ctx, node: Node, path: str) -> BoardSpec:
             raise ctx.error(sim_node, f"{path}.sim", "sim: applies to virtual boards only",
                             hint="remove it, or use port: virtual")
 
+    nvs = _parse_nvs(ctx, entries["nvs"][1], f"{path}.nvs") if "nvs" in entries else None
     return BoardSpec(id=board_id, chip=chip, port=port, reset=reset, power=power, flash=flash,
                      features=features, baseline=baseline, where=ctx.loc(node),
-                     interface=interface)
+                     interface=interface, nvs=nvs)
 
 
 def _parse_port(ctx: _Ctx, key: str, node: Node, path: str) -> PortSpec:

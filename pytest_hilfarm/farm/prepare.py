@@ -54,6 +54,7 @@ def health_check(farm: Farm, device: Device, *, reason: str = "") -> BoardHealth
             device.console.wait_connected(timeout=device.boot_timeout)
         if baseline is not None:
             device.flash(baseline, skip_identical=True)
+            device.check_stays_up()
             detail = f"baseline {device.boot_info().project or 'app'} booted"
         else:
             # No baseline to boot: check what can be checked (port, reset lines, ROM).
@@ -110,7 +111,9 @@ def prepare_board(farm: Farm, board_id: str, *, firmware: object, needs_check: b
             checked = True
         plan = firmware_plan(candidate, board)
         report: FlashReport | None = None
-        digest = plan_digest(plan) if plan else None
+        digest = plan_digest(plan) if plan else None  # the candidate's, the same on every board
+        if plan is not None:
+            plan = _with_board_data(farm, board, device, plan)
         if plan is not None and not _store_says_flashed(farm, board_id, plan):
             report = device.flash(plan, skip_identical=True, wait=False)
         failure = _boot(farm, device, plan)
@@ -142,6 +145,20 @@ def prepare_board(farm: Farm, board_id: str, *, firmware: object, needs_check: b
     except BaseException:
         device.console.close()
         raise
+
+def _with_board_data(farm: Farm, board: BoardSpec, device: Device, plan: FlashPlan
+                     ) -> FlashPlan:
+    """The plan plus this board's own NVS partition (the rack's ``nvs:``), if it has one."""
+    spec = farm.rack.nvs_for(board)
+    if spec is None or spec.csv is None:
+        return plan
+    from pytest_hilfarm.projects import nvs
+
+    region = nvs.board_region(spec.csv, plan, board_id=board.id, mac=device.mac,
+                              chip=board.chip, values=spec.values,
+                              partition=spec.partition or "nvs")
+    return nvs.with_region(plan, region)
+
 
 def _runs_candidate(device: Device, plan: FlashPlan) -> bool:
     """Whether the boot log shows the plan's app (project, version, offset) running."""

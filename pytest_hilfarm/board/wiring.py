@@ -28,7 +28,7 @@ from pytest_hilfarm.description.rack import BoardSpec, RackSpec, builtin_virtual
 from pytest_hilfarm.drivers.flashing import FlashPlan, FlashReport
 from pytest_hilfarm.drivers.flashing import flash as esptool_flash
 from pytest_hilfarm.drivers.power import PowerDriver, make_power
-from pytest_hilfarm.drivers.reset import ResetDriver, make_reset
+from pytest_hilfarm.drivers.reset import CUSTOM_BEFORE, ResetDriver, make_reset
 from pytest_hilfarm.drivers.transports import open_port, resolve_usb
 from pytest_hilfarm.drivers.virtual import ControlClient, read_daemon_info, sim_dir
 from pytest_hilfarm.errors import PortError, UsageError
@@ -188,7 +188,7 @@ class LocalWiring:
         params: dict[str, Any] = {"board": self.spec.id}
         if kind == "virtual":
             params["control"] = self._virtual().control()
-        elif kind in ("classic", "usb-jtag"):
+        elif kind in ("classic", "usb-jtag", "custom"):
             if port is None:
                 raise UsageError(
                     f"{kind} reset of board {self.spec.id} needs the board's UART open",
@@ -196,6 +196,8 @@ class LocalWiring:
                     hint="open the board's console first (the reset lines are DTR/RTS)",
                 )
             params["port"] = port
+            if kind == "custom" and self.spec.reset_sequences is not None:
+                params["download"], params["app"] = self.spec.reset_sequences
         return make_reset(kind, params)
 
     def flasher(self) -> Flasher:
@@ -271,6 +273,9 @@ def flash_and_boot(port: str, chip: str, plan: FlashPlan, *, reset: ResetDriver,
     """
     before = reset.esptool_before
     out_of_band = before == "no-reset"
+    # A custom download sequence runs on the flasher's own port (drivers/flashing/session.py);
+    # booting afterwards is the reset driver's app sequence, not esptool's hard reset.
+    own_app_reset = out_of_band or before.startswith(CUSTOM_BEFORE)
 
     def enter_download() -> None:
         try:
@@ -280,9 +285,9 @@ def flash_and_boot(port: str, chip: str, plan: FlashPlan, *, reset: ResetDriver,
 
     report = flasher(
         port, chip, plan, before=before,
-        after="no-reset" if out_of_band or not boot else "hard-reset",
+        after="no-reset" if own_app_reset or not boot else "hard-reset",
         enter_download=enter_download if out_of_band else None, **options,
     )
-    if boot and out_of_band:
+    if boot and own_app_reset:
         reset.reset_to_app()
     return report

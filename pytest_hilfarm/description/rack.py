@@ -166,6 +166,8 @@ class BoardSpec:
     # Kept for the later network-conditions feature; nothing uses it yet.
     interface: str | None = None
     nvs: NvsSpec | None = None  # this board's own NVS data (over the rack-wide one)
+    # reset: custom: esptool-syntax DTR/RTS sequences (download, app; app None = hard reset)
+    reset_sequences: tuple[str, str | None] | None = None
 
     @property
     def is_virtual(self) -> bool:
@@ -626,9 +628,13 @@ def _parse_board(ctx: _Ctx, node: Node, path: str) -> BoardSpec:
                         hint="give exactly one of port, usb_serial, usb_path")
     port = _parse_port(ctx, given[0], entries[given[0]][1], f"{path}.{given[0]}")
 
+    sequences: tuple[str, str | None] | None = None
     if "reset" in entries:
         reset_node = entries["reset"][1]
-        reset = _choice(ctx, reset_node, f"{path}.reset", RESETS)
+        if isinstance(reset_node, MappingNode):
+            reset, sequences = "custom", _parse_reset_sequences(ctx, reset_node, f"{path}.reset")
+        else:
+            reset = _choice(ctx, reset_node, f"{path}.reset", RESETS)
         _check_reset(ctx, reset_node, f"{path}.reset", reset, port, chip)
     else:
         reset = _default_reset(port)
@@ -672,7 +678,7 @@ def _parse_board(ctx: _Ctx, node: Node, path: str) -> BoardSpec:
     nvs = _parse_nvs(ctx, entries["nvs"][1], f"{path}.nvs") if "nvs" in entries else None
     return BoardSpec(id=board_id, chip=chip, port=port, reset=reset, power=power, flash=flash,
                      features=features, baseline=baseline, where=ctx.loc(node),
-                     interface=interface, nvs=nvs)
+                     interface=interface, nvs=nvs, reset_sequences=sequences)
 
 
 def _parse_port(ctx: _Ctx, key: str, node: Node, path: str) -> PortSpec:
@@ -718,14 +724,49 @@ def _default_reset(port: PortSpec) -> str:
     return "classic"
 
 
+_SEQUENCE_KEYS = ("download", "app")
+
+
+def check_sequence(sequence: str) -> str | None:
+    """Why ``sequence`` is not a valid reset sequence (esptool's syntax), or None."""
+    from esp_pylib.serial_reset import parse_custom_reset_sequence
+
+    try:
+        steps = parse_custom_reset_sequence(sequence)
+    except ValueError as exc:
+        return str(exc)
+    return None if steps else "the sequence is empty"
+
+
+def _parse_reset_sequences(ctx: _Ctx, node: Node, path: str) -> tuple[str, str | None]:
+    """``reset: {download: SEQ, app: SEQ}`` in esptool's custom reset-sequence syntax."""
+    entries = _fields(ctx, node, path, _SEQUENCE_KEYS,
+                      'a reset name, or DTR/RTS sequences {download: "D0|R1|W0.1|D1|R0|W0.05|D0"'
+                      ', app: "..."}')
+    _check_keys(ctx, entries, path, _SEQUENCE_KEYS)
+    _require(ctx, node, entries, path, ["download"])
+    sequences: dict[str, str] = {}
+    for key, (_k, value_node) in entries.items():
+        text = _string(ctx, value_node, f"{path}.{key}", "a reset sequence",
+                       hint='esptool\'s syntax: D<0|1>, R<0|1>, U<dtr>,<rts>, W<seconds>, joined '
+                            'by |, e.g. "D0|R1|W0.1|D1|R0|W0.05|D0"')
+        problem = check_sequence(text)
+        if problem is not None:
+            raise ctx.error(value_node, f"{path}.{key}", problem,
+                            hint='esptool\'s syntax: D<0|1>, R<0|1>, U<dtr>,<rts>, W<seconds>, '
+                                 'joined by |, e.g. "D0|R1|W0.1|D1|R0|W0.05|D0"')
+        sequences[key] = text
+    return sequences["download"], sequences.get("app")
+
+
 def _check_reset(ctx: _Ctx, node: Node, path: str, reset: str, port: PortSpec,
                  chip: str) -> None:
-    if reset in ("classic", "usb-jtag") and port.kind == "url" \
+    if reset in ("classic", "usb-jtag", "custom") and port.kind == "url" \
             and port.value.startswith("socket://"):
         raise ctx.error(node, path, f"reset {reset!r} needs DTR/RTS, which a socket:// port "
                         "cannot carry", hint="use an rfc2217:// URL (it carries DTR/RTS) or "
                         "reset: none")
-    if reset in ("classic", "usb-jtag") and port.kind == "virtual":
+    if reset in ("classic", "usb-jtag", "custom") and port.kind == "virtual":
         raise ctx.error(node, path, f"reset {reset!r} does not apply to a virtual board",
                         hint="use reset: virtual (or leave reset out)")
     if reset == "virtual" and port.kind != "virtual":

@@ -2,9 +2,10 @@
 
 Each backend implements :class:`ResetDriver` and opens with the rack-file snippet that selects
 it; ``make_reset(name, params)`` builds one from ``RESET_DRIVERS``. The DTR/RTS sequences are
-the ones esptool 5.6 / esp-pylib use (notes/esp-rom-protocol.md section 6), written out here so
-they run on the port the console already holds. This module must not open or close ports, read
-rack files or flash anything.
+Espressif's own, from ``esp_pylib.serial_reset`` (which esptool and esp-idf-monitor share),
+run on the port the console already holds; a rack file may give its own sequences in esptool's
+custom reset-sequence syntax. This module must not open or close ports, read rack files or
+flash anything.
 
 ``esptool_before`` tells the flasher whether esptool can enter download mode itself over the
 port (``"default-reset"``, ``"usb-reset"``) or whether the caller must call
@@ -14,10 +15,13 @@ boards without reset lines).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
+
+from esp_pylib import serial_reset
 
 from pytest_hilfarm.drivers.power import DriverSpec, build_driver
 from pytest_hilfarm.errors import UsageError
@@ -50,20 +54,16 @@ class ControlLines(Protocol):
 
 PortSource = Callable[[], ControlLines]
 
-# pyserial True = line asserted = electrically LOW (esp_pylib.serial_reset.PIN_LOW).
-_LOW = True
-_HIGH = False
-
-
-def _set_dtr(port: ControlLines, level: bool) -> None:
-    port.setDTR(level)
-
-
-def _set_rts(port: ControlLines, level: bool) -> None:
-    port.setRTS(level)
-    # Re-write DTR after every RTS change: Windows usbser.sys only sends SET_CONTROL_LINE_STATE
-    # when both are written; harmless elsewhere (esp_pylib.serial_reset.set_rts does the same).
-    port.setDTR(port.dtr)
+def _tight(port: ControlLines) -> bool:
+    """Whether the port can take both lines in one ioctl (a local tty on POSIX)."""
+    fileno = getattr(port, "fileno", None)
+    if os.name == "nt" or not callable(fileno):
+        return False
+    try:
+        fileno()
+    except Exception:  # an RFC 2217 port, a socket, a closed port: no modem-control ioctl
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -75,35 +75,31 @@ class ClassicReset:
         reset: classic
 
     ``port`` is a callable returning the open port (the console's, so no second opener is
-    needed). Download entry is esptool's ClassicReset; app reset is esptool's HardReset (EN
-    pulse with IO0 left high).
+    needed). The sequences are Espressif's own (``esp_pylib.serial_reset``, shared by esptool
+    and esp-idf-monitor): download entry is the tight Unix reset on a local tty (both lines in
+    one ioctl) and the classic sequential one elsewhere (RFC 2217); the app reset is the hard
+    reset (EN pulsed with IO0 left high).
     """
 
     port: PortSource
     enter_boot_delay: float = 0.1
-    reset_delay: float = 0.05
+    reset_delay: float = serial_reset.DEFAULT_RESET_DELAY
     hold_delay: float = 0.1
-    sleep: Callable[[float], None] = field(default=time.sleep, repr=False, compare=False)
     esptool_before: str = "default-reset"
 
     def reset_to_download(self) -> None:
         port = self.port()
-        _set_dtr(port, _HIGH)  # IO0 high
-        _set_rts(port, _LOW)  # EN low: chip in reset
-        self.sleep(self.enter_boot_delay)
-        _set_dtr(port, _LOW)  # IO0 low
-        _set_rts(port, _HIGH)  # EN high: chip leaves reset and samples IO0 = low
-        self.sleep(self.reset_delay)
-        _set_dtr(port, _HIGH)  # IO0 released
+        sequence = (serial_reset.unix_tight_bootloader_reset if _tight(port)
+                    else serial_reset.classic_bootloader_reset)
+        sequence(port, enter_boot_delay=self.enter_boot_delay,  # type: ignore[arg-type]
+                 reset_delay=self.reset_delay)
 
     def reset_to_app(self) -> None:
         port = self.port()
         # pyserial opens ports with DTR and RTS asserted; with DTR asserted the circuit would
         # hold EN high whatever RTS does, so release DTR (IO0 high) before pulling EN low.
-        _set_dtr(port, _HIGH)
-        _set_rts(port, _LOW)  # EN low
-        self.sleep(self.hold_delay)
-        _set_rts(port, _HIGH)  # EN high: SPI boot
+        serial_reset.set_dtr(port, serial_reset.PIN_HIGH)  # type: ignore[arg-type]
+        serial_reset.hard_reset(port, hold_delay=self.hold_delay)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -114,39 +110,64 @@ class UsbJtagReset:
 
         reset: usb-jtag
 
-    The peripheral decodes DTR/RTS itself; the sequence walks through (1,1) rather than (0,0)
-    (esptool's USBJTAGSerialReset). The port disappears while the chip resets, so callers wait
-    for it to come back.
+    The peripheral decodes DTR/RTS itself (``esp_pylib.serial_reset.usb_jtag_bootloader_reset``,
+    esptool's USBJTAGSerialReset). A hard reset takes the chip, and with it the USB device, off
+    the bus: the port re-enumerates (possibly under another /dev node, found again by its USB
+    serial number or path), and the console reconnects to it.
     """
 
     port: PortSource
     settle_delay: float = 0.1
     hold_delay: float = 0.2
-    sleep: Callable[[float], None] = field(default=time.sleep, repr=False, compare=False)
     esptool_before: str = "usb-reset"
 
     def reset_to_download(self) -> None:
-        port = self.port()
-        _set_rts(port, _HIGH)
-        _set_dtr(port, _HIGH)  # idle
-        self.sleep(self.settle_delay)
-        _set_dtr(port, _LOW)  # IO0 low
-        _set_rts(port, _HIGH)
-        self.sleep(self.settle_delay)
-        _set_rts(port, _LOW)  # reset
-        _set_dtr(port, _HIGH)
-        _set_rts(port, _LOW)
-        self.sleep(self.settle_delay)
-        _set_dtr(port, _HIGH)
-        _set_rts(port, _HIGH)  # out of reset
+        serial_reset.usb_jtag_bootloader_reset(  # type: ignore[arg-type]
+            self.port(), settle_delay=self.settle_delay)
 
     def reset_to_app(self) -> None:
-        # esptool's HardReset with uses_usb: the peripheral needs a longer hold, then settles.
+        # esptool's HardReset with uses_usb: a longer hold, then time to re-enumerate.
+        serial_reset.hard_reset(self.port(), hold_delay=self.hold_delay,  # type: ignore[arg-type]
+                                post_release_delay=self.hold_delay)
+
+
+@dataclass(frozen=True)
+class CustomReset:
+    """DTR/RTS sequences of the rack file's own, in esptool's custom reset-sequence syntax.
+
+    Rack file::
+
+        reset: {download: "D0|R1|W0.1|D1|R0|W0.05|D0", app: "D0|R1|W0.1|R0"}
+
+    ``D<0|1>``/``R<0|1>`` set DTR/RTS (1 = asserted), ``U<dtr>,<rts>`` both at once, ``W<s>``
+    waits (esptool's ``custom_reset_sequence``, parsed by ``esp_pylib.serial_reset``). Without
+    ``app`` the app reset is the hard reset. The flasher runs the download sequence itself on
+    its own port (``esptool_before`` is ``custom:<sequence>``).
+    """
+
+    port: PortSource
+    download: str
+    app: str | None = None
+    hold_delay: float = 0.1
+
+    @property
+    def esptool_before(self) -> str:
+        return CUSTOM_BEFORE + self.download
+
+    def reset_to_download(self) -> None:
+        serial_reset.execute_custom_reset(self.port(), self.download)  # type: ignore[arg-type]
+
+    def reset_to_app(self) -> None:
         port = self.port()
-        _set_rts(port, _LOW)
-        self.sleep(self.hold_delay)
-        _set_rts(port, _HIGH)
-        self.sleep(self.hold_delay)
+        if self.app is not None:
+            serial_reset.execute_custom_reset(port, self.app)  # type: ignore[arg-type]
+        else:
+            serial_reset.set_dtr(port, serial_reset.PIN_HIGH)  # type: ignore[arg-type]
+            serial_reset.hard_reset(port, hold_delay=self.hold_delay)  # type: ignore[arg-type]
+
+
+# The flasher's ``before`` for a custom download sequence: "custom:" + the sequence.
+CUSTOM_BEFORE = "custom:"
 
 
 class VirtualResetControl(Protocol):
@@ -239,10 +260,7 @@ def _port_source(params: Mapping[str, Any]) -> PortSource:
 
 
 def _delays(params: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
-    extra: dict[str, Any] = {n: float(params[n]) for n in names if n in params}
-    if "sleep" in params:
-        extra["sleep"] = params["sleep"]
-    return extra
+    return {n: float(params[n]) for n in names if n in params}
 
 
 def _build_classic(params: Mapping[str, Any]) -> ResetDriver:
@@ -253,6 +271,11 @@ def _build_classic(params: Mapping[str, Any]) -> ResetDriver:
 
 def _build_usb_jtag(params: Mapping[str, Any]) -> ResetDriver:
     return UsbJtagReset(_port_source(params), **_delays(params, ("settle_delay", "hold_delay")))
+
+
+def _build_custom(params: Mapping[str, Any]) -> ResetDriver:
+    return CustomReset(_port_source(params), download=str(params["download"]),
+                       app=None if params.get("app") is None else str(params["app"]))
 
 
 def _build_virtual(params: Mapping[str, Any]) -> ResetDriver:
@@ -269,11 +292,12 @@ RESET_DRIVERS: Mapping[str, DriverSpec] = {
     "classic": DriverSpec(
         _build_classic,
         ("port",),
-        ("enter_boot_delay", "reset_delay", "hold_delay", "sleep", "board"),
+        ("enter_boot_delay", "reset_delay", "hold_delay", "board"),
     ),
     "usb-jtag": DriverSpec(
-        _build_usb_jtag, ("port",), ("settle_delay", "hold_delay", "sleep", "board")
+        _build_usb_jtag, ("port",), ("settle_delay", "hold_delay", "board")
     ),
+    "custom": DriverSpec(_build_custom, ("port", "download"), ("app", "board")),
     "virtual": DriverSpec(_build_virtual, ("control", "board")),
     "none": DriverSpec(_build_none, (), ("board",)),
 }

@@ -135,3 +135,43 @@ def test_farm_skips_an_unplugged_board_and_follows_it_to_its_new_node(testbed, t
         assert farm.port_of(cp) == "/dev/ttyUSB1"  # re-resolved by its USB serial
         with farm.reserve(2, timeout=2) as lease:
             assert set(lease.boards) == {"cp", "ft"}
+
+
+def test_usb_jtag_board_reenumerating_on_reset_is_followed(testbed, tmp_path) -> None:
+    """An ESP32-C3's own USB-Serial/JTAG leaves the bus when the chip resets and may come back
+    under another /dev node: the board's handle finds it again by its USB serial number."""
+    from pytest_hilfarm.description.rack import parse_rack
+    from pytest_hilfarm.farm import Farm
+
+    rack = parse_rack(
+        "version: 1\nname: jtag\nboards:\n"
+        "  - {id: c3, chip: esp32c3, usb_serial: '84:F7:03:A1:B2:C3', reset: usb-jtag,"
+        " power: none}\n",
+        "jtag.yaml", environ={"HILFARM_STATE_DIR": str(tmp_path)},
+    )
+
+    class UsbSerialJtag:
+        """The chip's USB-Serial/JTAG as DTR/RTS see it: EN low takes it off the bus."""
+
+        dtr = False
+
+        def setDTR(self, value: bool = True) -> None:  # noqa: N802 - pyserial's name
+            self.dtr = value
+
+        def setRTS(self, value: bool = True) -> None:  # noqa: N802
+            if value:  # asserted: EN low, the chip (and its USB device) is in reset
+                testbed.unplug("esp-usb-serial-jtag")
+            elif not farm.present(board):
+                testbed.plug("esp-usb-serial-jtag-reenumerated")
+
+    with Farm(rack, log_root=tmp_path / "logs") as farm:
+        board = farm.board("c3")
+        wiring = farm.wiring(board)
+        assert wiring.port() == "/dev/ttyACM1"
+        resolve = wiring.resolver()
+        assert resolve is not None
+        wiring.reset(lambda: UsbSerialJtag()).reset_to_app()
+        assert farm.present(board)
+        assert resolve() == "/dev/ttyACM2"  # found again by its serial number
+        with farm.reserve(1, timeout=2) as lease:
+            assert lease.boards == ("c3",)

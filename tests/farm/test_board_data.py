@@ -97,3 +97,35 @@ def test_baseline_that_crashes_after_it_starts_fails_the_health_check(
         assert farm.store.health("d-1").health is not BoardHealth.GOOD
     finally:
         farm.baseline_override = None
+
+
+def test_custom_reset_sequences_from_the_rack_file_flash_and_boot(farm: Farm,
+                                                                   tmp_path: Path) -> None:
+    # d-2's UART over RFC 2217 (it carries DTR/RTS to the DevKit circuit), driven by the rack
+    # file's own sequences in esptool's syntax: the classic download entry, an EN pulse to boot.
+    entry = next(b for b in farm.virtual_info()["boards"] if b["id"] == "d-2")
+    rack = tmp_path / "custom.yaml"
+    rack.write_text(
+        "version: 1\nname: custom-reset\nboards:\n"
+        f"  - {{id: d-2, chip: esp32, port: '{entry['rfc2217']}', power: none,\n"
+        "     reset: {download: 'D0|R1|W0.1|D1|R0|W0.05|D0', app: 'D0|R1|W0.1|R0'}}\n")
+    build = write_build_dir(tmp_path / "app", "esp32", "custom-reset", "2.0.0").path
+    with Farm.open(rack, log_root=tmp_path / "logs") as other:
+        other.store.set_health("d-2", BoardHealth.GOOD, "test")
+        with other.session(1, firmware=build, boot_timeout=20) as s:
+            assert s.boards[0].report is not None and s.boards[0].report.written
+            assert s.devices[0].boot_info().app_version == "2.0.0"
+
+
+def test_a_bad_reset_sequence_is_named_with_its_line(tmp_path: Path) -> None:
+    from pytest_hilfarm.description.rack import load_rack
+    from pytest_hilfarm.errors import ConfigError
+
+    rack = tmp_path / "bad.yaml"
+    rack.write_text("version: 1\nname: bad\nboards:\n"
+                    "  - id: b\n    chip: esp32\n    port: /dev/ttyUSB0\n"
+                    "    reset: {download: 'D0|R2|W0.1'}\n")
+    with pytest.raises(ConfigError) as err:
+        load_rack(rack)
+    text = str(err.value)
+    assert "bad.yaml:7" in text and "R2" in text and "D<0|1>" in text

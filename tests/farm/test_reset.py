@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
+from esp_pylib import serial_reset
 
 from pytest_hilfarm.drivers.reset import (
     RESET_DRIVERS,
     ClassicReset,
+    CustomReset,
     NoReset,
     ResetDriver,
     UsbJtagReset,
@@ -38,20 +42,26 @@ def en_io0(dtr: bool, rts: bool) -> tuple[bool, bool]:
     return (not (rts and not dtr), not (dtr and not rts))
 
 
-def run(driver_cls, method: str, **kw):
+@pytest.fixture(autouse=True)
+def recorded_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool | float]]:
+    """The sequences come from esp_pylib.serial_reset: record its waits in the port's events."""
+    current: list[list[tuple[str, bool | float]]] = [[]]
+    fake_time = types.SimpleNamespace(sleep=lambda s: current[0].append(("sleep", s)))
+    monkeypatch.setattr(serial_reset, "time", fake_time)
+    return current  # type: ignore[return-value]
+
+
+def run(driver_cls, method: str, recorded_sleeps=None, **kw):
     port = RecordingPort()
-    events = port.events
-
-    def sleep(seconds: float) -> None:
-        events.append(("sleep", seconds))
-
-    driver = driver_cls(lambda: port, sleep=sleep, **kw)
+    if recorded_sleeps is not None:
+        recorded_sleeps[0] = port.events
+    driver = driver_cls(lambda: port, **kw)
     getattr(driver, method)()
-    return port, events
+    return port, port.events
 
 
-def test_classic_download_sequence_matches_esptool() -> None:
-    _, events = run(ClassicReset, "reset_to_download")
+def test_classic_download_sequence_matches_esptool(recorded_sleeps) -> None:
+    _, events = run(ClassicReset, "reset_to_download", recorded_sleeps)
     assert events == [
         ("DTR", False), ("RTS", True), ("DTR", False),  # IO0 high, EN low (+DTR rewrite)
         ("sleep", 0.1),
@@ -61,10 +71,11 @@ def test_classic_download_sequence_matches_esptool() -> None:
     ]
 
 
-def test_classic_download_enters_download_mode_in_circuit_model() -> None:
+def test_classic_download_enters_download_mode_in_circuit_model(recorded_sleeps) -> None:
     port = RecordingPort()
+    recorded_sleeps[0] = port.events
     dtr, rts = port.dtr, port.rts
-    ClassicReset(lambda: port, sleep=lambda s: port.events.append(("sleep", s))).reset_to_download()
+    ClassicReset(lambda: port).reset_to_download()
     # Replay through the circuit. The chip samples IO0 when EN's RC delay expires, i.e. at the
     # first wait after EN rose; the (1,1) transient between two line writes does not count.
     en_prev, rose, sampled = en_io0(dtr, rts)[0], False, None
@@ -84,8 +95,8 @@ def test_classic_download_enters_download_mode_in_circuit_model() -> None:
     assert en_io0(dtr, rts) == (True, True)  # lines released at the end
 
 
-def test_classic_app_reset_releases_dtr_first() -> None:
-    port, events = run(ClassicReset, "reset_to_app")
+def test_classic_app_reset_releases_dtr_first(recorded_sleeps) -> None:
+    port, events = run(ClassicReset, "reset_to_app", recorded_sleeps)
     assert events == [
         ("DTR", False),
         ("RTS", True), ("DTR", False),
@@ -95,8 +106,9 @@ def test_classic_app_reset_releases_dtr_first() -> None:
     assert en_io0(port.dtr, port.rts) == (True, True)
 
 
-def test_usb_jtag_sequence_matches_esptool() -> None:
-    _, events = run(UsbJtagReset, "reset_to_download")
+def test_usb_jtag_sequence_matches_esptool(recorded_sleeps) -> None:
+    # esp_pylib's usb_jtag_bootloader_reset (esptool's USBJTAGSerialReset).
+    _, events = run(UsbJtagReset, "reset_to_download", recorded_sleeps)
     assert events == [
         ("RTS", False), ("DTR", True), ("DTR", False),
         ("sleep", 0.1),
@@ -106,6 +118,19 @@ def test_usb_jtag_sequence_matches_esptool() -> None:
         ("sleep", 0.1),
         ("DTR", False), ("RTS", False), ("DTR", False),
     ]
+
+
+def test_custom_sequences_from_the_rack_file(recorded_sleeps) -> None:
+    port, events = run(CustomReset, "reset_to_download", recorded_sleeps,
+                       download="D0|R1|W0.1|D1|R0|W0.05|D0", app="R1|W0.2|R0")
+    assert events == [("DTR", False), ("RTS", True), ("DTR", False), ("sleep", 0.1),
+                      ("DTR", True), ("RTS", False), ("DTR", True), ("sleep", 0.05),
+                      ("DTR", False)]
+    events.clear()
+    CustomReset(lambda: port, download="D0", app="R1|W0.2|R0").reset_to_app()
+    assert events == [("RTS", True), ("DTR", False), ("sleep", 0.2), ("RTS", False),
+                      ("DTR", False)]
+    assert CustomReset(lambda: port, download="D0|R1").esptool_before == "custom:D0|R1"
 
 
 def test_esptool_before_per_driver() -> None:
@@ -136,9 +161,9 @@ def test_no_reset_refuses() -> None:
 
 
 def test_registry_and_factory() -> None:
-    assert set(RESET_DRIVERS) == {"classic", "usb-jtag", "virtual", "none"}
+    assert set(RESET_DRIVERS) == {"classic", "usb-jtag", "custom", "virtual", "none"}
     port = RecordingPort()
-    driver = make_reset("classic", {"port": port, "sleep": lambda s: None})
+    driver = make_reset("classic", {"port": port, "hold_delay": 0})
     assert isinstance(driver, ResetDriver)
     driver.reset_to_app()
     assert port.events[0] == ("DTR", False)

@@ -139,8 +139,10 @@ def _connect(port_url: str, chip: str, before: str, attempts: int, busy_wait: fl
     count as busy on the server side, which drops the new connection at once; that is retried
     for up to ``busy_wait`` seconds with a short backoff, instead of failing the flash.
     """
+    from esp_pylib.serial_reset import execute_custom_reset
     from esptool.targets import CHIP_DEFS
 
+    from pytest_hilfarm.drivers.reset import CUSTOM_BEFORE
     from pytest_hilfarm.drivers.transports import open_port
 
     deadline = time.monotonic() + busy_wait
@@ -151,7 +153,13 @@ def _connect(port_url: str, chip: str, before: str, attempts: int, busy_wait: fl
             esp = CHIP_DEFS[chip](port, ROM_BAUD)
             if port_url.startswith("rfc2217:"):
                 esp.USES_RFC2217 = True
-            esp.connect(before, attempts)
+            if before.startswith(CUSTOM_BEFORE):
+                # The rack file's own download sequence (esptool's syntax), on this port; then
+                # connect to the ROM loader it started.
+                execute_custom_reset(port, before[len(CUSTOM_BEFORE):])
+                esp.connect("no-reset", attempts)
+            else:
+                esp.connect(before, attempts)
             return esp
         except _esptool_errors() as exc:
             port.close()

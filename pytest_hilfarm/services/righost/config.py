@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from pytest_hilfarm.drivers.rigclient import read_token
 from pytest_hilfarm.errors import (
     ConfigError,
 )
+from pytest_hilfarm.services.web import TlsConfig
 
 API_PREFIX = "/v1"
 # Images above this are refused before any byte is stored (the largest ESP32 flash is 16 MB).
@@ -30,31 +30,6 @@ NS_HOST = 0x48494C48  # pg.migrations.NS_HOST; repeated so this module imports p
 
 
 # -- configuration ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TlsConfig:
-    """HTTPS for the control API; with ``client_ca``, clients need a certificate it signed."""
-
-    cert: Path
-    key: Path
-    client_ca: Path | None = None
-
-    def server_context(self) -> ssl.SSLContext:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
-            ctx.load_cert_chain(str(self.cert), str(self.key))
-            if self.client_ca is not None:
-                ctx.load_verify_locations(str(self.client_ca))
-                ctx.verify_mode = ssl.CERT_REQUIRED
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                f"cannot load the TLS certificate, key or client CA: {exc}",
-                where=f"--tls-cert {self.cert} --tls-key {self.key}",
-                hint="pass PEM files readable by this user",
-            ) from exc
-        return ctx
 
 
 @dataclass(frozen=True)

@@ -139,6 +139,15 @@ class Authenticator:
         await response(scope, receive, send)
 
 
+def split_listen(value: str, option: str = "--listen") -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as a pair, or a ConfigError naming the option."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{option} {value!r} is not HOST:PORT", where=option,
+                          hint=f"e.g. {option} 127.0.0.1:7410 or {option} 10.0.0.5:7410")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
 def bind(host: str, port: int, *, option: str = "--listen") -> socket.socket:
     """A listening socket on ``host:port`` (0: a free port), or a ConfigError naming the option."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

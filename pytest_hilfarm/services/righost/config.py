@@ -18,7 +18,7 @@ from pytest_hilfarm.drivers.rigclient import read_token
 from pytest_hilfarm.errors import (
     ConfigError,
 )
-from pytest_hilfarm.services.web import TlsConfig
+from pytest_hilfarm.services.web import TlsConfig, split_listen
 
 API_PREFIX = "/v1"
 # Images above this are refused before any byte is stored (the largest ESP32 flash is 16 MB).
@@ -67,14 +67,6 @@ class RigHostConfig:
 
 
 
-def _split_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"--listen {value!r} is not HOST:PORT", where="--listen",
-                          hint="e.g. --listen 0.0.0.0:7410 or --listen 10.0.0.5:7410")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 def config_from_args(args: Any, environ: Mapping[str, str] | None = None) -> RigHostConfig:
     env = os.environ if environ is None else environ
     database = args.database or env.get("HILFARM_DATABASE_URL", "")
@@ -82,7 +74,7 @@ def config_from_args(args: Any, environ: Mapping[str, str] | None = None) -> Rig
         raise ConfigError("no farm database given", where="hilfarm export",
                           hint="pass --database postgresql://USER@HOST/DB or set "
                           "HILFARM_DATABASE_URL")
-    host, port = _split_listen(args.listen)
+    host, port = split_listen(args.listen)
     tls = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):

@@ -14,7 +14,7 @@ import html
 import time
 from collections.abc import Mapping, Sequence
 
-W, H, PAD_L, PAD_R, PAD_T, PAD_B = 560, 180, 48, 12, 12, 30
+W, H, PAD_L, PAD_R, PAD_T, PAD_B = 560, 180, 48, 24, 12, 30
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf",
            "#bcbd22")
 HEALTH_COLOURS = {"GOOD": "#2ca02c", "UNKNOWN": "#bdbdbd", "BAD": "#ff7f0e",
@@ -80,7 +80,7 @@ def bar_chart(bars: Sequence[tuple[str, float, bool]], *, x_hi: float = 1.0,
     """One horizontal bar per (name, value, flagged); flagged bars are red."""
     row, pad_l = 22, 140
     height = PAD_T + PAD_B + row * max(len(bars), 1)
-    pw = W - pad_l - PAD_R
+    pw = W - pad_l - PAD_R - 40  # room for the value written after the longest bar
     top = x_hi or 1.0
 
     def sx(v: float) -> float:

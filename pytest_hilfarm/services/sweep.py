@@ -78,7 +78,9 @@ def _one(farm: Any, board_id: str, started: float) -> SweepResult:
     except InfrastructureError as exc:  # unplugged, quarantined meanwhile, host offline
         return skipped(f"skipped: {exc.what}")
     log_dir = health_log_dir(farm.rack.state_dir, board_id)
-    log = log_dir / (time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + ".log")
+    now = time.time()  # to the millisecond: two sweeps in one second keep two logs
+    log = log_dir / (time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
+                     + f"{int(now * 1000) % 1000:03d}Z.log")
     with lease:
         try:
             device = farm.open_device(board_id, log_path=log)
@@ -92,6 +94,11 @@ def _one(farm: Any, board_id: str, started: float) -> SweepResult:
             health, ok, detail = farm.store.health(board_id).health, False, str(exc)
         finally:
             device.console.close()
+    # The verdict at the end of the console log: a person reading it needs no other window.
+    with log.open("a", encoding="utf-8") as out:
+        stamp = time.strftime("%H:%M:%S", time.gmtime())
+        out.write(f"[{stamp}] --- hilfarm health check {'passed' if ok else 'FAILED'} "
+                  f"({health.value}): {detail}\n")
     _prune(log_dir)
     return SweepResult(board_id, True, ok, health.value, detail, log,
                        time.monotonic() - started)

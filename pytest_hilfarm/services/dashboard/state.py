@@ -120,13 +120,29 @@ def timelines(events: Sequence[HealthEvent], boards: Sequence[str], current: Map
 
 
 def _tail(path: Path | None) -> str:
+    """The log's last lines, with runs of repeated messages (a port flapping) folded."""
     if path is None:
         return ""
     try:
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return ""
-    return "\n".join(lines[-LOG_TAIL_LINES:])
+    kept: list[str] = []
+    recent: list[str] = []  # the last few messages, without their time stamps
+    folded = 0
+    for line in lines:
+        message = line.split("] ", 1)[-1]
+        if message in recent:
+            folded += 1
+            continue
+        if folded:
+            kept.append(f"    ... {folded} more lines like the ones above")
+            folded = 0
+        kept.append(line)
+        recent = (recent + [message])[-2:]
+    if folded:
+        kept.append(f"    ... {folded} more lines like the ones above")
+    return "\n".join(kept[-LOG_TAIL_LINES:])
 
 
 def snapshot(farm: Any, *, window_s: float = WINDOW_S) -> Snapshot:

@@ -26,8 +26,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from pytest_hilfarm.errors import ConfigError
 
-_EXAMPLE = ("e.g. - tests: [examples/test_mesh.py::test_mesh_heal]\n"
-            "        comment: flaky under radio loss")
+_EXAMPLE = "e.g. - {tests: [examples/test_mesh.py::test_mesh_heal], comment: flaky on radio loss}"
 
 
 @dataclass(frozen=True)

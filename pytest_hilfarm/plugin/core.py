@@ -131,7 +131,8 @@ def pytest_configure(config: pytest.Config) -> None:
         try:
             config.stash[_quarantine_key] = load_quarantine(settings.quarantine)
         except HilfarmError as exc:
-            raise pytest.UsageError(f"{exc} (chosen by {settings.source_of('quarantine')})"
+            chosen = f"{exc.what} (chosen by {settings.source_of('quarantine')})"
+            raise pytest.UsageError(str(type(exc)(chosen, where=exc.where, hint=exc.hint))
                                     ) from None
 
 

@@ -114,7 +114,7 @@ def test_a_board_that_fails_three_sweeps_is_quarantined_and_shows_its_log(
     with Farm.open() as live:  # starts the virtual rack: the sweep really checks boards
         live.control().unplug("esp32-3")
         try:
-            for run in range(3):
+            for _ in range(3):
                 assert main(["health", "--all", "--json"]) == 1
                 result = {b["board"]: b for b in json.loads(capsys.readouterr().out)["boards"]}
                 assert result["esp32-3"]["checked"] and not result["esp32-3"]["ok"]

@@ -74,6 +74,17 @@ class TlsConfig:
         return options
 
 
+def tls_from_args(args: Any, command: str) -> TlsConfig | None:
+    """``--tls-cert``/``--tls-key``/``--tls-client-ca`` of ``hilfarm export`` or ``serve``."""
+    if not (args.tls_cert or args.tls_key):
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together", where=command,
+                          hint="pass both PEM files, or neither for plain HTTP")
+    return TlsConfig(Path(args.tls_cert), Path(args.tls_key),
+                     Path(args.tls_client_ca) if args.tls_client_ca else None)
+
+
 def error_body(what: str, where: str, hint: str, kind: str = "UsageError") -> dict[str, str]:
     return {"error": what, "where": where, "hint": hint, "kind": kind}
 

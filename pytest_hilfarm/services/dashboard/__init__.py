@@ -30,6 +30,7 @@ from pytest_hilfarm.services.web import (
     bind,
     error_response,
     split_listen,
+    tls_from_args,
 )
 
 
@@ -62,13 +63,7 @@ def dashboard_config(args: Any) -> DashboardConfig:
     from pytest_hilfarm.drivers.rigclient import read_token
 
     host, port = split_listen(args.listen)
-    tls = None
-    if args.tls_cert or args.tls_key:
-        if not (args.tls_cert and args.tls_key):
-            raise ConfigError("--tls-cert and --tls-key go together", where="hilfarm serve",
-                              hint="pass both PEM files, or neither for plain HTTP")
-        tls = TlsConfig(Path(args.tls_cert), Path(args.tls_key),
-                        Path(args.tls_client_ca) if args.tls_client_ca else None)
+    tls = tls_from_args(args, "hilfarm serve")
     config = DashboardConfig(host, port, read_token(args.token_file) if args.token_file else None,
                              tls, bool(args.anonymous), float(args.refresh))
     config.check()

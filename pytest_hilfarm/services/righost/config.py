@@ -18,7 +18,7 @@ from pytest_hilfarm.drivers.rigclient import read_token
 from pytest_hilfarm.errors import (
     ConfigError,
 )
-from pytest_hilfarm.services.web import TlsConfig, split_listen
+from pytest_hilfarm.services.web import TlsConfig, split_listen, tls_from_args
 
 API_PREFIX = "/v1"
 # Images above this are refused before any byte is stored (the largest ESP32 flash is 16 MB).
@@ -75,13 +75,7 @@ def config_from_args(args: Any, environ: Mapping[str, str] | None = None) -> Rig
                           hint="pass --database postgresql://USER@HOST/DB or set "
                           "HILFARM_DATABASE_URL")
     host, port = split_listen(args.listen)
-    tls = None
-    if args.tls_cert or args.tls_key:
-        if not (args.tls_cert and args.tls_key):
-            raise ConfigError("--tls-cert and --tls-key go together", where="hilfarm export",
-                              hint="pass both PEM files, or neither for plain HTTP")
-        tls = TlsConfig(Path(args.tls_cert), Path(args.tls_key),
-                        Path(args.tls_client_ca) if args.tls_client_ca else None)
+    tls = tls_from_args(args, "hilfarm export")
     return RigHostConfig(
         rack=Path(args.rack), database_url=database, listen_host=host, listen_port=port,
         token=read_token(args.token_file) if args.token_file else None, tls=tls,

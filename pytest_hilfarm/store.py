@@ -230,6 +230,19 @@ class PassRate:
         return self.passed / self.total if self.total else None
 
 
+@dataclass(frozen=True)
+class BoardLease:
+    """One board of one lease, for reports: which test held it, how that ended, when."""
+
+    board: str
+    lease_id: str
+    test_id: str
+    outcome: str | None  # None: still held (or its holder died and nobody noticed yet)
+    requested_at: float
+    granted_at: float | None
+    released_at: float | None
+
+
 class FarmStoreProtocol(Protocol):
     """What the farm needs from a store. SQLite today; PostgreSQL later (issue 8)."""
 
@@ -850,3 +863,39 @@ class FarmStore:
     def holds(self) -> dict[str, HoldRecord]:
         rows = self._connect().execute("SELECT board, person, reason, since FROM holds").fetchall()
         return {r[0]: HoldRecord(r[0], r[1], r[2], float(r[3])) for r in rows}
+
+    # -- history for reports and the dashboard (services/report, services/dashboard) ---------
+
+    def results_since(self, since: float, until: float | None = None) -> list[TestResult]:
+        """Every board's test results recorded in ``[since, until)``, oldest first."""
+        rows = self._connect().execute(
+            "SELECT board, test_id, outcome, duration, firmware_sha256, at FROM results"
+            " WHERE at >= ? AND at < ? ORDER BY at, id",
+            (since, float("inf") if until is None else until),
+        ).fetchall()
+        return [TestResult(r[0], r[1], r[2], float(r[3]), r[4], float(r[5])) for r in rows]
+
+    def lease_outcomes_since(self, since: float) -> list[BoardLease]:
+        """Each board of every lease requested since ``since``, oldest first.
+
+        Requests that timed out held no board and so have no row here.
+        """
+        rows = self._connect().execute(
+            "SELECT b.board, r.lease_id, json_extract(r.owner, '$.test_id'), b.outcome,"
+            " r.requested_at, r.granted_at, r.released_at FROM reservations r"
+            " JOIN reservation_boards b ON b.lease_id = r.lease_id"
+            " WHERE r.requested_at >= ? ORDER BY r.requested_at, b.board",
+            (since,),
+        ).fetchall()
+        return [BoardLease(r[0], r[1], r[2] or "", r[3], float(r[4]),
+                           None if r[5] is None else float(r[5]),
+                           None if r[6] is None else float(r[6])) for r in rows]
+
+    def health_events_since(self, since: float) -> list[HealthEvent]:
+        """Every board's health events since ``since``, oldest first."""
+        rows = self._connect().execute(
+            "SELECT board, old, new, reason, at FROM health_events WHERE at >= ?"
+            " ORDER BY at, id", (since,),
+        ).fetchall()
+        return [HealthEvent(r[0], BoardHealth(r[1]), BoardHealth(r[2]), r[3], float(r[4]))
+                for r in rows]

@@ -32,6 +32,7 @@ _GROUPS = (
     "pytest_hilfarm.cli.discover",
     "pytest_hilfarm.cli.net",
     "pytest_hilfarm.cli.export",
+    "pytest_hilfarm.cli.service",
 )
 
 

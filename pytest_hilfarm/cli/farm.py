@@ -291,7 +291,41 @@ def cmd_console(args: argparse.Namespace) -> int:
     return OK
 
 
+def cmd_health_all(args: argparse.Namespace) -> int:
+    """The sweep: every idle board, none waited for (services/sweep.py)."""
+    from pytest_hilfarm.cli.common import INFRASTRUCTURE
+    from pytest_hilfarm.services.sweep import SweepResult, sweep
+
+    def show(result: SweepResult) -> None:
+        if args.json:
+            return
+        if not result.checked and result.ok:
+            print(f"{result.board}: {result.detail}")
+        elif result.ok:
+            print(f"{result.board}: {result.health} ({result.seconds:.1f} s)")
+        else:
+            print(f"{result.board}: FAILED ({result.health}): {result.detail}"
+                  + (f"; log {result.log}" if result.log else ""))
+
+    with _farm(args) as farm:
+        results = sweep(farm, boards=_board_ids(args) or None, on_result=show)
+    codes = [OK if r.ok else NEGATIVE if r.checked else INFRASTRUCTURE for r in results]
+    code = worst(codes)
+    checked = sum(1 for r in results if r.checked)
+    if args.json:
+        print(json.dumps({"boards": [{
+            "board": r.board, "checked": r.checked, "ok": r.ok, "health": r.health,
+            "detail": r.detail, "log": str(r.log) if r.log else None,
+            "seconds": round(r.seconds, 3)} for r in results], "exit_code": code}, indent=2))
+    else:
+        print(f"health sweep: {checked} checked, {len(results) - checked} skipped, "
+              f"{sum(1 for r in results if not r.ok)} failed")
+    return code
+
+
 def cmd_health(args: argparse.Namespace) -> int:
+    if args.all:
+        return cmd_health_all(args)
     rows: list[dict[str, Any]] = []
     with _farm(args) as farm:
         boards = _board_ids(args) or [b.id for b in farm.boards]
@@ -408,13 +442,19 @@ def register(sub: Any) -> None:
         "health", help="run the health check on one board or all",
         description="Power-cycle, flash the baseline and check that it boots (without a "
         "baseline: check that the ROM loader answers). Exit code 1 when a check failed, 3 when "
-        "a board could not be reserved or reached.",
-        epilog=example("hilfarm health esp32-1", "hilfarm health --json"))
+        "a board could not be reserved or reached. With --all (the farm health sweep, for a "
+        "systemd timer or a CI schedule): only idle boards, none waited for; busy, held and "
+        "quarantined boards are skipped.",
+        epilog=example("hilfarm health esp32-1", "hilfarm health --json",
+                       "hilfarm health --all"))
     _add_rack(p)
     p.add_argument("board", nargs="?", metavar="BOARD",
                    help="board id (default: every board of the rack, one after another)")
     p.add_argument("--timeout", type=float, default=120.0, metavar="S",
                    help="seconds to wait for each board to be free")
+    p.add_argument("--all", action="store_true",
+                   help="sweep: check every idle board now, skip busy ones (never wait); logs "
+                   "in the rack's state_dir/health-logs/")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_health)
 

@@ -194,6 +194,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
     _spec("priority", "this run's priority for boards: a higher one is served first while "
           "requests wait (e.g. 10 for PR jobs, -10 for nightly runs); waiting raises it over "
           "time so a low one still runs (default 0)", "priority", "N"),
+    _spec("quarantine", "YAML list of known-flaky tests: they run, and a failure is reported as "
+          "an expected failure (x) instead of failing the job (see docs/dashboard.md)", "path",
+          "FILE"),
 )
 _OPTIONS_BY_KEY: Mapping[str, OptionSpec] = MappingProxyType({o.key: o for o in OPTIONS})
 
@@ -219,6 +222,7 @@ _KEYS: Mapping[str, _Key] = MappingProxyType({
     "addr2line": _Key("path", None, farm_wide=True),  # None: search (projects/panic.py)
     "log_dir": _Key("path", None, farm_wide=True),  # None: <invocation dir>/hilfarm-logs
     "priority": _Key("priority", 0, farm_wide=True),
+    "quarantine": _Key("path", None, farm_wide=True),  # None: no quarantine list
     "count": _Key("count", 1, marker_only=True),
     "chip": _Key("chip", None, marker_only=True),
     "features": _Key("features", frozenset(), marker_only=True),
@@ -265,6 +269,7 @@ class Settings:
     addr2line: Path | None
     log_dir: Path | None
     priority: int
+    quarantine: Path | None
     count: int
     chip: str | None
     features: frozenset[str]

@@ -27,6 +27,7 @@ from pytest_hilfarm.errors import InfrastructureError, UsageError
 from pytest_hilfarm.store import (
     QUARANTINE_AFTER,
     BoardHealth,
+    BoardLease,
     BoardState,
     FlashRecord,
     HealthEvent,
@@ -742,3 +743,36 @@ class PgFarmStore:
             f"UPDATE hosts SET stopped_at = {_NOW}, heartbeat_at = NULL WHERE host = %s",
             (host,),
         ))
+
+    # -- history for reports and the dashboard (services/report, services/dashboard) ---------
+
+    def results_since(self, since: float, until: float | None = None) -> list[TestResult]:
+        """Every board's test results recorded in ``[since, until)``, oldest first."""
+        rows = self._run(lambda c: c.execute(
+            "SELECT board, test_id, outcome, duration, firmware_sha256, at FROM results"
+            " WHERE at >= %s AND at < %s ORDER BY at, id",
+            (since, float("inf") if until is None else until),
+        ).fetchall())
+        return [TestResult(r[0], r[1], r[2], float(r[3]), r[4], float(r[5])) for r in rows]
+
+    def lease_outcomes_since(self, since: float) -> list[BoardLease]:
+        """Each board of every lease requested since ``since``, oldest first (see FarmStore)."""
+        rows = self._run(lambda c: c.execute(
+            "SELECT b.board, r.lease_id, r.owner->>'test_id', b.outcome,"
+            " r.requested_at, r.granted_at, r.released_at FROM reservations r"
+            " JOIN reservation_boards b ON b.lease_id = r.lease_id"
+            " WHERE r.requested_at >= %s ORDER BY r.requested_at, b.board",
+            (since,),
+        ).fetchall())
+        return [BoardLease(r[0], r[1], r[2] or "", r[3], float(r[4]),
+                           None if r[5] is None else float(r[5]),
+                           None if r[6] is None else float(r[6])) for r in rows]
+
+    def health_events_since(self, since: float) -> list[HealthEvent]:
+        """Every board's health events since ``since``, oldest first."""
+        rows = self._run(lambda c: c.execute(
+            "SELECT board, old, new, reason, at FROM health_events WHERE at >= %s"
+            " ORDER BY at, id", (since,),
+        ).fetchall())
+        return [HealthEvent(r[0], BoardHealth(r[1]), BoardHealth(r[2]), r[3], float(r[4]))
+                for r in rows]

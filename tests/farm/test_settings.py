@@ -403,7 +403,7 @@ def test_path_with_equals_sign_can_be_given_as_relative_path() -> None:
 def test_options_table_names_every_key_consistently() -> None:
     assert [spec.key for spec in OPTIONS] == [
         "rack", "firmware", "baseline", "lock_timeout", "no_flash", "infra_retries",
-        "boot_timeout", "addr2line", "log_dir", "priority"]
+        "boot_timeout", "addr2line", "log_dir", "priority", "quarantine"]
     for spec in OPTIONS:
         assert spec.option == "--hil-" + spec.key.replace("_", "-")
         assert spec.ini == spec.dest == "hil_" + spec.key

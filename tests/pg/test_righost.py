@@ -140,9 +140,11 @@ def test_both_hosts_register_their_boards(farm: dict[str, Any]) -> None:
 
 def test_unauthenticated_requests_are_refused(farm: dict[str, Any]) -> None:
     rig = farm["rigs"]["rig-a"]
-    assert client(farm, "rig-a", None).ping() == {"host": "rig-a"}
+    assert client(farm, "rig-a").ping() == {"host": "rig-a"}
     for token in (None, "wrong-token-0123456789"):
         anonymous = client(farm, "rig-a", token)
+        with pytest.raises(ConfigError, match="missing or wrong token"):
+            anonymous.ping()  # even liveness: every endpoint needs the token
         with pytest.raises(ConfigError, match="missing or wrong token") as info:
             anonymous.power("a-esp32-1", False)
         assert "Authorization: Bearer" in str(info.value)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from pytest_hilfarm.drivers.rigclient import read_token
 from pytest_hilfarm.errors import (
     ConfigError,
 )
+from pytest_hilfarm.services.web import TlsConfig, split_listen, tls_from_args
 
 API_PREFIX = "/v1"
 # Images above this are refused before any byte is stored (the largest ESP32 flash is 16 MB).
@@ -30,31 +30,6 @@ NS_HOST = 0x48494C48  # pg.migrations.NS_HOST; repeated so this module imports p
 
 
 # -- configuration ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TlsConfig:
-    """HTTPS for the control API; with ``client_ca``, clients need a certificate it signed."""
-
-    cert: Path
-    key: Path
-    client_ca: Path | None = None
-
-    def server_context(self) -> ssl.SSLContext:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
-            ctx.load_cert_chain(str(self.cert), str(self.key))
-            if self.client_ca is not None:
-                ctx.load_verify_locations(str(self.client_ca))
-                ctx.verify_mode = ssl.CERT_REQUIRED
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                f"cannot load the TLS certificate, key or client CA: {exc}",
-                where=f"--tls-cert {self.cert} --tls-key {self.key}",
-                hint="pass PEM files readable by this user",
-            ) from exc
-        return ctx
 
 
 @dataclass(frozen=True)
@@ -92,14 +67,6 @@ class RigHostConfig:
 
 
 
-def _split_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"--listen {value!r} is not HOST:PORT", where="--listen",
-                          hint="e.g. --listen 0.0.0.0:7410 or --listen 10.0.0.5:7410")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 def config_from_args(args: Any, environ: Mapping[str, str] | None = None) -> RigHostConfig:
     env = os.environ if environ is None else environ
     database = args.database or env.get("HILFARM_DATABASE_URL", "")
@@ -107,14 +74,8 @@ def config_from_args(args: Any, environ: Mapping[str, str] | None = None) -> Rig
         raise ConfigError("no farm database given", where="hilfarm export",
                           hint="pass --database postgresql://USER@HOST/DB or set "
                           "HILFARM_DATABASE_URL")
-    host, port = _split_listen(args.listen)
-    tls = None
-    if args.tls_cert or args.tls_key:
-        if not (args.tls_cert and args.tls_key):
-            raise ConfigError("--tls-cert and --tls-key go together", where="hilfarm export",
-                              hint="pass both PEM files, or neither for plain HTTP")
-        tls = TlsConfig(Path(args.tls_cert), Path(args.tls_key),
-                        Path(args.tls_client_ca) if args.tls_client_ca else None)
+    host, port = split_listen(args.listen)
+    tls = tls_from_args(args, "hilfarm export")
     return RigHostConfig(
         rack=Path(args.rack), database_url=database, listen_host=host, listen_port=port,
         token=read_token(args.token_file) if args.token_file else None, tls=tls,

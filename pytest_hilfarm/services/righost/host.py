@@ -13,7 +13,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
-from http.server import ThreadingHTTPServer
 from typing import Any
 
 from pytest_hilfarm.description.rack import load_rack
@@ -23,7 +22,7 @@ from pytest_hilfarm.errors import (
     ImageError,
     UsageError,
 )
-from pytest_hilfarm.services.righost.api import ImageCache, make_handler
+from pytest_hilfarm.services.righost.api import ImageCache, build_app
 from pytest_hilfarm.services.righost.boards import (
     LeaseNotHeld,
     LocalBoard,
@@ -34,6 +33,7 @@ from pytest_hilfarm.services.righost.config import (
     RigHostConfig,
 )
 from pytest_hilfarm.services.righost.exporter import SerialExporter
+from pytest_hilfarm.services.web import WebServer, bind
 
 log = logging.getLogger("pytest_hilfarm.righost")
 
@@ -64,7 +64,7 @@ class RigHost:
         self._stop = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
         self._lock_conn: Any = None
-        self._http: ThreadingHTTPServer | None = None
+        self._http: WebServer | None = None
         self._store: Any = None
 
     # -- life cycle -------------------------------------------------------------------------
@@ -73,7 +73,7 @@ class RigHost:
     def control_url(self) -> str:
         scheme = "https" if self.config.tls else "http"
         assert self._http is not None
-        return f"{scheme}://{self.config.public_host}:{self._http.server_address[1]}"
+        return f"{scheme}://{self.config.public_host}:{self._http.port}"
 
     def start(self) -> None:
         from pytest_hilfarm.pg.store import PgFarmStore
@@ -84,26 +84,14 @@ class RigHost:
                                       open_serial=self.config.open_serial)
             board.served_url = f"rfc2217://{self.config.public_host}:{exporter.port}"
             self._exporters.append(exporter)
-        try:
-            http = ThreadingHTTPServer((self.config.listen_host, self.config.listen_port),
-                                       make_handler(self))
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot listen on {self.config.listen_host}:{self.config.listen_port}: "
-                f"{exc.strerror or exc}",
-                where="--listen", hint="pick a free port and an address of this machine",
-            ) from exc
-        http.daemon_threads = True
-        if self.config.tls is not None:
-            http.socket = self.config.tls.server_context().wrap_socket(
-                http.socket, server_side=True, do_handshake_on_connect=False)
+        http = WebServer(build_app(self), bind(self.config.listen_host, self.config.listen_port),
+                         tls=self.config.tls, name="righost")
         self._http = http
         self._store = PgFarmStore(self.config.database_url)
         self._register()
         for exporter in self._exporters:
             exporter.start()
-        threading.Thread(target=http.serve_forever, kwargs={"poll_interval": 0.2},
-                         daemon=True, name="righost-http").start()
+        http.start()
         self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, daemon=True,
                                                   name="righost-heartbeat")
         self._heartbeat_thread.start()
@@ -156,8 +144,7 @@ class RigHost:
             with contextlib.suppress(Exception):
                 self._lock_conn.close()
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            self._http.stop()
         for exporter in self._exporters:
             exporter.stop()
 

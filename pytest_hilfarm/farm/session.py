@@ -92,10 +92,11 @@ class HilSession:
                *, note: str = "") -> None:
         """Close consoles, record results and release the boards (idempotent).
 
-        ``outcome`` is the test's: passed, failed, skipped, not_run, infra_error or aborted
-        (interrupted; ``note`` says by what, e.g. "SIGINT"). A board whose firmware did not
-        start (the candidate, or an image the test flashed) is left for a health check whatever
-        the test's outcome, so nobody else gets a board that boots into a crash.
+        ``outcome`` is the test's: passed, failed, xfail (expected), skipped, not_run,
+        infra_error or aborted (interrupted; ``note`` says by what, e.g. "SIGINT"). A board
+        whose firmware did not start (the candidate, or an image the test flashed) is left for
+        a health check whatever the test's outcome, so nobody else gets a board that boots into
+        a crash.
         """
         if self._finished:
             return
@@ -119,7 +120,7 @@ class HilSession:
                 dev.console.close()
             except Exception:  # noqa: BLE001 - closing must not hide the test's own result
                 lease_outcomes[dev.id] = LeaseOutcome.INFRA_ERROR.value
-            if per_board in ("passed", "failed"):
+            if per_board in ("passed", "failed", "xfail"):
                 self.farm.store.record_result(
                     dev.id, self.test_id, per_board, duration, prepared.firmware_sha256 or ""
                 )
@@ -153,6 +154,7 @@ def _lease_outcome(test_outcome: str) -> str:
     return {
         "passed": LeaseOutcome.OK.value,
         "failed": LeaseOutcome.FAILED.value,
+        "xfail": LeaseOutcome.OK.value,  # failed as the suite expects: nothing about the board
         "skipped": LeaseOutcome.SKIPPED.value,
         "not_run": LeaseOutcome.OK.value,
         "infra_error": LeaseOutcome.INFRA_ERROR.value,

@@ -111,8 +111,12 @@ def body(report: Report) -> str:
         points = [(d.day, d.rate) for d in s.by_day if d.total]
         lo = min([p[1] for p in points] + [0.8])
         threshold = None if s.early is None else s.early - th.drift
-        flag = (f' <span class="flag">drifted {_pct(s.early)} -> {_pct(s.late)}</span>'
-                if s.drifted else f" {_pct(s.early)} -> {_pct(s.late)}")
+        if s.drifted:
+            flag = f' <span class="flag">drifted {_pct(s.early)} -> {_pct(s.late)}</span>'
+        elif s.early is None:
+            flag = " (one day of results: no trend yet)"
+        else:
+            flag = f" {_pct(s.early)} -> {_pct(s.late)}"
         chart = line_chart([(s.suite, points)], y_lo=max(0.0, lo - 0.05), y_hi=1.0,
                            threshold=threshold, label="pass rate " + s.suite)
         parts.append(f'<figure class="suite{" drifted" if s.drifted else ""}">{chart}'

@@ -330,8 +330,13 @@ def test_ctrl_c_exits_130(rack: Path) -> None:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pytest_hilfarm", "health", "--rack", str(rack), "esp32-2",
              "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(3)  # importing, opening the farm, then waiting for the lease
-        assert proc.poll() is None
+        # Interrupt once it waits for the lease (its ticket is in the queue), however long the
+        # import and the farm's opening take on a loaded machine.
+        deadline = time.monotonic() + 60
+        while not farm.queue() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        assert farm.queue(), "the command never queued for esp32-2"
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err

@@ -35,6 +35,11 @@ _DEFAULT_FLASH_FREQ = {"esp32": "40m", "esp32s2": "80m", "esp32c3": "80m", "esp3
                        "esp32c6": "80m"}
 
 
+# Width of the anti-rollback eFuse field (SECURE_VERSION) in bits; 16 on the chips not listed.
+# The counter is stored as set bits, so a secure_version above the width can never be burned.
+_SECURE_VERSION_BITS = {"esp32": 32, "esp32c2": 4, "esp32c5": 9}
+
+
 @dataclass(frozen=True)
 class Chip:
     """What the farm needs to know about one chip family (all from esptool's tables)."""
@@ -52,6 +57,7 @@ class Chip:
     flash_freqs: tuple[str, ...]  # SPI flash clocks its image header can name
     default_flash_freq: str | None  # ESP-IDF's default for this chip; None where not modelled
     image_class: type[ESP32FirmwareImage]  # esptool's image class for this chip
+    secure_version_bits: int  # width of the anti-rollback eFuse field
 
     def is_irom(self, addr: int) -> bool:
         return self.irom_start <= addr < self.irom_end
@@ -87,6 +93,7 @@ def _build() -> dict[str, Chip]:
             flash_freqs=tuple(rom.FLASH_FREQUENCY),
             default_flash_freq=_DEFAULT_FLASH_FREQ.get(name),
             image_class=image_class,
+            secure_version_bits=_SECURE_VERSION_BITS.get(name, 16),
         )
     return chips
 

@@ -28,7 +28,6 @@ import re
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -36,20 +35,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from pytest_hilfarm.errors import ConfigError, ImageError, SignatureError, UsageError
+from pytest_hilfarm.esp.chips import CHIPS
 from pytest_hilfarm.esp.image import parse_image
 from pytest_hilfarm.ota.keys import PublicKey, load_private_key, load_public_key
 
 FORMAT = "hilfarm-release/1"
 DEFAULT_EXPIRES = timedelta(days=30)
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
-# eFuse secure_version field sizes in bits (notes §3.4): the counter is stored as set bits, so a
-# secure_version above the field size can never be burned and the device would refuse the image.
-_SECURE_VERSION_BITS = MappingProxyType({"esp32": 32, "esp32c2": 4, "esp32c5": 9})
-_DEFAULT_SECURE_VERSION_BITS = 16
-KNOWN_CHIPS = (
-    "esp32", "esp32s2", "esp32s3", "esp32c2", "esp32c3", "esp32c5", "esp32c6", "esp32c61",
-    "esp32h2", "esp32p4",
-)
+# Every chip esptool knows (a read-only mapping of name to its record; `in` and iteration work).
+KNOWN_CHIPS = CHIPS
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -251,7 +245,7 @@ def manifest_from_dict(data: Any, where: str) -> Manifest:
         raise ManifestError("manifest version must be a non-empty string",
                             where=f"{where}: version")
     secure_version = data["secure_version"]
-    bits = _SECURE_VERSION_BITS.get(chip, _DEFAULT_SECURE_VERSION_BITS)
+    bits = CHIPS[chip].secure_version_bits
     if (isinstance(secure_version, bool) or not isinstance(secure_version, int)
             or not 0 <= secure_version <= bits):
         raise ManifestError(

@@ -30,11 +30,9 @@ from pathlib import Path
 from pytest_hilfarm.drivers.flashing import Region
 from pytest_hilfarm.drivers.flashing.builds import Build
 from pytest_hilfarm.errors import HilfarmError
+from pytest_hilfarm.esp.chips import CHIPS
 from pytest_hilfarm.esp.image import APP_DESC_MAGIC, APP_DESC_OFFSET, AppDesc
 
-# Chips whose CPU is RISC-V (the rest of the ESP32 family is Xtensa).
-RISCV_CHIPS = frozenset({"esp32c2", "esp32c3", "esp32c5", "esp32c6", "esp32c61", "esp32h2",
-                         "esp32p4"})
 # ESP-IDF's toolchain names: before v5.2 one Xtensa GCC per chip (xtensa-esp32-elf-, ...), from
 # v5.2 one for all (xtensa-esp-elf-); RISC-V has always been riscv32-esp-elf-.
 _ESP_PREFIXES = {"riscv": ("riscv32-esp-elf-",),
@@ -131,7 +129,7 @@ def find_toolchain(chip: str, *, addr2line: str | Path | None = None,
     ``riscv64-unknown-elf-addr2line``.
     """
     env = os.environ if environ is None else environ
-    arch = "riscv" if chip in RISCV_CHIPS else "xtensa"
+    arch = _architecture(chip)
     if addr2line is not None:
         path = Path(addr2line).expanduser()
         if not path.name.endswith("addr2line") or not path.is_file():
@@ -271,7 +269,7 @@ class PanicDecoder:
                     f"{printed.group(1)}, {self.elf.name} is {self._sha[:16]}...)")
             return DecodedPanic(reason, panic, (), "", note)
         frames = self._frames(panic)
-        backtrace = self._gdb_backtrace(panic) if self.chip in RISCV_CHIPS else ""
+        backtrace = self._gdb_backtrace(panic) if _architecture(self.chip) == "riscv" else ""
         lines = [f"{reason} -- decoded against {self.elf} "
                  f"({self.toolchain.prefix}addr2line)"]
         lines += [frame.describe() for frame in frames] or ["(no address in the output lies in "
@@ -320,3 +318,9 @@ class PanicDecoder:
 def _is_app(region: Region) -> bool:
     role = region.role or ""
     return (role in ("app", "factory") or role.startswith("ota_")) and region.data[:1] == b"\xe9"
+
+
+def _architecture(chip: str) -> str:
+    """"riscv" or "xtensa" (a chip esptool does not know is taken for Xtensa, the older family)."""
+    known = CHIPS.get(chip)
+    return known.architecture if known is not None else "xtensa"

@@ -9,16 +9,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 from pytest_hilfarm.errors import UsageError
+from pytest_hilfarm.esp.chips import CHIPS
 from pytest_hilfarm.ota.signing import max_signature_blocks
 from pytest_hilfarm.sim.boot import BootEfuse
-
-# Anti-rollback eFuse field width (notes §3.4: ESP32 32 bits, 16 on S2/C3).
-_SECURE_VERSION_BITS = {"esp32": 32}
 
 
 def secure_version_bits(chip: str) -> int:
     """Width of ``chip``'s anti-rollback eFuse field (the highest ``secure_version`` it holds)."""
-    return _SECURE_VERSION_BITS.get(chip, 16)
+    return CHIPS[chip].secure_version_bits
 
 
 def burn_efuse(

@@ -579,9 +579,12 @@ def _history(store: FarmStoreProtocol, test_id: str, hold: float, times: int = 5
         now += hold + 1
 
 
-def _queued(root: Path, count: int) -> None:
+def _queued(root: Path, count: int, reserver: Reserver | None = None) -> None:
+    """Wait until ``count`` requests queue (with ``reserver``: until its queue lists them, as a
+    ticket file is only listed once its waiter has locked it)."""
     deadline = time.time() + 10
-    while len(list((root / "locks/queue").glob("*.ticket"))) < count:
+    while (len(reserver.queue()) if reserver is not None
+           else len(list((root / "locks/queue").glob("*.ticket")))) < count:
         assert time.time() < deadline, "the request did not queue"
         time.sleep(0.005)
 
@@ -644,10 +647,10 @@ def test_higher_priority_is_served_first_and_ageing_lets_low_priority_run(
     held = reserver.reserve(c3, timeout=1)
     nightly = threading.Thread(target=ask, args=("nightly", -1))
     nightly.start()
-    _queued(tmp_path, 1)
+    _queued(tmp_path, 1, reserver)
     pr = threading.Thread(target=ask, args=("pr", 5))
     pr.start()
-    _queued(tmp_path, 2)
+    _queued(tmp_path, 2, reserver)
     entries = reserver.queue()
     assert [(e.position, e.priority) for e in entries] == [(1, 5), (2, -1)]
     assert "pr" in entries[0].owner and entries[0].expected_start is not None
@@ -660,11 +663,11 @@ def test_higher_priority_is_served_first_and_ageing_lets_low_priority_run(
     order.clear()
     nightly = threading.Thread(target=ask, args=("nightly", -1))
     nightly.start()
-    _queued(tmp_path, 1)
+    _queued(tmp_path, 1, reserver)
     time.sleep(1.6)
     pr = threading.Thread(target=ask, args=("pr", 1))
     pr.start()
-    _queued(tmp_path, 2)
+    _queued(tmp_path, 2, reserver)
     assert [e.effective_priority for e in reserver.queue()] == [2, 1]
     held.release()
     pr.join(10)

@@ -220,7 +220,7 @@ def parse_board(ctx: Ctx, node: Node, path: str, *, virtual_by_default: bool = F
     elif not given:
         raise ctx.error(node, path, f"board {board_id!r} has no port",
                         hint="give exactly one of port, usb_serial, usb_path")
-    if len(given) > 1:
+    elif len(given) > 1:
         raise ctx.error(entries[given[1]][0], f"{path}.{given[1]}",
                         f"board {board_id!r} gives both {given[0]} and {given[1]}",
                         hint="give exactly one of port, usb_serial, usb_path")
@@ -290,9 +290,9 @@ def _chip(ctx: Ctx, node: Node, path: str) -> str:
     if chip in FARM_CHIPS:
         return chip
     guess = closest(str(value), FARM_CHIPS) if value is not None else None
-    says = f"did you mean {guess!r}? " if guess else f"use {expected}; "
+    says = f"did you mean {guess!r}? " if guess else f"use {expected}. "
     raise ctx.error(node, path, f"expected {expected}, got {describe(ctx, node)}",
-                    hint=f"{says}another chip cannot be flashed by the farm, and it cannot be "
+                    hint=f"{says}Another chip cannot be flashed by the farm, and it cannot be "
                          "simulated by the virtual rack")
 
 

@@ -2,10 +2,10 @@
 
 :class:`Conditions` (loss, delay, jitter, rate, outages), :class:`NetworkProfile` (named, may
 extend another), the built-in :data:`BUILTIN_PROFILES` merged with a rack file's
-``network_profiles:`` section (read with file and line for errors), and the parsers for the
-values a marker or a profile gives ("1%", "50ms", "1mbit"). It describes only: applying
-conditions to an interface is :mod:`pytest_hilfarm.drivers.netem`'s job.
-"""
+``network_profiles:`` section (its YAML read by the rack loader's
+:func:`~pytest_hilfarm.description.rack.rack_section`, checked here with file and line), and the
+parsers for the values a marker or a profile gives ("1%", "50ms", "1mbit"). It describes only:
+applying conditions to an interface is :mod:`pytest_hilfarm.drivers.netem`'s job."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ from types import MappingProxyType
 from typing import Any
 
 import yaml
+from yaml.constructor import SafeConstructor
 
+from pytest_hilfarm.description.rack import rack_section
 from pytest_hilfarm.errors import ConfigError
 
 
@@ -243,21 +245,11 @@ def load_profiles(rack_file: str | os.PathLike[str] | None) -> Mapping[str, Netw
     if rack_file is None:
         return MappingProxyType(profiles)
     path = Path(rack_file)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read rack file: {exc.strerror}", where=str(path),
-                          hint="check the --hil-rack path") from None
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"rack file is not valid YAML: {exc}", where=str(path),
-                          hint="fix the YAML syntax") from None
-    section = data.get("network_profiles") if isinstance(data, dict) else None
-    if section is None:
+    node = rack_section(path, "network_profiles")
+    section = SafeConstructor().construct_object(node, deep=True) if node is not None else None
+    if node is None or section is None:
         return MappingProxyType(profiles)
-    lines = _key_lines(root, "network_profiles")
+    lines = _key_lines(node)
     if not isinstance(section, dict):
         raise ConfigError("network_profiles must be a mapping of profile name to settings",
                           where=f"{path}:{lines.get('', 1)}",
@@ -280,15 +272,10 @@ def load_profiles(rack_file: str | os.PathLike[str] | None) -> Mapping[str, Netw
     return MappingProxyType(profiles)
 
 
-def _key_lines(root: yaml.Node | None, section: str) -> dict[str, int]:
+def _key_lines(section: yaml.Node) -> dict[str, int]:
     """Line numbers (1-based) of the section and of each key in it, for error messages."""
-    out: dict[str, int] = {}
-    if not isinstance(root, yaml.MappingNode):
-        return out
-    for key, value in root.value:
-        if getattr(key, "value", None) == section:
-            out[""] = key.start_mark.line + 1
-            if isinstance(value, yaml.MappingNode):
-                for sub, _ in value.value:
-                    out[str(sub.value)] = sub.start_mark.line + 1
+    out = {"": section.start_mark.line + 1}
+    if isinstance(section, yaml.MappingNode):
+        for sub, _ in section.value:
+            out[str(sub.value)] = sub.start_mark.line + 1
     return out

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 from yaml.constructor import SafeConstructor
-from yaml.nodes import Node, SequenceNode
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from pytest_hilfarm.description.rackboard import (
     DEFAULT_BAUD,
@@ -72,7 +72,8 @@ __all__ = [
     "RACK_SETTING_KEYS", "RACK_VERSION", "RESETS", "SIM_KEY", "BaselineSpec", "BoardSecurity",
     "BoardSpec", "FlashSpec", "Location", "NvsSpec", "PortKind", "PortSpec", "PowerSpec",
     "RackSetting", "RackSpec", "SimSpec", "builtin_virtual_rack_path", "check_sequence",
-    "closest", "lists_boards", "load_rack", "parse_rack", "rack_from_data", "registered_board",
+    "closest", "lists_boards", "load_rack", "parse_rack", "rack_from_data", "rack_section",
+    "registered_board",
 ]
 
 RACK_VERSION = 1
@@ -81,8 +82,8 @@ RACK_VERSION = 1
 RACK_SETTING_KEYS = ("lock_timeout", "boot_timeout", "infra_retries", "no_flash", "addr2line")
 
 _ID_RE = re.compile(r"[A-Za-z0-9._-]+")
-# network_profiles is read (and checked, with file and line) by description.network.load_profiles
-# when a test asks for network conditions; the rack loader only admits the key.
+# network_profiles is checked (with file and line) by description.network.load_profiles, from
+# the node rack_section gives it, when a test asks for network conditions; here it is admitted.
 _TOP_KEYS = ("version", "name", "lock_dir", "state_dir", "backend", "baseline", "settings", "nvs",
              "network_profiles", "boards")
 
@@ -162,10 +163,31 @@ def load_rack(path: str | os.PathLike[str], *, environ: Mapping[str, str] | None
     file (no ``version``/``name``; a board without a port is virtual).
     """
     file = Path(path)
+    return _parse(_read(file), str(file), file.absolute().parent, environ, file, short_form)
+
+
+def rack_section(path: str | os.PathLike[str], key: str) -> Node | None:
+    """The YAML node of one top-level section of a rack file (None: the file has none).
+
+    For a section another module checks with file and line (``network_profiles:``, read by
+    :mod:`pytest_hilfarm.description.network`): the file is read and its YAML parsed here, with
+    the loader's errors, but the rest of it is not checked.
+    """
+    file = Path(path)
+    root = _compose(_read(file), str(file))
+    if not isinstance(root, MappingNode):
+        return None
+    for key_node, value_node in root.value:
+        if isinstance(key_node, ScalarNode) and key_node.value == key:
+            return value_node
+    return None
+
+
+def _read(file: Path) -> str:
     hint = ("give the path of an existing rack file (--hil-rack / HILFARM_RACK / hil_rack), "
             "or leave it unset for the built-in virtual rack")
     try:
-        text = file.read_text(encoding="utf-8")
+        return file.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError("rack file not found", where=str(file), hint=hint) from None
     except IsADirectoryError:
@@ -177,7 +199,6 @@ def load_rack(path: str | os.PathLike[str], *, environ: Mapping[str, str] | None
     except OSError as exc:
         raise ConfigError(f"cannot read rack file: {exc.strerror}", where=str(file),
                           hint="check the path and its permissions") from None
-    return _parse(text, str(file), file.absolute().parent, environ, file, short_form)
 
 
 def registered_board(record: Any) -> BoardSpec:
@@ -234,8 +255,17 @@ def rack_from_data(data: Any, source_name: str = "<rack>", *, base_dir: Path | N
 
 def _parse(text: str, source: str, base_dir: Path, environ: Mapping[str, str] | None,
            file: Path | None, short_form: bool) -> RackSpec:
+    root = _compose(text, source)
+    if root is None:
+        raise ConfigError("rack file is empty", where=source,
+                          hint="start it with 'version: 1', 'name:' and a 'boards:' list "
+                               "(see rack-configs/esp32-mesh-rig.example.yaml)")
+    return _check(Ctx(source, base_dir, SafeConstructor()), root, environ, file, short_form)
+
+
+def _compose(text: str, source: str) -> Node | None:
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        return yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
@@ -245,11 +275,6 @@ def _parse(text: str, source: str, base_dir: Path, environ: Mapping[str, str] | 
     except yaml.YAMLError as exc:
         raise ConfigError(f"malformed YAML: {exc}", where=source,
                           hint="check the file is a single YAML document") from None
-    if root is None:
-        raise ConfigError("rack file is empty", where=source,
-                          hint="start it with 'version: 1', 'name:' and a 'boards:' list "
-                               "(see rack-configs/esp32-mesh-rig.example.yaml)")
-    return _check(Ctx(source, base_dir, SafeConstructor()), root, environ, file, short_form)
 
 
 def _check(ctx: Ctx, root: Node, environ: Mapping[str, str] | None, file: Path | None,

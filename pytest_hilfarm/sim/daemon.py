@@ -11,9 +11,9 @@ and boot mode through the control endpoint (``reset`` with ``boot=download|flash
 :mod:`pytest_hilfarm.sim.ports`'). The daemon writes ``daemon.json`` into its state dir while it
 runs; this module is its lifecycle (start, admit clients, stop) and its command line.
 
-It reads the rack through :mod:`pytest_hilfarm.description.virtual` and must never import the farm
-core (farm, board, drivers, plugin): the farm reaches it only through port URLs and the control
-endpoint, like a physical rack.
+It reads the rack through :mod:`pytest_hilfarm.description.virtual` (the virtual boards of the
+one rack parser's result) and must never import the farm core (farm, board, drivers, plugin):
+the farm reaches it only through port URLs and the control endpoint, like a physical rack.
 """
 
 from __future__ import annotations

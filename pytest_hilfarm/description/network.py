@@ -5,7 +5,8 @@ extend another), the built-in :data:`BUILTIN_PROFILES` merged with a rack file's
 ``network_profiles:`` section (its YAML read by the rack loader's
 :func:`~pytest_hilfarm.description.rack.rack_section`, checked here with file and line), and the
 parsers for the values a marker or a profile gives ("1%", "50ms", "1mbit"). It describes only:
-applying conditions to an interface is :mod:`pytest_hilfarm.drivers.netem`'s job."""
+applying conditions to an interface is :mod:`pytest_hilfarm.drivers.netem`'s job.
+"""
 
 from __future__ import annotations
 

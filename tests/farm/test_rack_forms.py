@@ -105,3 +105,16 @@ def test_a_board_id_must_be_a_plain_name_in_both_forms() -> None:
         with pytest.raises(ConfigError, match="plain name"):
             parse_rack(HEAD + "  - {id: .hidden, chip: esp32, port: virtual}\n", environ=ENV,
                        short_form=short)
+
+
+def test_network_profiles_are_read_through_the_rack_loader(tmp_path: Path) -> None:
+    from pytest_hilfarm.description.network import load_profiles
+
+    path = tmp_path / "rack.yaml"
+    path.write_text("version: 1\nnetwork_profiles:\n  x: {loss: [1%\n")
+    with pytest.raises(ConfigError) as info:
+        load_profiles(path)
+    # The rack loader's YAML error: file, line and column, and what to check.
+    assert str(info.value).startswith(f"{path}:4:1: malformed YAML")
+    with pytest.raises(ConfigError, match="rack file not found"):
+        load_profiles(tmp_path / "missing.yaml")

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
@@ -211,6 +211,22 @@ class ReservationRecord:
 
 
 @dataclass(frozen=True)
+class LeaseRecord:
+    """A whole lease for :meth:`FarmStoreProtocol.record_lease`: request, grant and end at once."""
+
+    lease_id: str
+    boards: tuple[str, ...]
+    owner: Mapping[str, Any]
+    request: str
+    requested_at: float
+    granted_at: float
+    wait_s: float
+    released_at: float
+    outcome: str
+    board_outcomes: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class TestResult:
     board: str
     test_id: str
@@ -276,6 +292,8 @@ class FarmStoreProtocol(Protocol):
         outcome: str,
         board_outcomes: Mapping[str, str] | None = None,
     ) -> bool: ...
+    def record_lease(self, lease: LeaseRecord) -> bool: ...
+    def change_token(self) -> object | None: ...
     def history(self, board: str | None = None, limit: int = 100) -> list[ReservationRecord]: ...
     def hold_times(self, test_id: str, limit: int = 50) -> list[float]: ...
     def record_result(
@@ -378,6 +396,12 @@ class FarmStore:
 
     One connection per thread (sqlite3 connections must not cross threads) and per process (a
     connection inherited over ``fork`` must not be reused), kept on this instance only.
+
+    Health and manual holds change rarely but are read by every reservation decision, so every
+    write that changes them also grows a side file (``<store>-changes``) by one byte, before
+    the transaction and again after it commits: :meth:`change_token` (one ``stat``) then tells
+    a reader whether what it read before may be out of date. History writes, which happen on
+    every lease, do not touch it.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, quarantine_after: int = QUARANTINE_AFTER):
@@ -398,7 +422,9 @@ class FarmStore:
                 where=str(self.path.parent),
                 hint="set the rack's state_dir to a writable directory",
             ) from exc
+        self._changes = self.path.with_name(self.path.name + "-changes")
         self._migrate()
+        self._bump()  # the side file exists from here on: no token means "cannot tell"
 
     # -- connection handling -------------------------------------------------------------
 
@@ -453,10 +479,16 @@ class FarmStore:
             self._local.conn = None
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, *, changes: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction; ``changes``: it may change health or holds (see the class)."""
         # IMMEDIATE takes the write lock up front, so two writers never deadlock upgrading a
         # read transaction (SQLite would fail one of them at once, ignoring busy_timeout).
         conn = self._connect()
+        if changes:
+            # Before: a reader that loads during the transaction sees the token move again
+            # after it, and one that loaded before it sees it move now, even if this process
+            # dies right after the commit.
+            self._bump()
         self._begin_immediate(conn)
         try:
             yield conn
@@ -464,6 +496,36 @@ class FarmStore:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+        if changes:
+            self._bump()
+
+    def _bump(self) -> None:
+        """Grow the change file by one byte (``O_APPEND``: concurrent bumps never collide)."""
+        try:
+            fd = os.open(self._changes, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                         0o666)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot write the farm store's change file: {exc.strerror}",
+                where=str(self._changes),
+                hint="everyone sharing a rack needs write access to its state_dir",
+            ) from exc
+        try:
+            os.write(fd, b".")
+        finally:
+            os.close(fd)
+
+    def change_token(self) -> object | None:
+        """A value that differs after any change of health or holds (None: cannot tell).
+
+        Equal tokens before and after reading health or holds mean nothing was changed in
+        between; a cache may keep what it read until the token moves.
+        """
+        try:
+            st = os.stat(self._changes)
+        except OSError:
+            return None
+        return st.st_ino, st.st_size
 
     @staticmethod
     def _begin_immediate(conn: sqlite3.Connection) -> None:
@@ -583,7 +645,7 @@ class FarmStore:
         reported on it must not quietly make it allocatable again.
         """
         health = BoardHealth(health)
-        with self._write() as conn:
+        with self._write(changes=True) as conn:
             current = self._current(conn, board)
             if current.health is BoardHealth.QUARANTINED and health is not current.health:
                 return current.health
@@ -592,7 +654,7 @@ class FarmStore:
 
     def record_check(self, board: str, ok: bool, detail: str) -> BoardHealth:
         """Record a health check: pass -> GOOD; fail -> BAD, or QUARANTINED at the threshold."""
-        with self._write() as conn:
+        with self._write(changes=True) as conn:
             current = self._current(conn, board)
             if current.health is BoardHealth.QUARANTINED:
                 # Keep the evidence, not the verdict: a person decides when it comes back.
@@ -619,11 +681,11 @@ class FarmStore:
 
     def restore(self, board: str, person: str) -> BoardHealth:
         """A person clears a quarantine. The board comes back UNKNOWN: checked before use."""
-        with self._write() as conn:
+        with self._write(changes=True) as conn:
             return self._change(conn, board, BoardHealth.UNKNOWN, 0, f"restored by {person}")
 
     def quarantine(self, board: str, reason: str) -> BoardHealth:
-        with self._write() as conn:
+        with self._write(changes=True) as conn:
             current = self._current(conn, board)
             return self._change(
                 conn, board, BoardHealth.QUARANTINED, current.failures, f"quarantined: {reason}"
@@ -723,6 +785,30 @@ class FarmStore:
                 (outcome, lease_id),
             )
             return True
+
+    def record_lease(self, lease: LeaseRecord) -> bool:
+        """Record a whole lease in one transaction (the file backend writes it at release).
+
+        If the lease is already recorded (a successor found its holder dead first), only a
+        record that is still open is closed. Returns whether this call closed it.
+        """
+        with self._write() as conn:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO reservations (lease_id, owner, request, requested_at,"
+                " granted_at, released_at, outcome, wait_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (lease.lease_id, json.dumps(dict(lease.owner), sort_keys=True), lease.request,
+                 lease.requested_at, lease.granted_at, lease.released_at, lease.outcome,
+                 lease.wait_s),
+            )
+            if cur.rowcount:
+                conn.executemany(
+                    "INSERT INTO reservation_boards (lease_id, board, outcome) VALUES (?, ?, ?)",
+                    [(lease.lease_id, b, lease.board_outcomes.get(b, lease.outcome))
+                     for b in lease.boards],
+                )
+                return True
+        return self.record_release(lease.lease_id, lease.released_at, lease.outcome,
+                                   lease.board_outcomes)
 
     def history(self, board: str | None = None, limit: int = 100) -> list[ReservationRecord]:
         """Reservations, newest first; with ``board``, only those that included it."""
@@ -833,7 +919,7 @@ class FarmStore:
 
     def add_hold(self, board: str, person: str, reason: str) -> HoldRecord:
         """Record that a person holds ``board``; an existing hold by someone else is an error."""
-        with self._write() as conn:
+        with self._write(changes=True) as conn:
             row = conn.execute(
                 "SELECT person, reason, since FROM holds WHERE board = ?", (board,)
             ).fetchone()
@@ -853,7 +939,7 @@ class FarmStore:
             return HoldRecord(board, person, reason, since)
 
     def remove_hold(self, board: str) -> HoldRecord | None:
-        with self._write() as conn:
+        with self._write(changes=True) as conn:
             row = conn.execute(
                 "SELECT person, reason, since FROM holds WHERE board = ?", (board,)
             ).fetchone()

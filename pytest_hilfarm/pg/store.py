@@ -33,6 +33,7 @@ from pytest_hilfarm.store import (
     HealthEvent,
     HoldRecord,
     LeaseOutcome,
+    LeaseRecord,
     PassRate,
     ReservationRecord,
     TestResult,
@@ -542,6 +543,21 @@ class PgFarmStore:
             lambda c: sql_record_release(c, lease_id, released_at, outcome, board_outcomes),
             transaction=True,
         )
+
+    def record_lease(self, lease: LeaseRecord) -> bool:
+        """Record a whole lease at once; an existing record is only closed if still open."""
+
+        def op(conn: Any) -> bool:
+            sql_record_reservation(conn, lease.lease_id, lease.boards, lease.owner, lease.request,
+                                   lease.requested_at, lease.granted_at, lease.wait_s)
+            return sql_record_release(conn, lease.lease_id, lease.released_at, lease.outcome,
+                                      lease.board_outcomes)
+
+        return self._run(op, transaction=True)
+
+    def change_token(self) -> object | None:
+        """None: no cheap change counter (each decision reads health with the rest)."""
+        return None
 
     def history(self, board: str | None = None, limit: int = 100) -> list[ReservationRecord]:
         """Reservations, newest first; with ``board``, only those that included it."""

@@ -32,6 +32,7 @@ from pytest_hilfarm.allocate import (
     BoardDescription,
     BoardInfo,
     BoardRequest,
+    Feasibility,
     can_ever_satisfy,
     choose,
     natural_sorted,
@@ -319,8 +320,12 @@ class ReserverCore(abc.ABC):
         """The p90 of this test's recorded holds (None: no history, treated conservatively)."""
         return self.estimates.expected(test_id)
 
+    def _feasibility(self, request: BoardRequest) -> Feasibility:
+        """Whether the boards could ever satisfy ``request`` (health, holds and leases aside)."""
+        return can_ever_satisfy(self._catalogue(), request)
+
     def _check(self, request: BoardRequest, timeout: float) -> None:
-        feasible = can_ever_satisfy(self._catalogue(), request)
+        feasible = self._feasibility(request)
         if not feasible:
             raise UsageError(feasible.reason,
                              where=f"reservation of {request.describe()} ({self.where})",
@@ -367,7 +372,7 @@ class ReserverCore(abc.ABC):
                 if now >= deadline:
                     self._timeout(request, owner, state, now - start)
                 self._sleep(state, min(deadline - now, self.safety_recheck))
-                if state.ahead:
+                if state.ahead and self.stagger_step > 0:
                     time.sleep(self.stagger_step * min(len(state.ahead), 8))
         except BaseException:
             self._close_wait(state)
@@ -488,6 +493,8 @@ def board_catalogue(boards: Sequence[BoardDescription]) -> dict[str, BoardInfo]:
 
 
 def owner_record(board: str, lease_id: str, granted_at: float, owner: Owner,
-                 expected_end: float) -> OwnerRecord:
+                 expected_end: float, *, requested_at: float | None = None, request: str = "",
+                 boards: tuple[str, ...] = ()) -> OwnerRecord:
     """The owner record a grant writes for one board."""
-    return OwnerRecord(board, lease_id, utc_iso(granted_at), owner, expected_end)
+    return OwnerRecord(board, lease_id, utc_iso(granted_at), owner, expected_end, granted_at,
+                       requested_at, request, boards)

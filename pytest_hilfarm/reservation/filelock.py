@@ -56,10 +56,11 @@ import fcntl
 import json
 import os
 import select
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ from pytest_hilfarm.allocate import (
     BoardDescription,
     BoardInfo,
     BoardRequest,
+    Feasibility,
     natural_sorted,
     rank,
 )
@@ -76,6 +78,7 @@ from pytest_hilfarm.store import (
     FarmStoreProtocol,
     HoldRecord,
     LeaseOutcome,
+    LeaseRecord,
     overall_outcome,
 )
 
@@ -92,13 +95,15 @@ from .core import (
     utc_iso,
 )
 from .protocol import UNREADABLE, BoardStatus, HoldResult, Owner, OwnerRecord
-from .scheduler import Ask, Snapshot, decide
+from .scheduler import Ask, Snapshot, decide, grants
 
 try:  # Linux only; without it waiters fall back to a short periodic recheck
     import inotify_simple
 except ImportError:  # pragma: no cover - every supported Linux has it installed
     inotify_simple = None
 
+_SHARED_HINT = ("everyone sharing a rack needs write access to its lock_dir: give them a common "
+                "group, make the directory setgid and use umask 002")
 # Recheck period when inotify is not available.
 FALLBACK_RECHECK = 0.05
 # A decision that lost a race for a board it chose is made again at once, at most this often.
@@ -106,6 +111,13 @@ _RACES = 3
 # After a lock closed by a process that died, look once more after this long: the kernel
 # reports a dead process's close just before it drops that process's flocks.
 AFTER_CLOSE_RECHECK = 0.02
+# Health and holds read from the store are reused while its change token stays the same (see
+# FarmStore.change_token), and never longer than this: the bound covers a writer killed
+# between its commit and the token's second move, the one case the token can miss.
+STATE_CACHE_SECONDS = 5.0
+# A waiter not woken after a clean release or leave looks once more after this long: it covers
+# a releaser that died between its unlock and its wake-up call, or one of an older version.
+HANDOFF_RECHECK = 0.25
 
 
 # -- the lock primitive -----------------------------------------------------------------------
@@ -134,8 +146,7 @@ class _Flock:
             raise UsageError(
                 f"cannot open lock file: {exc.strerror}",
                 where=str(self.path),
-                hint="everyone sharing a rack needs write access to its lock_dir: give them a "
-                "common group, make the directory setgid and use umask 002",
+                hint=_SHARED_HINT,
             ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -178,12 +189,33 @@ class _Flock:
 
 
 class _Watch:
-    """What a waiter sleeps on: inotify on the lock directory and the queue, or a timer."""
+    """What a waiter sleeps on: inotify on each board's lock and release marker, the nudge
+    file, the queue and its own ticket.
 
-    def __init__(self, lock_dir: Path, queue_dir: Path) -> None:
+    Files, not the lock directory: owner records are written on every grant and release, and
+    a directory watch woke every waiter for each of those writes.
+
+    Wake-ups are targeted: whoever frees boards (a release) or leaves the queue works out, under
+    the scheduling lock, which waiters a decision would now serve and touches their tickets
+    (:meth:`Reserver._wake_servable`); only those waiters wake up to decide. Events that nobody
+    answers that way wake everyone: a board lock closed by a holder that died (its owner record
+    is still there), a ticket closed by a waiter that died (the file is still there), a nudge
+    (a bench hold ended). A clean release or leave that this waiter was not woken for arms one
+    recheck :data:`HANDOFF_RECHECK` later, in case its releaser died before waking anyone (or
+    runs an older version that does not wake by ticket).
+    """
+
+    def __init__(self, lock_dir: Path, queue_dir: Path, boards: Sequence[str]) -> None:
         self._inotify: Any = None
         self._lock_dir = lock_dir
+        self._queue_dir = queue_dir
+        self._locks: dict[int, str] = {}  # watch descriptor -> board, for its lock file
+        self._markers: dict[int, str] = {}  # ... for its release marker
+        self._nudge_wd: int | None = None
         self._after_death = False
+        self._ticket_wd: int | None = None
+        self._recheck_at: float | None = None  # armed by an event someone else answers
+        self._released: set[str] = set()  # boards whose next lock close is a clean release
         if inotify_simple is None:
             return
         flags = inotify_simple.flags
@@ -192,18 +224,45 @@ class _Watch:
         except OSError:  # EMFILE: the per-user limit of inotify instances is reached
             return
         try:
-            self._inotify.add_watch(lock_dir, flags.CLOSE_WRITE)
-            self._inotify.add_watch(queue_dir, flags.CLOSE_WRITE | flags.DELETE)
-        except OSError:
+            for board in boards:
+                self._locks[self._inotify.add_watch(lock_dir / f"{board}.lock",
+                                                    flags.CLOSE_WRITE)] = board
+                self._markers[self._inotify.add_watch(lock_dir / f"{board}.released",
+                                                      flags.CLOSE_WRITE)] = board
+            self._nudge_wd = self._inotify.add_watch(lock_dir / "nudge", flags.CLOSE_WRITE)
+            self._inotify.add_watch(queue_dir, flags.CLOSE_WRITE)
+        except OSError:  # ENOSPC: the per-user limit of watches is reached
             self.close()
+
+    def reset(self) -> None:
+        """Forget a previous wait (its events and its ticket) before this one."""
+        self._after_death = False
+        self._recheck_at = None
+        self._released.clear()
+        if self._inotify is not None and self._ticket_wd is not None:
+            # Normally gone with the ticket's file already (IN_IGNORED).
+            with contextlib.suppress(OSError):
+                self._inotify.rm_watch(self._ticket_wd)
+        self._ticket_wd = None
+        if self._inotify is not None:
+            self._inotify.read(timeout=0)  # stale events are about the past
+
+    def watch_ticket(self, path: Path) -> None:
+        """Wake when someone touches ``path`` (our ticket): a decision would now serve us."""
+        if self._inotify is None:
+            return
+        try:
+            self._ticket_wd = self._inotify.add_watch(path, inotify_simple.flags.ATTRIB)
+        except OSError:  # no watch left: wake on every event instead
+            self._ticket_wd = None
 
     def wait(self, seconds: float) -> tuple[bool, bool]:
         """Sleep until an event that can change a decision, or ``seconds``.
 
-        Returns (look closely, tickets closed). Look closely: the time ran out (something
-        without an event may have changed), or a board's lock was closed while its owner record
-        still names a holder (a holder that died, not one that released). Tickets closed: a
-        waiter left or died, so the queue's liveness must be checked again.
+        Returns (look closely, tickets closed). Not looking closely: we were woken because a
+        decision would serve us. Look closely: the time ran out (something without an event
+        may have changed), or something happened that nobody woke us for (a death, a nudge).
+        Tickets closed: a waiter died, so the queue's liveness must be checked again.
         """
         if self._inotify is None:
             time.sleep(max(0.0, min(seconds, FALLBACK_RECHECK)))
@@ -213,23 +272,50 @@ class _Watch:
             seconds = min(seconds, AFTER_CLOSE_RECHECK)
         deadline = time.monotonic() + max(0.0, seconds)
         while True:
-            left = deadline - time.monotonic()
+            until = deadline if self._recheck_at is None else min(deadline, self._recheck_at)
+            left = until - time.monotonic()
             ready, _, _ = select.select([self._inotify.fileno()], [], [], max(0.0, left))
             if not ready:
                 self._after_death = False
+                self._recheck_at = None
                 return True, True
-            events = self._inotify.read(timeout=0)
-            names = [e.name for e in events]
-            # Owner records, the arrival counter and new tickets being written change nothing
-            # for a waiter: only a lock or ticket closed or gone, or a nudge, may.
-            if any(n.endswith((".lock", ".ticket")) or n == "nudge" for n in names):
-                self._after_death = any(self._died(n) for n in names if n.endswith(".lock"))
-                closed = inotify_simple.flags.CLOSE_WRITE
-                tickets = any(e.name.endswith(".ticket") and e.mask & closed for e in events)
-                return self._after_death or "nudge" in names, tickets
+            woken, look, closed = self._classify(self._inotify.read(timeout=0))
+            if woken or look:
+                self._recheck_at = None
+                return look, closed
 
-    def _died(self, lock_name: str) -> bool:
-        owner = self._lock_dir / (lock_name[: -len(".lock")] + ".owner.json")
+    def _classify(self, events: list[Any]) -> tuple[bool, bool, bool]:
+        """(woken for us, look closely, tickets closed) from one batch of events."""
+        flags = inotify_simple.flags
+        woken = look = closed = handed_off = False
+        self._after_death = False
+        for event in events:
+            name, wd = event.name, event.wd
+            if wd == self._ticket_wd:
+                woken = woken or bool(event.mask & flags.ATTRIB)
+            elif wd == self._nudge_wd:
+                look = True
+            elif wd in self._markers:
+                self._released.add(self._markers[wd])
+            elif wd in self._locks and event.mask & flags.CLOSE_WRITE:
+                board = self._locks[wd]
+                if board in self._released or not self._died(board):
+                    # A clean release: its releaser wakes whom it serves.
+                    self._released.discard(board)
+                    handed_off = True
+                else:  # a holder that died (or, rarely, a lost race for the lock)
+                    look = self._after_death = True
+            elif name.endswith(".ticket"):  # the queue directory's watch
+                if (self._queue_dir / name).exists():
+                    look = closed = True  # closed but still queued: its waiter died
+                else:
+                    handed_off = True  # a waiter left (an older version, which unlinks first)
+        if handed_off and self._recheck_at is None and not (woken or look):
+            self._recheck_at = time.monotonic() + HANDOFF_RECHECK
+        return woken, look, closed
+
+    def _died(self, board: str) -> bool:
+        owner = self._lock_dir / (board + ".owner.json")
         try:
             return os.stat(owner).st_size > 0
         except FileNotFoundError:
@@ -243,13 +329,29 @@ class _Watch:
 
 @dataclass(frozen=True)
 class _Grant:
-    """What one successful decision hands to reserve(): locks taken, owner records written."""
+    """What one successful decision hands to reserve(): locks taken, owner records written.
+
+    It is also the lease's handle: the release records the lease from it.
+    """
 
     lease_id: str
     locks: dict[str, _Flock]
     needs_check: frozenset[str]
     stale: dict[str, OwnerRecord]  # dead holders' records found on the granted boards
     granted_at: float
+    requested_at: float
+
+
+@dataclass
+class _State:
+    """Health and holds as read at ``token``, and what was worked out from them."""
+
+    token: object
+    read_at: float  # time.monotonic()
+    infos: dict[str, BoardInfo]
+    holds: dict[str, HoldRecord]
+    usable: set[BoardRequest] = field(default_factory=set)  # requests health allows
+    ranked: dict[tuple[BoardRequest, str | None], list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -257,8 +359,8 @@ class _FileWait(Waiting):
     deadline: float = 0.0
     ticket_lock: _Flock | None = None
     watch: _Watch | None = None
-    look_closely: bool = True  # the last wake-up may be about something but free boards
-    tickets_closed: bool = True  # a waiter may have left or died since our last decision
+    look_closely: bool = True  # not woken for us: see whether a decision could serve us first
+    tickets_closed: bool = True  # a waiter may have died since our last decision
 
 
 class Reserver(ReserverCore):
@@ -273,6 +375,9 @@ class Reserver(ReserverCore):
                  store: FarmStoreProtocol, **options: Any) -> None:
         """``options``: :class:`~.core.ReserverCore`'s (policy, max_failures, timings)."""
         options.setdefault("safety_recheck", SAFETY_RECHECK)
+        # Waiters are woken one by one for what they can take (see _Watch): the head of the
+        # queue needs no head start.
+        options.setdefault("stagger_step", 0.0)
         super().__init__(store, **options)
         for board in boards:
             bid = board.id
@@ -298,7 +403,26 @@ class Reserver(ReserverCore):
         # Built once: every decision touches these.
         self._lock_paths = {b: self.lock_dir / f"{b}.lock" for b in self._order}
         self._owner_paths = {b: self.lock_dir / f"{b}.owner.json" for b in self._order}
+        self._released_paths = {b: self.lock_dir / f"{b}.released" for b in self._order}
+        # Waiters watch these files, so they must exist (they are never deleted).
+        for path in (*self._lock_paths.values(), *self._released_paths.values(),
+                     self.lock_dir / "nudge"):
+            if path.exists():
+                continue
+            try:
+                os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
+            except OSError as exc:
+                raise UsageError(
+                    f"cannot create {path.name} in the lock directory: {exc.strerror}",
+                    where=str(self.lock_dir), hint=_SHARED_HINT) from exc
         self._tickets: dict[str, Ask] = {}  # parsed tickets by file name
+        self._state: _State | None = None
+        # Watches kept for the next wait: closing an inotify instance waits for the kernel's
+        # SRCU grace period (milliseconds), opening one costs several system calls.
+        self._idle_watches: list[_Watch] = []
+        self._idle_pid = os.getpid()
+        self._idle_lock = threading.Lock()
+        self._feasible: dict[BoardRequest, Feasibility] = {}
 
     @property
     def where(self) -> str:
@@ -306,6 +430,38 @@ class Reserver(ReserverCore):
 
     def _catalogue(self) -> list[BoardInfo]:
         return list(self._boards.values())
+
+    def _feasibility(self, request: BoardRequest) -> Feasibility:
+        # The boards of a rack file never change while this reserver lives.
+        known = self._feasible.get(request)
+        if known is None:
+            if len(self._feasible) > 256:
+                self._feasible.clear()
+            known = self._feasible[request] = super()._feasibility(request)
+        return known
+
+    def _farm(self) -> _State:
+        """Health and holds: from the last read while the store's change token is the same."""
+        token = self.store.change_token()
+        state = self._state
+        now = time.monotonic()
+        if (state is not None and token is not None and state.token == token
+                and now - state.read_at < STATE_CACHE_SECONDS):
+            return state
+        # The token is read first: a change made while we read moves it again afterwards.
+        health = self.store.all_health(self._order)
+        infos = {b: BoardInfo(i.id, i.chip, i.features, health[b].health, health[b].failures)
+                 for b, i in self._boards.items()}
+        state = self._state = _State(token, now, infos, self.store.holds())
+        return state
+
+    def _unusable(self, infos: Mapping[str, BoardInfo], request: BoardRequest) -> None:
+        state = self._state
+        if state is not None and state.infos is infos and request in state.usable:
+            return
+        super()._unusable(infos, request)
+        if state is not None and state.infos is infos:
+            state.usable.add(request)
 
     def _board_ids(self) -> list[str]:
         return self._order
@@ -361,6 +517,15 @@ class Reserver(ReserverCore):
             os.ftruncate(fd, 0)
         finally:
             os.close(fd)
+
+    def _mark_released(self, board: str) -> None:
+        """Tell waiters that the next close of this board's lock is a clean release.
+
+        A waiter may read the lock's close event only after the next holder has written its
+        owner record, so an owner record alone cannot tell a release from a death.
+        """
+        fd = os.open(self._released_paths[board], os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        os.close(fd)  # IN_CLOSE_WRITE, just before the lock's own
 
     def _nudge(self) -> None:
         """Wake every waiter (a bench hold ended): one close of a file opened for writing."""
@@ -469,24 +634,84 @@ class Reserver(ReserverCore):
         data = {"seq": seq, **ask.request.to_json(), "boards": self._order, "owner": ask.owner,
                 "priority": ask.priority, "since": ask.since, "hold": ask.hold}
         os.pwrite(lock.fd, json.dumps(data).encode(), 0)  # through the lock's own descriptor
+        if state.watch is not None:
+            # Under the scheduling lock, as every wake-up is worked out: none is missed.
+            state.watch.watch_ticket(path)
         state.ticket = ticket
         state.ticket_lock = lock
 
     def _drop_ticket(self, state: _FileWait) -> None:
+        """Leave the queue without waking anyone (whoever that serves is woken by ticket).
+
+        The ticket is moved out of the queue directory before its lock is closed: the close
+        of a ticket in the queue directory means "its waiter died" to every other waiter.
+        """
+        gone: Path | None = None
         if state.ticket is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self._ticket_path(state.ticket.seq).unlink()  # IN_DELETE: the queue moved
+            path = self._ticket_path(state.ticket.seq)
+            gone = self.lock_dir / f"left-{path.name}"
+            try:
+                os.rename(path, gone)
+            except FileNotFoundError:  # removed as dead by mistake: nothing to move
+                gone = None
         if state.ticket_lock is not None:
             state.ticket_lock.release()
+        if gone is not None:
+            with contextlib.suppress(FileNotFoundError):
+                gone.unlink()
         state.ticket = None
         state.ticket_lock = None
 
-    # -- one scheduling decision ----------------------------------------------------------------
+    def _take_watch(self) -> _Watch:
+        with self._idle_lock:
+            if self._idle_pid != os.getpid():  # inherited over fork: not ours to reuse
+                self._idle_watches, self._idle_pid = [], os.getpid()
+            watch = self._idle_watches.pop() if self._idle_watches else None
+        if watch is None:
+            return _Watch(self.lock_dir, self._queue_dir, self._order)
+        watch.reset()
+        return watch
 
-    def _infos(self) -> dict[str, BoardInfo]:
-        health = self.store.all_health(self._order)
-        return {b: BoardInfo(i.id, i.chip, i.features, health[b].health, health[b].failures)
-                for b, i in self._boards.items()}
+    def _give_watch(self, watch: _Watch) -> None:
+        with self._idle_lock:
+            # One kept per reserver and thread at most: an inotify instance is a per-user
+            # resource (128 by default), and a process rarely waits twice at once.
+            if self._idle_pid == os.getpid() and len(self._idle_watches) < 1:
+                self._idle_watches.append(watch)
+                return
+        watch.close()
+
+    def _wake_servable(self) -> None:
+        """Wake exactly the waiters a decision would serve now (after a release or a leave).
+
+        Under the scheduling lock: a waiter deciding at the same time either queued its ticket
+        before we look (and we wake it) or decides after us (and sees what we freed). Each
+        woken waiter still decides for itself; this only picks who is worth waking. A waiter
+        that asks as the person holding a board at the bench is not foreseen here: its recheck
+        after the release finds it (see _Watch).
+        """
+        if not self._waiting():
+            return
+        with self._scheduling_lock(time.monotonic() + 1.0):
+            tickets = self._live_tickets(probe_known=False)
+            if not tickets:
+                return
+            farm = self._farm()
+            relevant = {b for b, i in farm.infos.items()
+                        if any(t.request.matches(i) for t in tickets)}
+            snap, _ = self._snapshot(farm.infos, farm.holds, relevant, time.time())
+            served = [ask.seq for ask, _choice, _bf in grants(snap, tickets, self.policy)]
+        # Woken after the scheduling lock is free again: the first thing they do is take it.
+        for seq in served:
+            try:
+                os.utime(self._ticket_path(seq))  # IN_ATTRIB: its waiter wakes
+            except FileNotFoundError:
+                continue  # it left meanwhile
+            except PermissionError:
+                self._nudge()  # a ticket we may not touch: wake everyone instead
+                return
+
+    # -- one scheduling decision ----------------------------------------------------------------
 
     def _open_wait(self, deadline: float) -> _FileWait:
         return _FileWait(requested_at=time.time(), deadline=deadline)
@@ -494,30 +719,27 @@ class Reserver(ReserverCore):
     def _attempt(self, ask: Ask, owner: Owner, state: Waiting,
                  as_person: str | None) -> _Grant | None:
         assert isinstance(state, _FileWait)
-        if (state.ticket is not None and not state.look_closely
-                and self._free_count(ask) < ask.request.count):
-            # Every waiter wakes on every release; one that finds too few of its boards
-            # without an owner record goes back to sleep at once.
-            return None
         # Health is read outside any lock: a WAL read never blocks, and health changes are not
         # made under the scheduling lock anyway.
-        infos = self._infos()
+        infos = self._farm().infos
         self._unusable(infos, ask.request)
         waiting = self._waiting()
         if state.ticket is None and not waiting:
-            grant = self._take_directly(ask, owner, infos, as_person)
+            grant = self._take_directly(ask, owner, state.requested_at, as_person)
             if grant is not None:
                 return grant
         if state.watch is None:
             # Before the decision, so no release after it goes unnoticed.
-            state.watch = _Watch(self.lock_dir, self._queue_dir)
-        if state.ticket is None and waiting:
+            state.watch = self._take_watch()
+        if state.ticket is None and waiting and self.stagger_step > 0:
             # Others wait, and a release has just woken them: let the head of the queue decide
             # first instead of making it wait for our (usually futile) first decision.
             time.sleep(self.stagger_step * min(waiting, 8))
-        elif state.ahead and not self._decide(ask, owner, state, infos, as_person, dry=True):
-            # Only waiters a decision could serve queue for the scheduling lock: one that was
-            # not first in line decides without the lock first.
+        elif (state.ahead and state.look_closely
+              and not self._decide(ask, owner, state, infos, as_person, dry=True)):
+            # Woken for everyone (a death, a nudge, a recheck): only waiters a decision could
+            # serve queue for the scheduling lock; one that was not first in line decides
+            # without the lock first. One woken for itself goes straight to the lock.
             return None
         with self._scheduling_lock(state.deadline):
             decided = self._decide(ask, owner, state, infos, as_person)
@@ -528,7 +750,7 @@ class Reserver(ReserverCore):
             return set()
         return {b for b, h in holds.items() if h.person == as_person}
 
-    def _take_directly(self, ask: Ask, owner: Owner, infos: Mapping[str, BoardInfo],
+    def _take_directly(self, ask: Ask, owner: Owner, requested_at: float,
                        as_person: str | None) -> _Grant | None:
         """Nobody waits: take the best free boards without the scheduling lock, or None.
 
@@ -536,22 +758,28 @@ class Reserver(ReserverCore):
         boards with an owner record (held, or left by a dead holder) are skipped without
         touching their lock. Finding too few, it gives everything back and the caller queues.
         """
-        holds = self.store.holds()
+        farm = self._farm()
+        holds = farm.holds
         mine = self._mine(holds, as_person)
+        candidates = farm.ranked.get((ask.request, as_person))
+        if candidates is None:  # the same until health or holds change
+            candidates = farm.ranked[(ask.request, as_person)] = [
+                i.id for i in rank((farm.infos[b] for b in self._order
+                                    if b not in holds or b in mine),
+                                   ask.request, max_failures=self.max_failures)]
         taken: dict[str, _Flock] = {}
         try:
-            for info in rank((infos[b] for b in self._order if b not in holds or b in mine),
-                             ask.request, max_failures=self.max_failures):
+            for board in candidates:
                 if len(taken) == ask.request.count:
                     break
-                if self._owner_busy(info.id):
+                if self._owner_busy(board):
                     continue
-                lock = _Flock(self._lock_paths[info.id])
+                lock = _Flock(self._lock_paths[board])
                 if lock.try_acquire():
-                    taken[info.id] = lock
+                    taken[board] = lock
             if len(taken) < ask.request.count:
                 return None
-            grant = self._claim(ask, owner, taken, infos, {}, mine)
+            grant = self._claim(ask, owner, taken, farm.infos, {}, mine, requested_at)
             taken = {}
             return grant
         finally:
@@ -560,22 +788,30 @@ class Reserver(ReserverCore):
 
     def _claim(self, ask: Ask, owner: Owner, locks: dict[str, _Flock],
                infos: Mapping[str, BoardInfo], stale: dict[str, OwnerRecord],
-               mine: set[str]) -> _Grant | None:
+               mine: set[str], requested_at: float) -> _Grant | None:
         """Write owner records on locked boards; None (all undone) if a bench hold came first.
 
-        :meth:`hold` records the hold and then looks at the lock; here the lock is taken and
-        then the holds are read. Whichever comes second sees the other, so a hold never misses
-        a grant and a grant never misses a hold.
+        :meth:`hold` records the hold (moving the store's change token) and then looks at the
+        lock; here the lock is taken and then the holds are read (again if the token moved).
+        Whichever comes second sees the other, so a hold never misses a grant and a grant
+        never misses a hold.
+
+        The owner records carry the lease's history record (grant time, request): the store
+        hears of the lease only at its release, or from a successor if its holder dies.
         """
         granted_at = time.time()
         lease_id = uuid.uuid4().hex
         end = self._expected_end(ask, granted_at)
+        boards = tuple(locks)
+        request = ask.request.describe()
         written: list[str] = []
         try:
             for board in locks:
-                self._write_owner(owner_record(board, lease_id, granted_at, owner, end))
+                self._write_owner(owner_record(board, lease_id, granted_at, owner, end,
+                                               requested_at=requested_at, request=request,
+                                               boards=boards))
                 written.append(board)
-            held = self.store.holds()
+            held = self._farm().holds
         except BaseException:
             for board in written:  # unreadable later: the next holder marks them UNKNOWN
                 if board not in stale:
@@ -593,7 +829,7 @@ class Reserver(ReserverCore):
                 lock.release()
             return None
         needs = frozenset(b for b in locks if infos[b].health is not BoardHealth.GOOD)
-        return _Grant(lease_id, dict(locks), needs, stale, granted_at)
+        return _Grant(lease_id, dict(locks), needs, stale, granted_at, requested_at)
 
     def _snapshot(self, infos: Mapping[str, BoardInfo], holds: Mapping[str, HoldRecord],
                   relevant: set[str], now: float
@@ -620,7 +856,7 @@ class Reserver(ReserverCore):
         ``dry``: only say whether a decision under the lock could grant something now (it reads
         the same records, takes nothing and writes nothing).
         """
-        holds = self.store.holds()
+        holds = self._farm().holds
         mine = self._mine(holds, as_person)
         tickets = self._live_tickets(locked=not dry, probe_known=state.tickets_closed)
         if not dry:
@@ -656,21 +892,17 @@ class Reserver(ReserverCore):
                 taken[board] = lock
             else:
                 found = {b: records[b] for b in taken if b in records}
-                grant = self._claim(me, owner, taken, infos, found, mine)
+                grant = self._claim(me, owner, taken, infos, found, mine, state.requested_at)
                 if grant is not None:
                     self._drop_ticket(state)  # IN_DELETE: a younger request may now be first
                     return grant
-                holds = self.store.holds()  # a bench hold came first: decide again
+                holds = self._farm().holds  # a bench hold came first: decide again
                 continue
             for lock in taken.values():
                 lock.release()
         if state.ticket is None:
             self._new_ticket(ask, state)
         return None
-
-    def _free_count(self, ask: Ask) -> int:
-        return sum(1 for b in self._order if ask.request.matches(self._boards[b])
-                   and not self._owner_busy(b))
 
     def _sleep(self, state: Waiting, seconds: float) -> None:
         assert isinstance(state, _FileWait) and state.watch is not None
@@ -679,10 +911,16 @@ class Reserver(ReserverCore):
 
     def _close_wait(self, state: Waiting) -> None:
         assert isinstance(state, _FileWait)
+        left = state.ticket is not None  # leaving the queue without a grant
         self._drop_ticket(state)
         if state.watch is not None:
-            state.watch.close()
+            self._give_watch(state.watch)
             state.watch = None
+        if left:
+            # Whoever waited behind us may be served now. Best effort: failing here must not
+            # hide why we left (a timeout, an interruption); the others recheck soon anyway.
+            with contextlib.suppress(Exception):
+                self._wake_servable()
 
     # -- the lease --------------------------------------------------------------------------------
 
@@ -692,21 +930,14 @@ class Reserver(ReserverCore):
         self._close_wait(state)
         boards = tuple(grant.locks)
         lease = Lease(self, grant.lease_id, boards, grant.needs_check | frozenset(grant.stale),
-                      owner, ask.request, grant.granted_at, waited, grant.locks)
+                      owner, ask.request, grant.granted_at, waited, grant)
         try:
             for board, dead in grant.stale.items():
                 # The lock was free, so its holder is gone: it died before this grant.
-                if dead.lease_id:
-                    self.store.record_release(
-                        dead.lease_id, grant.granted_at, LeaseOutcome.HOLDER_DIED.value
-                    )
+                self._record_dead(dead, grant.granted_at)
                 self.store.set_health(board, BoardHealth.UNKNOWN,
                                       dead_holder_reason(dead.owner.describe(), dead.since))
                 self.store.forget_flash(board)
-            self.store.record_reservation(
-                grant.lease_id, boards, owner.to_dict(), ask.request.describe(),
-                state.requested_at, grant.granted_at, waited,
-            )
         except BaseException:
             # Unlock but keep the owner records: the next reserver then treats these boards as
             # left by a dead holder (UNKNOWN), which is the safe reading of "we do not know".
@@ -715,25 +946,45 @@ class Reserver(ReserverCore):
             raise
         return lease
 
+    def _record_dead(self, dead: OwnerRecord, found_at: float) -> None:
+        """Close a dead holder's lease in the history at ``found_at`` (it held until then)."""
+        if not dead.lease_id:
+            return  # unreadable record: nothing to close
+        outcome = LeaseOutcome.HOLDER_DIED.value
+        if dead.granted_at is None:  # an older writer: it recorded its grant itself
+            self.store.record_release(dead.lease_id, found_at, outcome)
+            return
+        requested = dead.requested_at if dead.requested_at is not None else dead.granted_at
+        self.store.record_lease(LeaseRecord(
+            dead.lease_id, dead.boards or (dead.board,), dead.owner.to_dict(), dead.request,
+            requested, dead.granted_at, dead.granted_at - requested, found_at, outcome))
+
     def _finish(self, lease: Lease, per_board: Mapping[str, LeaseOutcome], note: str) -> None:
-        locks: Mapping[str, _Flock] = lease.handle
-        recorded = False
+        grant: _Grant = lease.handle
+        released_at = time.time()  # while we still hold the boards: before any successor
         try:
-            self.store.record_release(
-                lease.id, time.time(), overall_outcome(per_board).value,
-                {b: o.value for b, o in per_board.items()},
-            )
+            # Health first, under the locks: the next holder must find these boards UNKNOWN.
+            # If this fails the owner records stay, and the next holder marks them UNKNOWN.
             for board, reason in lease_end_reasons(lease.owner, lease.granted_at, per_board,
                                                    note).items():
                 self.store.set_health(board, BoardHealth.UNKNOWN, reason)
                 self.store.forget_flash(board)
-            recorded = True
+            for board in grant.locks:
+                self._clear_owner(board)
+                self._mark_released(board)
         finally:
-            for board, lock in locks.items():
-                if recorded:
-                    self._clear_owner(board)
-                # Without a record the owner file stays: the next holder marks it UNKNOWN.
-                lock.release()  # its close wakes the waiters
+            for lock in grant.locks.values():
+                lock.release()
+            with contextlib.suppress(Exception):  # best effort: waiters recheck soon anyway
+                self._wake_servable()
+            # The history record after the unlock, off the hand-off to the next holder. Its
+            # times were both taken while the boards were ours, so it cannot overlap the next
+            # holder's. A holder killed right here leaves no record (never a wrong one).
+            outcome = overall_outcome(per_board).value
+            self.store.record_lease(LeaseRecord(
+                lease.id, lease.boards, lease.owner.to_dict(), lease.request.describe(),
+                grant.requested_at, grant.granted_at, lease.waited, released_at, outcome,
+                {b: o.value for b, o in per_board.items()}))
 
     # -- holds, status, queue -----------------------------------------------------------------
 
@@ -766,9 +1017,8 @@ class Reserver(ReserverCore):
         return [BoardView(s, self._boards[s.board]) for s in self.status()]
 
     def _snapshot_and_queue(self) -> tuple[Snapshot, list[Ask]]:
-        infos = self._infos()
-        holds = self.store.holds()
-        snap, _ = self._snapshot(infos, holds, set(self._order), time.time())
+        farm = self._farm()
+        snap, _ = self._snapshot(farm.infos, farm.holds, set(self._order), time.time())
         return snap, self._live_tickets()
 
 

@@ -105,20 +105,33 @@ class OwnerRecord:
     since: str  # ISO 8601, UTC
     owner: Owner
     expected_end: float | None = None  # epoch seconds; None: not known (an older writer)
+    # The lease's history record, so that a successor can write it if the holder dies before
+    # its release records it (the file backend records a lease once, at release). None / empty:
+    # written by an older version, which recorded the grant in the store itself.
+    granted_at: float | None = None  # epoch seconds, exact (``since`` is rounded for people)
+    requested_at: float | None = None
+    request: str = ""  # BoardRequest.describe()
+    boards: tuple[str, ...] = ()  # every board of the lease
 
     def to_json(self) -> str:
         return json.dumps(
             {"board": self.board, "lease_id": self.lease_id, "since": self.since,
-             "expected_end": self.expected_end, **self.owner.to_dict()},
+             "expected_end": self.expected_end, "granted_at": self.granted_at,
+             "requested_at": self.requested_at, "request": self.request,
+             "boards": list(self.boards), **self.owner.to_dict()},
             sort_keys=True,
         )
 
     @classmethod
     def from_json(cls, text: str) -> OwnerRecord:
         data = json.loads(text)
-        end = data.get("expected_end")
+        end, granted, requested = (data.get(k) for k in ("expected_end", "granted_at",
+                                                          "requested_at"))
         return cls(str(data["board"]), str(data["lease_id"]), str(data["since"]),
-                   Owner.from_dict(data), None if end is None else float(end))
+                   Owner.from_dict(data), None if end is None else float(end),
+                   None if granted is None else float(granted),
+                   None if requested is None else float(requested),
+                   str(data.get("request", "")), tuple(str(b) for b in data.get("boards", ())))
 
 
 @dataclass(frozen=True)

@@ -42,8 +42,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from pytest_hilfarm.allocate import BoardInfo, BoardRequest, Choice, choose, rank
-from pytest_hilfarm.store import QUARANTINE_AFTER
+from pytest_hilfarm.allocate import BoardInfo, BoardRequest, Choice, rank
+from pytest_hilfarm.store import QUARANTINE_AFTER, BoardHealth
 
 # A request's expected hold when its test has no recorded history, used only to forecast when a
 # lease ends (never to let the request backfill). Ten minutes: longer than most HIL tests, so a
@@ -144,20 +144,33 @@ class _Replay:
         # Free board -> the earliest planned start it is part of: a backfill must end before it.
         self.limit: dict[str, float] = {}
         self.usable = {b: i for b, i in snap.boards.items() if b not in snap.blocked}
+        self._ranked: dict[tuple[BoardRequest, frozenset[str]], list[BoardInfo]] = {}
 
     def hold_of(self, ask: Ask) -> float:
         return self.policy.default_hold if ask.hold is None else ask.hold
 
+    def ranked(self, ask: Ask) -> list[BoardInfo]:
+        """Every usable board ``ask`` may take, best first (:func:`rank`), once per replay.
+
+        Ranking is per board (health, surplus features, id), so ranking a subset gives this
+        list's order with the others left out: :meth:`offer` filters it instead of ranking
+        again. Requests in a queue repeat, and this is most of a decision's work.
+        """
+        key = (ask.request, ask.boards)
+        found = self._ranked.get(key)
+        if found is None:
+            found = self._ranked[key] = rank(
+                (self.usable[b] for b in ask.boards if b in self.usable), ask.request,
+                max_failures=self.policy.max_failures)
+        return found
+
     def can_ever(self, ask: Ask) -> bool:
         """Whether ``ask`` could be served if every lease ended (holds and hosts aside)."""
-        theirs = [self.usable[b] for b in ask.boards if b in self.usable]
-        return choose(theirs, ask.request, max_failures=self.policy.max_failures) is not None
+        return len(self.ranked(ask)) >= ask.request.count
 
     def plan(self, ask: Ask) -> tuple[float, tuple[str, ...]]:
         """The boards ``ask`` expects to take and when (the last of them is expected back)."""
-        ranked = rank((self.usable[b] for b in ask.boards if b in self.usable), ask.request,
-                      max_failures=self.policy.max_failures)
-        order = {info.id: n for n, info in enumerate(ranked)}
+        order = {info.id: n for n, info in enumerate(self.ranked(ask))}
         soonest = sorted(order, key=lambda b: (self.avail.get(b, math.inf), order[b]))
         planned = tuple(soonest[: ask.request.count])
         if len(planned) < ask.request.count:
@@ -168,18 +181,24 @@ class _Replay:
 
     def offer(self, ask: Ask, extra: Iterable[str] = ()) -> tuple[Choice | None, bool]:
         """Boards for ``ask`` from the free ones now (and ``extra``), and whether by backfill."""
-        pool = self.pool | (set(extra) & set(self.snap.boards))
-        allowed = [self.snap.boards[b] for b in pool if b in ask.boards]
-        clear = [i for i in allowed if i.id not in self.limit]
-        choice = choose(clear, ask.request, max_failures=self.policy.max_failures)
-        if choice is not None:
-            return choice, False
+        extra = set(extra) & set(self.snap.boards)
+        if extra:
+            # Boards blocked for everyone else (held at the bench by the asker): rank afresh.
+            pool = self.pool | extra
+            allowed = [self.snap.boards[b] for b in pool if b in ask.boards]
+            ranked = rank(allowed, ask.request, max_failures=self.policy.max_failures)
+        else:
+            pool = self.pool
+            ranked = [i for i in self.ranked(ask) if i.id in pool]
+        count = ask.request.count
+        clear = [i for i in ranked if i.id not in self.limit]
+        if len(clear) >= count:
+            return _choice(clear[:count]), False
         if self.policy.backfill and ask.hold is not None:
             end = self.snap.now + ask.hold
-            fits = [i for i in allowed if end < self.limit.get(i.id, math.inf)]
-            choice = choose(fits, ask.request, max_failures=self.policy.max_failures)
-            if choice is not None:
-                return choice, True
+            fits = [i for i in ranked if end < self.limit.get(i.id, math.inf)]
+            if len(fits) >= count:
+                return _choice(fits[:count]), True
         return None, False
 
     def serve(self, ask: Ask) -> tuple[Choice | None, bool, float | None]:
@@ -207,6 +226,12 @@ class _Replay:
         for board in planned:
             self.avail[board] = max(start, now) + self.hold_of(ask)
         return None, False, None if math.isinf(start) else start
+
+
+def _choice(picked: Sequence[BoardInfo]) -> Choice:
+    """The :class:`Choice` of boards already ranked best first (as :func:`choose` makes it)."""
+    return Choice(tuple(b.id for b in picked),
+                  frozenset(b.id for b in picked if b.health is not BoardHealth.GOOD))
 
 
 def _competes(ask: Ask, me: Ask, usable: Mapping[str, BoardInfo]) -> bool:

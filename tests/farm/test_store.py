@@ -17,6 +17,7 @@ from pytest_hilfarm.store import (
     FarmStore,
     FarmStoreProtocol,
     LeaseOutcome,
+    LeaseRecord,
     parse_outcome,
 )
 
@@ -174,6 +175,30 @@ def test_reservation_history(store: FarmStore) -> None:
     assert [r.lease_id for r in store.history(board="b1")] == ["L1"]
     assert len(store.history(limit=1)) == 1
     assert everything[0].released_at is None
+
+
+def test_change_token_moves_with_health_and_holds_but_not_with_history(
+        store: FarmStore, tmp_path: Path) -> None:
+    token = store.change_token()
+    assert token is not None
+    store.record_lease(LeaseRecord("L1", ("b1",), {"pid": 1}, "1 x esp32", 1.0, 1.5, 0.5, 2.0,
+                                   "ok"))
+    store.record_result("b1", "t::x", "passed", 1.0, "ab" * 32)
+    assert store.change_token() == token  # every lease writes history: no cache drop for it
+    changes = [lambda: store.set_health("b1", BoardHealth.GOOD, "ok"),
+               lambda: store.record_check("b1", ok=False, detail="no banner"),
+               lambda: store.add_hold("b1", "alice", "probing"),
+               lambda: store.remove_hold("b1"),
+               lambda: store.quarantine("b1", "smoke"),
+               lambda: store.restore("b1", "alice")]
+    for change in changes:
+        change()
+        assert store.change_token() != token
+        token = store.change_token()
+    # Another store on the same file (another process) sees the same token.
+    assert FarmStore(tmp_path / "farm.sqlite").change_token() != token  # opening bumps it
+    other = FarmStore(tmp_path / "farm.sqlite")
+    assert other.change_token() == store.change_token()
 
 
 def test_results_and_pass_rate(store: FarmStore) -> None:

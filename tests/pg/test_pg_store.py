@@ -13,7 +13,7 @@ from pytest_hilfarm.errors import InfrastructureError, UsageError
 from pytest_hilfarm.pg import is_database_url, open_backend
 from pytest_hilfarm.pg.migrations import SCHEMA_VERSION, migrate
 from pytest_hilfarm.pg.store import PgFarmStore, redact
-from pytest_hilfarm.store import BoardHealth, FarmStore, FarmStoreProtocol
+from pytest_hilfarm.store import BoardHealth, FarmStore, FarmStoreProtocol, LeaseRecord
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -78,6 +78,26 @@ def test_reservation_history(store: Any) -> None:
     assert l1.board_outcomes == {"b1": "infra_error", "b2": "ok"}
     assert [r.lease_id for r in store.history(board="b1")] == ["L1"]
     assert len(store.history(limit=1)) == 1
+
+
+def test_a_whole_lease_is_recorded_once_and_closes_only_an_open_record(store: Any) -> None:
+    owner = {"pid": 2, "host": "h", "test_id": "t::b"}
+    lease = LeaseRecord("L3", ("b1", "b2"), owner, "2 x esp32", 20.0, 20.25, 0.25, 21.0,
+                        "infra_error", {"b1": "infra_error"})
+    assert store.record_lease(lease)
+    assert not store.record_lease(lease)  # recorded already: the first record stands
+    (record,) = store.history()
+    assert (record.lease_id, record.boards, record.owner, record.request) == (
+        "L3", ("b1", "b2"), owner, "2 x esp32")
+    assert (record.requested_at, record.granted_at, record.wait_s, record.released_at,
+            record.outcome) == (20.0, 20.25, 0.25, 21.0, "infra_error")
+    assert record.board_outcomes == {"b1": "infra_error", "b2": "infra_error"}
+    # A lease recorded at its grant (an older writer) is closed by the whole record.
+    store.record_reservation("L4", ["b1"], owner, "1 x esp32", 30.0, 30.5, 0.5)
+    assert store.record_lease(LeaseRecord("L4", ("b1",), owner, "1 x esp32", 30.0, 30.5, 0.5,
+                                          31.0, "holder_died"))
+    l4 = store.history(limit=1)[0]
+    assert (l4.lease_id, l4.released_at, l4.outcome) == ("L4", 31.0, "holder_died")
 
 
 def test_results_and_pass_rate(store: Any) -> None:

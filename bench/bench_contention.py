@@ -51,9 +51,10 @@ def suite(seed: int = 2026) -> list[SuiteTest]:
 
 
 def _worker(root: str, policy: str, warmup: int, leases: int, seed: int, start_at: float,
-            stagger: float, barrier: Any, started: Any) -> None:
+            stagger: float | None, barrier: Any, started: Any) -> None:
     store = FarmStore(Path(root) / "farm.sqlite")
-    reserver = Reserver(BOARDS, Path(root) / "locks", store, stagger_step=stagger,
+    options = {} if stagger is None else {"stagger_step": stagger}
+    reserver = Reserver(BOARDS, Path(root) / "locks", store, **options,
                         policy=POLICIES[policy])
     tests = suite()
     rng = random.Random(seed)
@@ -92,7 +93,7 @@ class ContentionResult:
 
 
 def contention(root: Path, policy: str, processes: int, warmup: int, leases: int,
-               stagger: float = 0.0005) -> ContentionResult:
+               stagger: float | None = None) -> ContentionResult:
     store = FarmStore(root / "farm.sqlite")
     for board in BOARDS:
         store.set_health(board.id, BoardHealth.GOOD, "bench setup")
@@ -182,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="tests per process first, to give the store real hold times")
     parser.add_argument("--runs", type=int, default=3, help="runs per policy (interleaved)")
     parser.add_argument("--cycles", type=int, default=1000)
-    parser.add_argument("--stagger", type=float, default=0.0005,
-                        help="stagger step between waiters, seconds")
+    parser.add_argument("--stagger", type=float, default=None,
+                        help="stagger step between waiters, seconds (default: the backend's)")
     args = parser.parse_args(argv)
     results: dict[str, list[ContentionResult]] = {name: [] for name in POLICIES}
     with tempfile.TemporaryDirectory(prefix="hilfarm-bench-") as tmp:

@@ -361,6 +361,7 @@ class _FileWait(Waiting):
     watch: _Watch | None = None
     look_closely: bool = True  # not woken for us: see whether a decision could serve us first
     tickets_closed: bool = True  # a waiter may have died since our last decision
+    left: Path | None = None  # our ticket, moved out of the queue, to delete
 
 
 class Reserver(ReserverCore):
@@ -612,14 +613,14 @@ class Reserver(ReserverCore):
         """Append a ticket to the queue. Needs the scheduling lock (it orders arrivals)."""
         counter = self.lock_dir / "queue.counter"
         try:
-            last = int(counter.read_text() or "0")
+            last = int(counter.read_text().strip() or "0")
         except (FileNotFoundError, ValueError):
-            last = 0  # missing, or torn by a writer killed mid-write
+            last = 0  # missing, or written by something else
         # Never below a live ticket, even if the counter file was lost: arrival order must hold.
         queued = [int(n.split(".")[0]) for n in os.listdir(self._queue_dir)
                   if n.endswith(".ticket") and n.split(".")[0].isdigit()]
         seq = max([last, *queued]) + 1
-        counter.write_text(str(seq))
+        self._write_counter(counter, seq)
         path = self._ticket_path(seq)
         lock = _Flock(path)
         # A reader without the scheduling lock may probe the new file for a moment.
@@ -640,6 +641,21 @@ class Reserver(ReserverCore):
         state.ticket = ticket
         state.ticket_lock = lock
 
+    @staticmethod
+    def _write_counter(counter: Path, seq: int) -> None:
+        """Overwrite the arrival counter in place, at a fixed width, in one write.
+
+        Not truncated and rewritten: ext4 starts writing back a file truncated to zero when it
+        is closed (about 5 ms here, under the scheduling lock, on every queued request). The
+        fixed width overwrites any shorter number an older version left; one ``pwrite`` of 20
+        bytes is never seen half-done by a reader.
+        """
+        fd = os.open(counter, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            os.pwrite(fd, f"{seq:020d}".encode(), 0)
+        finally:
+            os.close(fd)
+
     def _drop_ticket(self, state: _FileWait) -> None:
         """Leave the queue without waking anyone (whoever that serves is woken by ticket).
 
@@ -657,8 +673,9 @@ class Reserver(ReserverCore):
         if state.ticket_lock is not None:
             state.ticket_lock.release()
         if gone is not None:
-            with contextlib.suppress(FileNotFoundError):
-                gone.unlink()
+            # Deleted by _close_wait, after the scheduling lock: deleting a file that still
+            # has unwritten data costs ext4 about half a millisecond, and nobody reads it.
+            state.left = gone
         state.ticket = None
         state.ticket_lock = None
 
@@ -913,6 +930,10 @@ class Reserver(ReserverCore):
         assert isinstance(state, _FileWait)
         left = state.ticket is not None  # leaving the queue without a grant
         self._drop_ticket(state)
+        if state.left is not None:
+            with contextlib.suppress(FileNotFoundError):
+                state.left.unlink()
+            state.left = None
         if state.watch is not None:
             self._give_watch(state.watch)
             state.watch = None

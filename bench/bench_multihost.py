@@ -1,7 +1,9 @@
 """Multi-host benchmarks (issue 8, section 5): reservation latency and flashing through a rig host.
 
 1. Reservation latency: C client processes (default 32) over B boards (default 64), each taking
-   N one-board leases (hold 2-5 ms, then release), started together. Reports p50/p99/max of the
+   N one-board leases (hold 2-5 ms, then release), started together once every client has
+   started up (imported, built its reserver and taken ``--warmup`` unmeasured leases, default
+   1: a process's first lease reads the farm's state). Reports p50/p99/max of the
    reserve() call and the grant throughput, for the PostgreSQL backend (PgReserver) and for the
    single-host default (file locks + SQLite in a temporary directory), each with strict FIFO and
    with backfill (the scheduling policy), in the same run. History is checked for overlaps.
@@ -105,14 +107,17 @@ def _make(kind: str, where: str, boards: list[BoardInfo], policy: str = "backfil
     return Reserver(boards, Path(where) / "locks", store, policy=POLICIES[policy])
 
 
-def _client(kind: str, where: str, nboards: int, leases: int, seed: int, start_at: float,
-            out: Any, policy: str) -> None:
+def _client(kind: str, where: str, nboards: int, leases: int, seed: int, ready: Any,
+            out: Any, policy: str, warmup: int) -> None:
     reserver = _make(kind, where, _boards(nboards), policy)
     rng = random.Random(seed)
     owner = Owner.current(test_id=f"bench-{seed}")
     latencies = []
-    while time.time() < start_at:
-        time.sleep(0.001)
+    for _ in range(warmup):  # a process's first lease reads the farm's state (not measured)
+        reserver.reserve(BoardRequest(1, "esp32"), owner, timeout=120).release()
+    # Every client imported and built its reserver before any measures: on 2 cores, 32
+    # interpreters still starting would put their start-up into the first reservations.
+    ready.wait()
     for _ in range(leases):
         started = time.perf_counter()
         lease = reserver.reserve(BoardRequest(1, "esp32"), owner, timeout=120)
@@ -138,18 +143,20 @@ def _overlaps(store: Any) -> int:
 
 
 def bench_reservation(kind: str, where: str, clients: int, nboards: int, leases: int,
-                      policy: str) -> dict[str, float]:
+                      policy: str, warmup: int = 1) -> dict[str, float]:
     reserver = _make(kind, where, _boards(nboards), policy)
     for board in _boards(nboards):
         reserver.store.set_health(board.id, BoardHealth.GOOD, "bench")
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    start_at = time.time() + 3.0 + clients * 0.15  # let every process import first
+    ready = ctx.Barrier(clients + 1)
     procs = [ctx.Process(target=_client,
-                         args=(kind, where, nboards, leases, i, start_at, queue, policy))
+                         args=(kind, where, nboards, leases, i, ready, queue, policy, warmup))
              for i in range(clients)]
     for proc in procs:
         proc.start()
+    ready.wait(timeout=600)
+    start_at = time.time()
     latencies: list[float] = []
     for _ in procs:
         latencies += queue.get(timeout=600)
@@ -249,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--boards", type=int, default=64)
     parser.add_argument("--leases", type=int, default=20, help="leases per client")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="unmeasured leases per client before all start together")
     parser.add_argument("--runs", type=int, default=2, help="runs per flash variant")
     parser.add_argument("--skip-flash", action="store_true")
     parser.add_argument("--skip-reservation", action="store_true")
@@ -266,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                     where = (fresh_database(base) if kind == "postgresql"
                              else str(tmp / f"single-{policy.replace(' ', '-')}"))
                     r = bench_reservation("postgresql" if kind == "postgresql" else "file",
-                                          where, args.clients, args.boards, args.leases, policy)
+                                          where, args.clients, args.boards, args.leases, policy,
+                                          args.warmup)
                     print(f"| {kind} | {policy} | {r['p50_ms']:.1f} ms | {r['p99_ms']:.1f} ms | "
                           f"{r['max_ms']:.1f} ms | {r['grants_per_s']:.0f} | {r['overlaps']} |",
                           flush=True)

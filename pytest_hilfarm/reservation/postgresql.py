@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pytest_hilfarm.allocate import (
@@ -328,8 +328,6 @@ class PgReserver(ReserverCore):
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
         try:
-            if not state.requested_at:
-                state.requested_at = float(conn.execute(CLOCKS_SQL).fetchone()[0])
             if state.ticket is not None:
                 self._register(conn, state.ticket)  # same sequence number: same place
         except BaseException:
@@ -442,6 +440,12 @@ class PgReserver(ReserverCore):
                 if not direct:
                     conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (NS_SCHED,))
                 farm = self._farm(conn, locks=not direct)
+                if not state.requested_at:
+                    # The request's time is the server's clock at its first read of the farm
+                    # (the records' one clock), not a round trip of its own.
+                    state.requested_at = farm.now
+                if ask.since != state.requested_at:
+                    ask = replace(ask, since=state.requested_at)
                 self._unusable({b: i for b, i in farm.infos.items()}, ask.request)
                 mine = {b for b, h in farm.holds.items() if as_person and h.person == as_person}
                 if direct:

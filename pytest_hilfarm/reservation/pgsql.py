@@ -44,25 +44,32 @@ def farm_sql(locks: bool) -> str:
 
 FARM_SQL = farm_sql(locks=True)
 FARM_DIRECT_SQL = farm_sql(locks=False)
-# A grant's records in one statement: the reservation with its boards, and the owner rows; the
-# grant time is the server's clock after the board locks were taken. Nothing is written if a
-# bench hold (other than the asker's own) was recorded on a board before this statement: the
-# holds are read after locking, as hold() records first and looks at the locks after.
+# A grant in one statement: try the candidate boards' locks in order until ``count`` are taken
+# (a function scan yields rows in order and the limit stops it, so a crowd racing for the same
+# best boards costs each one round trip, not one per board found taken), then write the
+# reservation with its boards and the owner rows. The grant time is the server's clock after
+# the locks were taken. Nothing is written if too few were taken, or if a bench hold (other
+# than the asker's own) was recorded on a taken board before this statement: the holds are read
+# after locking, as hold() records first and looks at the locks after. The boards taken are
+# returned either way, in candidate order: on failure the caller unlocks them.
 GRANT_SQL = (
-    "WITH g AS (SELECT extract(epoch from clock_timestamp())::double precision AS at,"
-    "  NOT EXISTS (SELECT 1 FROM holds WHERE board = ANY(%(boards)s::text[])"
-    "   AND board <> ALL(%(mine)s::text[])) AS ok),"
+    "WITH c AS MATERIALIZED (SELECT t.b FROM unnest(%(keys)s::int[], %(boards)s::text[])"
+    "  AS t(k, b) WHERE pg_try_advisory_lock(%(ns)s, t.k) LIMIT %(count)s),"
+    " g AS MATERIALIZED (SELECT n.boards, extract(epoch from clock_timestamp())::double precision"
+    "  AS at, cardinality(n.boards) = %(count)s AND NOT EXISTS (SELECT 1 FROM holds"
+    "  WHERE board = ANY(n.boards) AND board <> ALL(%(mine)s::text[])) AS ok"
+    "  FROM (SELECT coalesce(array_agg(c.b), '{}'::text[]) AS boards FROM c) n),"
     " r AS (INSERT INTO reservations (lease_id, owner, request, requested_at, granted_at, wait_s)"
     "  SELECT %(lease)s, %(owner)s, %(request)s, %(requested)s, g.at, g.at - %(requested)s"
     "  FROM g WHERE g.ok),"
     " b AS (INSERT INTO reservation_boards (lease_id, board)"
-    "  SELECT %(lease)s, unnest(%(boards)s::text[]) FROM g WHERE g.ok),"
+    "  SELECT %(lease)s, unnest(g.boards) FROM g WHERE g.ok),"
     " o AS (INSERT INTO board_owners (board, lease_id, owner, owner_text, since, expected_end)"
-    "  SELECT unnest(%(boards)s::text[]), %(lease)s, %(owner)s, %(owner_text)s, g.at,"
+    "  SELECT unnest(g.boards), %(lease)s, %(owner)s, %(owner_text)s, g.at,"
     "  g.at + %(hold)s FROM g WHERE g.ok ON CONFLICT (board) DO UPDATE SET"
     "  lease_id = excluded.lease_id, owner = excluded.owner, owner_text = excluded.owner_text,"
     "  since = excluded.since, expected_end = excluded.expected_end)"
-    " SELECT at, ok FROM g"
+    " SELECT at, ok, boards FROM g"
 )
 # A release's records in one statement: (records closed, release time). Its board locks are
 # session locks: on a connection that still answers they are still held (a lost connection

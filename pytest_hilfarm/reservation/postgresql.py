@@ -456,14 +456,9 @@ class PgReserver(ReserverCore):
                     # (a board a dead holder left has an owner row: the queued way takes it).
                     free = {b for b in farm.infos if b not in farm.owners
                             and b not in farm.offline and (b not in farm.holds or b in mine)}
-                    ranked = rank((farm.infos[b] for b in free if b in ask.boards), ask.request,
-                                  max_failures=self.max_failures)
-                    by_key = {farm.keys[i.id]: i.id for i in ranked}
-                    got = self._try_locks(conn, list(by_key), ask.request.count)
-                    taken.extend(got)
-                    boards = tuple(by_key[k] for k in got)
-                    if len(got) < ask.request.count:
-                        raise _LockLost("too few")  # gives back what it took
+                    candidates = tuple(i.id for i in rank(
+                        (farm.infos[b] for b in free if b in ask.boards), ask.request,
+                        max_failures=self.max_failures))
                 else:
                     snap = self._snapshot(farm)
                     free_mine = {b for b in mine if not farm.locked(b) and b not in farm.offline}
@@ -475,12 +470,8 @@ class PgReserver(ReserverCore):
                         if state.ticket is None:
                             self._new_ticket(conn, ask, state)
                         return None
-                    boards = decision.choice.boards
-                    keys = [farm.keys[b] for b in boards]
-                    taken.extend(self._try_locks(conn, keys, len(keys)))
-                    if len(taken) < len(keys):
-                        raise _LockLost("taken")  # since our snapshot: decide again
-                return self._grant(conn, farm, me, owner, state, boards, mine)
+                    candidates = decision.choice.boards
+                return self._grant(conn, farm, me, owner, state, candidates, mine, taken)
         except BaseException as exc:
             for key in taken:
                 with contextlib.suppress(Exception):
@@ -489,38 +480,36 @@ class PgReserver(ReserverCore):
                 return _RETRY
             raise
 
-    @staticmethod
-    def _try_locks(conn: Any, keys: list[int], count: int) -> list[int]:
-        """Try the board locks in order until ``count`` are taken: the keys taken, in order.
-
-        One statement: the server walks the list (a function scan yields rows in order and the
-        limit stops it), so a crowd of clients racing for the same best boards costs each one
-        round trip, not one per board it finds taken.
-        """
-        rows = conn.execute(
-            "SELECT k FROM unnest(%s::int[]) WITH ORDINALITY AS t(k, i)"
-            " WHERE pg_try_advisory_lock(%s, k) LIMIT %s", (keys, NS_BOARD, count),
-        ).fetchall()
-        return [int(r[0]) for r in rows]
-
     def _grant(self, conn: Any, farm: _Farm, me: Ask, owner: Owner, state: _PgWait,
-               boards: tuple[str, ...], mine: set[str]) -> _Grant:
+               candidates: tuple[str, ...], mine: set[str], taken: list[int]) -> _Grant:
+        """Lock the first ``me.request.count`` of ``candidates`` that are free and record the
+        grant, in one statement (:data:`GRANT_SQL`).
+
+        Raises :class:`_LockLost` (the caller decides again) if too few were free or a bench
+        hold came first; the keys of the boards it did lock are added to ``taken`` either way,
+        so the caller unlocks them on any failure.
+        """
         lease_id = uuid.uuid4().hex
-        stale = [b for b in boards if b in farm.owners]
         hold = self.policy.default_hold if me.hold is None else me.hold
-        at, ok = conn.execute(GRANT_SQL, {
+        at, ok, boards = conn.execute(GRANT_SQL, {
+            "keys": [farm.keys[b] for b in candidates], "boards": list(candidates),
+            "ns": NS_BOARD, "count": me.request.count,
             "lease": lease_id, "owner": jsonb(owner.to_dict()), "request": me.request.describe(),
-            "requested": state.requested_at, "boards": list(boards), "mine": sorted(mine),
+            "requested": state.requested_at, "mine": sorted(mine),
             "owner_text": owner.describe(), "hold": hold,
         }).fetchone()
+        boards = tuple(str(b) for b in boards)
+        taken.extend(farm.keys[b] for b in boards)
         if not ok:
-            raise _LockLost("held at the bench")  # a hold came first: decide again
+            raise _LockLost("taken or held at the bench")  # since our snapshot: decide again
         granted_at = float(at)
+        stale = [b for b in boards if b in farm.owners]
         if stale:
             self._take_over_stale(conn, farm, stale, granted_at)
         if state.ticket is not None:
             conn.execute("DELETE FROM waiters WHERE seq = %s", (state.ticket.seq,))
             conn.execute(f"NOTIFY {CHANNEL}")  # a younger request may now be first in line
+        taken.clear()  # the lease's locks now
         needs = frozenset(b for b in boards if farm.infos[b].health is not BoardHealth.GOOD)
         return _Grant(lease_id, boards, {b: farm.keys[b] for b in boards},
                       needs | frozenset(stale), granted_at, state.requested_at)

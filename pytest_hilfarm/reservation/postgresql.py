@@ -21,8 +21,10 @@ its next operation (:meth:`PgLease.release` or :meth:`PgLease.verify`) raises
 twice. All times are the database server's clock.
 
 Wake-ups: a release, a grant that leaves the queue and an unhold send NOTIFY; a waiter sleeps on
-its connection's notifications. A holder whose connection died sends nothing (the server just
-drops its locks): the next release anywhere, or the long :data:`SAFETY_RECHECK`, finds it.
+its connection's notifications. Only a waiter LISTENs (from its ticket's registration to its
+grant): a NOTIFY costs every listening backend and client a wake-up. A holder whose connection
+died sends nothing (the server just drops its locks): the next release anywhere, or the long
+:data:`SAFETY_RECHECK`, finds it.
 
 Must not: reclaim a lock by age; block on a board lock (boards are taken with try-locks, all at
 once); talk to hardware; import pytest.
@@ -117,6 +119,7 @@ class _Grant:
 class _PgWait(Waiting):
     conn: Any = None
     deadline: float = 0.0
+    recheck: bool = False  # decide again before sleeping: we just started listening
 
 
 @dataclass(frozen=True)
@@ -285,13 +288,9 @@ class PgReserver(ReserverCore):
                 return conn
             except Exception:  # noqa: BLE001 - a dead idle connection: open a new one
                 self._close(conn)
-        conn = connect(self.url, purpose="lease")
-        try:
-            conn.execute(f"LISTEN {CHANNEL}")
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        # No LISTEN here: only a waiter listens (see _register). Every NOTIFY wakes every
+        # listening backend and client, and most connections never wait.
+        return connect(self.url, purpose="lease")
 
     def _recycle(self, conn: Any) -> None:
         """Keep a cleanly released lease connection (it holds no lock any more) for reuse.
@@ -330,6 +329,7 @@ class PgReserver(ReserverCore):
         try:
             if state.ticket is not None:
                 self._register(conn, state.ticket)  # same sequence number: same place
+                state.recheck = True
         except BaseException:
             self._close(conn)
             raise
@@ -351,6 +351,9 @@ class PgReserver(ReserverCore):
         )
         # Session-level: survives the transaction, dies with the waiter's connection.
         conn.execute("SELECT pg_advisory_lock(%s, %s)", (NS_TICKET, ticket.seq % _TICKET_KEYS))
+        # From the commit on, releases wake us; one that came between our read of the farm and
+        # the commit is found by the decision the caller makes at once (_PgWait.recheck).
+        conn.execute(f"LISTEN {CHANNEL}")
 
     def _live_tickets(self, conn: Any, farm: _Farm, mine: Ask | None) -> list[Ask]:
         rows = sorted(farm.waiters, key=lambda r: int(r[0]))
@@ -382,6 +385,7 @@ class PgReserver(ReserverCore):
         ticket = Ask(seq, ask.request, ask.boards, ask.priority, ask.since, ask.hold, ask.owner)
         self._register(conn, ticket)
         state.ticket = ticket
+        state.recheck = True
 
     def _drop_ticket(self, state: _PgWait) -> None:
         ticket, state.ticket = state.ticket, None
@@ -507,8 +511,10 @@ class PgReserver(ReserverCore):
         if stale:
             self._take_over_stale(conn, farm, stale, granted_at)
         if state.ticket is not None:
-            conn.execute("DELETE FROM waiters WHERE seq = %s", (state.ticket.seq,))
-            conn.execute(f"NOTIFY {CHANNEL}")  # a younger request may now be first in line
+            # One round trip: leave the queue, wake the others (a younger request may now be
+            # first in line) and stop listening (a holder needs no wake-ups).
+            conn.execute(f"DELETE FROM waiters WHERE seq = {int(state.ticket.seq)};"
+                         f" NOTIFY {CHANNEL}; UNLISTEN {CHANNEL}")
         taken.clear()  # the lease's locks now
         needs = frozenset(b for b in boards if farm.infos[b].health is not BoardHealth.GOOD)
         return _Grant(lease_id, boards, {b: farm.keys[b] for b in boards},
@@ -532,6 +538,11 @@ class PgReserver(ReserverCore):
         conn = state.conn
         if conn is None:  # reconnecting: the next attempt opens a new connection
             time.sleep(min(seconds, 0.05))
+            return
+        if state.recheck or state.ticket is None:
+            # Just started listening, or lost races without queueing (not listening): decide
+            # again at once.
+            state.recheck = False
             return
         try:
             for _ in conn.notifies(timeout=max(0.0, seconds), stop_after=1):

@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pytest_hilfarm.allocate import (
@@ -123,6 +123,16 @@ class _PgWait(Waiting):
 
 
 @dataclass(frozen=True)
+class _Health:
+    """Boards as one health reading made them, and what was worked out from them."""
+
+    rows: tuple[tuple[Any, ...], ...]  # the health rows they were built from
+    infos: dict[str, BoardInfo]
+    usable: set[BoardRequest] = field(default_factory=set)  # requests health allows
+    ranked: dict[tuple[BoardRequest, frozenset[str]], list[str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class _Farm:
     """One transaction's view of the farm (the inputs of a decision)."""
 
@@ -204,6 +214,9 @@ class PgReserver(ReserverCore):
         self._idle: list[Any] = []  # released lease connections, reused by this process only
         self._idle_pid = os.getpid()
         self._idle_lock = threading.Lock()
+        # The boards of the rack file, as the last health reading made them: health changes
+        # rarely, and rebuilding and ranking every board is most of a direct grant's client CPU.
+        self._health: _Health | None = None
 
     @property
     def where(self) -> str:
@@ -243,10 +256,17 @@ class PgReserver(ReserverCore):
                     for b, _host, chip, features in boards}
         else:
             base = dict(self._static)
-        states = {str(b): (BoardHealth(h), int(f)) for b, h, f in health}
-        infos = {b: BoardInfo(i.id, i.chip, i.features,
-                              *states.get(b, (BoardHealth.UNKNOWN, 0)))
-                 for b, i in base.items()}
+        rows = tuple(tuple(r) for r in health)
+        known = self._health
+        if self._static is not None and known is not None and known.rows == rows:
+            infos = known.infos
+        else:
+            states = {str(b): (BoardHealth(h), int(f)) for b, h, f in health}
+            infos = {b: BoardInfo(i.id, i.chip, i.features,
+                                  *states.get(b, (BoardHealth.UNKNOWN, 0)))
+                     for b, i in base.items()}
+            if self._static is not None:
+                self._health = _Health(rows, infos)
         host_of = {str(b): str(host) for b, host, _chip, _features in boards
                    if host is not None and b in infos}
         offline = {b for b, host in host_of.items() if not online.get(host, False)}
@@ -259,6 +279,30 @@ class PgReserver(ReserverCore):
              for b, lease, text, since, end in owners},
             waiters, host_of,
         )
+
+    def _unusable(self, infos: Mapping[str, BoardInfo], request: BoardRequest) -> None:
+        known = self._health
+        if known is not None and known.infos is infos and request in known.usable:
+            return
+        super()._unusable(infos, request)
+        if known is not None and known.infos is infos:
+            known.usable.add(request)
+
+    def _ranked(self, infos: dict[str, BoardInfo], ask: Ask) -> list[str]:
+        """Every board ``ask`` may take by health, best first (:func:`rank`).
+
+        Ranking is per board (health, surplus features, id), so the boards free now are this
+        list with the others left out; it is kept with the health reading it came from.
+        """
+        known = self._health
+        key = (ask.request, ask.boards)
+        if known is not None and known.infos is infos and key in known.ranked:
+            return known.ranked[key]
+        ranked = [i.id for i in rank((infos[b] for b in infos if b in ask.boards), ask.request,
+                                     max_failures=self.max_failures)]
+        if known is not None and known.infos is infos:
+            known.ranked[key] = ranked
+        return ranked
 
     def _snapshot(self, farm: _Farm) -> Snapshot:
         free: set[str] = set()
@@ -450,7 +494,7 @@ class PgReserver(ReserverCore):
                     state.requested_at = farm.now
                 if ask.since != state.requested_at:
                     ask = replace(ask, since=state.requested_at)
-                self._unusable({b: i for b, i in farm.infos.items()}, ask.request)
+                self._unusable(farm.infos, ask.request)
                 mine = {b for b, h in farm.holds.items() if as_person and h.person == as_person}
                 if direct:
                     if farm.waiters:
@@ -458,11 +502,10 @@ class PgReserver(ReserverCore):
                     me = ask
                     # The best boards without an owner, skipping any taken since the snapshot
                     # (a board a dead holder left has an owner row: the queued way takes it).
-                    free = {b for b in farm.infos if b not in farm.owners
-                            and b not in farm.offline and (b not in farm.holds or b in mine)}
-                    candidates = tuple(i.id for i in rank(
-                        (farm.infos[b] for b in free if b in ask.boards), ask.request,
-                        max_failures=self.max_failures))
+                    candidates = tuple(
+                        b for b in self._ranked(farm.infos, ask)
+                        if b not in farm.owners and b not in farm.offline
+                        and (b not in farm.holds or b in mine))
                 else:
                     snap = self._snapshot(farm)
                     free_mine = {b for b in mine if not farm.locked(b) and b not in farm.offline}

@@ -29,8 +29,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pytest_hilfarm.allocate import BoardInfo, BoardRequest  # noqa: E402
 from pytest_hilfarm.reservation import Owner, Policy, Reserver  # noqa: E402
+from pytest_hilfarm.reservation.allocate import BoardInfo, BoardRequest  # noqa: E402
 from pytest_hilfarm.store import BoardHealth, FarmStore  # noqa: E402
 
 BOARDS = [BoardInfo(f"esp32-{i}", "esp32") for i in (1, 2, 3)]

@@ -40,8 +40,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pytest_hilfarm.allocate import BoardInfo, BoardRequest  # noqa: E402
 from pytest_hilfarm.reservation import Owner, Policy, Reserver  # noqa: E402
+from pytest_hilfarm.reservation.allocate import BoardInfo, BoardRequest  # noqa: E402
 from pytest_hilfarm.store import BoardHealth, FarmStore  # noqa: E402
 
 TOKEN = "bench-token-0123456789abcdef"
@@ -99,8 +99,8 @@ POLICIES = {"strict FIFO": Policy(backfill=False), "backfill": Policy()}
 
 def _make(kind: str, where: str, boards: list[BoardInfo], policy: str = "backfill") -> Any:
     if kind == "postgresql":
-        from pytest_hilfarm.pg.store import PgFarmStore
         from pytest_hilfarm.reservation.postgresql import PgReserver
+        from pytest_hilfarm.store.postgresql import PgFarmStore
 
         return PgReserver(where, PgFarmStore(where), boards, policy=POLICIES[policy])
     store = FarmStore(Path(where) / "farm.sqlite")

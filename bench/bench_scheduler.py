@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pytest_hilfarm.allocate import BoardInfo, BoardRequest  # noqa: E402
+from pytest_hilfarm.reservation.allocate import BoardInfo, BoardRequest  # noqa: E402
 from pytest_hilfarm.reservation.scheduler import Policy  # noqa: E402
 from pytest_hilfarm.reservation.simulate import Job, Run, simulate  # noqa: E402
 

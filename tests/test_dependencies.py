@@ -18,8 +18,8 @@ else:  # pragma: no cover
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pytest_hilfarm"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-# Extras that a subpackage may rely on instead of the base dependencies.
-EXTRA_FOR = {"pg": "postgresql"}
+# Extras that a module or subpackage may rely on instead of the base dependencies.
+EXTRA_FOR = {"store/postgresql.py": "postgresql"}
 
 
 def normalize(name: str) -> str:

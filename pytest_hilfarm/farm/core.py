@@ -18,7 +18,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pytest_hilfarm.allocate import BoardInfo, BoardRequest, can_ever_satisfy
 from pytest_hilfarm.board.console import Console
 from pytest_hilfarm.board.device import Device
 from pytest_hilfarm.board.wiring import BoardWiring, LocalWiring, RemoteWiring, VirtualRack
@@ -42,6 +41,7 @@ from pytest_hilfarm.farm import prepare
 from pytest_hilfarm.farm.candidate import Candidate, resolve_candidate
 from pytest_hilfarm.farm.session import BoardFault, HilSession, PreparedBoard
 from pytest_hilfarm.reservation import LeaseProtocol, Owner, ReservationBackend, Reserver
+from pytest_hilfarm.reservation.allocate import BoardInfo, BoardRequest, can_ever_satisfy
 from pytest_hilfarm.store import (
     BoardHealth,
     FarmStore,
@@ -96,7 +96,7 @@ class Farm:
             rack = load_rack(rack or builtin_virtual_rack_path())
         url = rack.backend or os.environ.get("HILFARM_DATABASE_URL")
         if url and "store" not in kwargs and "reserver" not in kwargs:
-            from pytest_hilfarm.pg import is_database_url, open_backend
+            from pytest_hilfarm.farm.backends import is_database_url, open_backend
             from pytest_hilfarm.reservation.postgresql import PgReserver
 
             if is_database_url(url):

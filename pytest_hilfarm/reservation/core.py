@@ -28,7 +28,8 @@ from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any
 
-from pytest_hilfarm.allocate import (
+from pytest_hilfarm.errors import InfrastructureError, ReservationTimeout, UsageError
+from pytest_hilfarm.reservation.allocate import (
     BoardDescription,
     BoardInfo,
     BoardRequest,
@@ -37,7 +38,6 @@ from pytest_hilfarm.allocate import (
     choose,
     natural_sorted,
 )
-from pytest_hilfarm.errors import InfrastructureError, ReservationTimeout, UsageError
 from pytest_hilfarm.store import (
     OUTCOMES_NEEDING_CHECK,
     BoardHealth,

@@ -62,7 +62,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_hilfarm.allocate import (
+from pytest_hilfarm.errors import InfrastructureError, ReservationTimeout, UsageError
+from pytest_hilfarm.reservation.allocate import (
     BoardDescription,
     BoardInfo,
     BoardRequest,
@@ -70,7 +71,6 @@ from pytest_hilfarm.allocate import (
     natural_sorted,
     rank,
 )
-from pytest_hilfarm.errors import InfrastructureError, ReservationTimeout, UsageError
 from pytest_hilfarm.store import (
     BoardHealth,
     FarmStoreProtocol,

@@ -29,8 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pytest_hilfarm.allocate import BoardRequest
 from pytest_hilfarm.errors import UsageError
+from pytest_hilfarm.reservation.allocate import BoardRequest
 
 from .scheduler import Ask
 

@@ -11,7 +11,7 @@ Must not: execute anything, or hold connections.
 
 from __future__ import annotations
 
-from pytest_hilfarm.pg.store import HOSTS_SQL, LIVE_LOCKS_SQL
+from pytest_hilfarm.store.postgresql import HOSTS_SQL, LIVE_LOCKS_SQL
 
 # The server's clock and when the server last started (a restart drops every session lock).
 CLOCKS_SQL = ("SELECT extract(epoch from clock_timestamp())::double precision,"

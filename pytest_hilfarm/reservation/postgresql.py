@@ -20,11 +20,9 @@ its next operation (:meth:`PgLease.release` or :meth:`PgLease.verify`) raises
 (outcome ``holder_died``) and marks the boards UNKNOWN. History therefore never shows a board held
 twice. All times are the database server's clock.
 
-Wake-ups: a release, a grant that leaves the queue and an unhold send NOTIFY; a waiter sleeps on
-its connection's notifications. Only a waiter LISTENs (from its ticket's registration to its
-grant): a NOTIFY costs every listening backend and client a wake-up. A holder whose connection
-died sends nothing (the server just drops its locks): the next release anywhere, or the long
-:data:`SAFETY_RECHECK`, finds it.
+Wake-ups: a release, a grant leaving the queue and an unhold send NOTIFY; only a waiter LISTENs
+(ticket to grant: a NOTIFY wakes every listener). A holder that died sends nothing: the next
+release anywhere, or the long :data:`SAFETY_RECHECK`, finds it.
 
 Must not: reclaim a lock by age; block on a board lock (boards are taken with try-locks, all at
 once); talk to hardware; import pytest.
@@ -41,16 +39,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pytest_hilfarm.allocate import (
+from pytest_hilfarm.errors import InfrastructureError, UsageError
+from pytest_hilfarm.reservation.allocate import (
     BoardDescription,
     BoardInfo,
     BoardRequest,
     natural_sorted,
     rank,
 )
-from pytest_hilfarm.errors import InfrastructureError, UsageError
-from pytest_hilfarm.pg.migrations import NS_BOARD, NS_HOST, NS_SCHED, NS_TICKET
-from pytest_hilfarm.pg.store import (
+from pytest_hilfarm.store import BoardHealth, HoldRecord, LeaseOutcome, overall_outcome
+from pytest_hilfarm.store.postgresql import (
     HostRecord,
     PgFarmStore,
     connect,
@@ -66,7 +64,7 @@ from pytest_hilfarm.pg.store import (
     sql_registered_boards,
     sql_set_health,
 )
-from pytest_hilfarm.store import BoardHealth, HoldRecord, LeaseOutcome, overall_outcome
+from pytest_hilfarm.store.postgresql_schema import NS_BOARD, NS_HOST, NS_SCHED, NS_TICKET
 
 from .core import (
     BoardView,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
 
-from pytest_hilfarm.allocate import BoardRequest
+from pytest_hilfarm.reservation.allocate import BoardRequest
 from pytest_hilfarm.store import BoardState, HoldRecord, LeaseOutcome
 
 # CI systems and the variable that names the running job, checked in this order.

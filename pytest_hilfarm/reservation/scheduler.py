@@ -42,7 +42,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from pytest_hilfarm.allocate import BoardInfo, BoardRequest, Choice, rank
+from pytest_hilfarm.reservation.allocate import BoardInfo, BoardRequest, Choice, rank
 from pytest_hilfarm.store import QUARANTINE_AFTER, BoardHealth
 
 # A request's expected hold when its test has no recorded history, used only to forecast when a

@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from pytest_hilfarm.allocate import BoardInfo, BoardRequest, Choice
+from pytest_hilfarm.reservation.allocate import BoardInfo, BoardRequest, Choice
 
 from .scheduler import Ask, Policy, Snapshot, grants
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_hilfarm.allocate import (
+from pytest_hilfarm.errors import UsageError
+from pytest_hilfarm.reservation.allocate import (
     BoardInfo,
     BoardRequest,
     can_ever_satisfy,
     choose,
     natural_sorted,
 )
-from pytest_hilfarm.errors import UsageError
 from pytest_hilfarm.store import BoardHealth
 
 G, U, B, Q = BoardHealth.GOOD, BoardHealth.UNKNOWN, BoardHealth.BAD, BoardHealth.QUARANTINED

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from pytest_hilfarm.allocate import BoardInfo, BoardRequest
 from pytest_hilfarm.errors import InfrastructureError, ReservationTimeout, UsageError
 from pytest_hilfarm.reservation import (
     Lease,
@@ -23,6 +22,7 @@ from pytest_hilfarm.reservation import (
     Reserver,
     _Flock,
 )
+from pytest_hilfarm.reservation.allocate import BoardInfo, BoardRequest
 from pytest_hilfarm.store import BoardHealth, FarmStore, FarmStoreProtocol
 
 ESP32 = [BoardInfo(f"esp32-{i}", "esp32", frozenset({"mesh-radio"})) for i in (1, 2, 3)]

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from pytest_hilfarm.allocate import BoardInfo, BoardRequest, Choice, choose
+from pytest_hilfarm.reservation.allocate import BoardInfo, BoardRequest, Choice, choose
 from pytest_hilfarm.reservation.scheduler import (
     NEWCOMER,
     Ask,

@@ -11,7 +11,6 @@ import pytest
 
 from pytest_hilfarm.errors import UsageError
 from pytest_hilfarm.store import (
-    _MIGRATIONS,
     SCHEMA_VERSION,
     BoardHealth,
     FarmStore,
@@ -20,6 +19,7 @@ from pytest_hilfarm.store import (
     LeaseRecord,
     parse_outcome,
 )
+from pytest_hilfarm.store.sqlite import _MIGRATIONS
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pytest
 
 from pytest_hilfarm.description.rack import builtin_virtual_rack_path, load_rack
 from pytest_hilfarm.farm import Farm
-from pytest_hilfarm.pg import open_backend
+from pytest_hilfarm.farm.backends import open_backend
 from pytest_hilfarm.sim import manager
 from pytest_hilfarm.store import BoardHealth
 

@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from pytest_hilfarm.allocate import BoardInfo, BoardRequest
 from pytest_hilfarm.errors import InfrastructureError, ReservationTimeout, UsageError
-from pytest_hilfarm.pg.reservation import PgReserver
-from pytest_hilfarm.pg.store import PgFarmStore, connect
 from pytest_hilfarm.reservation import Owner, ReservationBackend
+from pytest_hilfarm.reservation.allocate import BoardInfo, BoardRequest
+from pytest_hilfarm.reservation.postgresql import PgReserver
 from pytest_hilfarm.store import BoardHealth, LeaseOutcome
+from pytest_hilfarm.store.postgresql import PgFarmStore, connect
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -177,9 +177,9 @@ def test_holds_are_skipped_and_unhold_wakes_waiters(pg_url: str) -> None:
 
 _HOLDER = """
 import sys, time
-from pytest_hilfarm.allocate import BoardInfo, BoardRequest
-from pytest_hilfarm.pg.reservation import PgReserver
-from pytest_hilfarm.pg.store import PgFarmStore
+from pytest_hilfarm.reservation.allocate import BoardInfo, BoardRequest
+from pytest_hilfarm.reservation.postgresql import PgReserver
+from pytest_hilfarm.store.postgresql import PgFarmStore
 from pytest_hilfarm.reservation import Owner
 url = sys.argv[1]
 r = PgReserver(url, PgFarmStore(url), [BoardInfo("b1", "esp32")])

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 
 from pytest_hilfarm.errors import InfrastructureError, UsageError
-from pytest_hilfarm.pg import is_database_url, open_backend
-from pytest_hilfarm.pg.migrations import SCHEMA_VERSION, migrate
-from pytest_hilfarm.pg.store import PgFarmStore, redact
+from pytest_hilfarm.farm.backends import is_database_url, open_backend
 from pytest_hilfarm.store import BoardHealth, FarmStore, FarmStoreProtocol, LeaseRecord
+from pytest_hilfarm.store.postgresql import PgFarmStore, redact
+from pytest_hilfarm.store.postgresql_schema import SCHEMA_VERSION, migrate
 
 psycopg = pytest.importorskip("psycopg")
 

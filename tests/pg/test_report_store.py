@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from pytest_hilfarm.farm import Farm
-from pytest_hilfarm.pg.store import PgFarmStore
 from pytest_hilfarm.services.dashboard.state import snapshot
 from pytest_hilfarm.services.report import from_store, to_json
 from pytest_hilfarm.store import FarmStore
+from pytest_hilfarm.store.postgresql import PgFarmStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "services"))
 from nightly import generate_week  # noqa: E402

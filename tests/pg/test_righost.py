@@ -19,14 +19,14 @@ from typing import Any
 
 import pytest
 
-from pytest_hilfarm.allocate import BoardRequest
 from pytest_hilfarm.drivers.flashing import flash
 from pytest_hilfarm.drivers.rigclient import RemotePower, RemoteReset, RigClient, remote_flasher
 from pytest_hilfarm.errors import ConfigError, ReservationTimeout
-from pytest_hilfarm.pg.reservation import PgReserver
-from pytest_hilfarm.pg.store import PgFarmStore
+from pytest_hilfarm.reservation.allocate import BoardRequest
+from pytest_hilfarm.reservation.postgresql import PgReserver
 from pytest_hilfarm.sim import manager
 from pytest_hilfarm.sim.appbuild import build_app
+from pytest_hilfarm.store.postgresql import PgFarmStore
 
 pytest.importorskip("psycopg")
 

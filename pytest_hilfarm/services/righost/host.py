@@ -76,7 +76,7 @@ class RigHost:
         return f"{scheme}://{self.config.public_host}:{self._http.port}"
 
     def start(self) -> None:
-        from pytest_hilfarm.pg.store import PgFarmStore
+        from pytest_hilfarm.store.postgresql import PgFarmStore
 
         for index, board in enumerate(self.boards.values()):
             port = self.config.serial_base_port + index if self.config.serial_base_port else 0
@@ -98,7 +98,7 @@ class RigHost:
 
     def _register(self) -> None:
         """Take the host's liveness lock, then (re-)register the host and its boards."""
-        from pytest_hilfarm.pg.store import connect
+        from pytest_hilfarm.store.postgresql import connect
 
         store = self._store
         key = store.register_host(self.config.host_name, self.control_url, os.getpid(),

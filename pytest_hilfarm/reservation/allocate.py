@@ -20,8 +20,8 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .errors import UsageError
-from .store import QUARANTINE_AFTER, BoardHealth
+from pytest_hilfarm.errors import UsageError
+from pytest_hilfarm.store import QUARANTINE_AFTER, BoardHealth
 
 
 class BoardDescription(Protocol):

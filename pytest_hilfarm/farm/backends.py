@@ -1,4 +1,4 @@
-"""The multi-host backend: farm store and reservations on PostgreSQL (issue 8).
+"""Which store and reserver a farm runs on: the shared farm's PostgreSQL backend by URL.
 
 Job: give every host of a farm one set of locks and one view of health, history, results, holds,
 rig hosts and their boards, on an existing engine. :func:`open_backend` is what ``Farm.open``
@@ -7,8 +7,9 @@ calls when the rack's ``backend`` (or ``HILFARM_DATABASE_URL``) is a ``postgresq
 Must not: import pytest or the virtual rack; talk to hardware; reclaim a lock by its age (only
 the server frees a session advisory lock, when its holder's connection dies).
 
-psycopg (v3) is imported lazily by the submodules' connect helpers, so importing this package
-without the driver installed fails only when a database is actually used, with a clear hint.
+psycopg (v3) is imported lazily by the PostgreSQL modules' connect helpers, so importing this
+module without the driver installed fails only when a database is actually used, with a clear
+hint. The single-host default (SQLite store, file locks) is opened by ``Farm.open`` itself.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from pytest_hilfarm.errors import ConfigError
 if TYPE_CHECKING:
     from pytest_hilfarm.description.rack import RackSpec
     from pytest_hilfarm.reservation.postgresql import PgReserver
-
-    from .store import PgFarmStore
+    from pytest_hilfarm.store.postgresql import PgFarmStore
 
 __all__ = ["is_database_url", "open_backend"]
 
@@ -44,8 +44,7 @@ def open_backend(url: str, rack: RackSpec | None = None) -> tuple[PgFarmStore, P
             "single-host default)",
         )
     from pytest_hilfarm.reservation.postgresql import PgReserver
-
-    from .store import PgFarmStore
+    from pytest_hilfarm.store.postgresql import PgFarmStore
 
     store = PgFarmStore(url)
     reserver = PgReserver(url, store, boards=None if rack is None else rack.boards)

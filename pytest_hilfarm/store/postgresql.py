@@ -38,9 +38,8 @@ from pytest_hilfarm.store import (
     ReservationRecord,
     TestResult,
 )
-
-from .migrations import NS_HEALTH, NS_HOST, migrate
-from .migrations import schema_version as _schema_version
+from pytest_hilfarm.store.postgresql_schema import NS_HEALTH, NS_HOST, migrate
+from pytest_hilfarm.store.postgresql_schema import schema_version as _schema_version
 
 T = TypeVar("T")
 
@@ -735,7 +734,7 @@ class PgFarmStore:
         A rig host asks this before acting for a client, so a client whose lease was lost (its
         connection dropped, the board maybe re-granted) cannot touch the board any more.
         """
-        from .migrations import NS_BOARD
+        from pytest_hilfarm.store.postgresql_schema import NS_BOARD
 
         def op(conn: Any) -> bool:
             row = conn.execute(

@@ -25,7 +25,8 @@ API_PREFIX = "/v1"
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
 # How long an attach lets its address open a board's RFC 2217 port (a session, once open, lasts).
 ATTACH_WINDOW_S = 60.0
-NS_HOST = 0x48494C48  # store.postgresql_schema.NS_HOST; repeated so this module imports psycopg lazily
+# store.postgresql_schema.NS_HOST, repeated so this module imports psycopg lazily
+NS_HOST = 0x48494C48
 
 
 

@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="stagger step between waiters, seconds (default: the backend's)")
     args = parser.parse_args(argv)
     results: dict[str, list[ContentionResult]] = {name: [] for name in POLICIES}
-    with tempfile.TemporaryDirectory(prefix="hilfarm-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-hilfarm-") as tmp:
         root = Path(tmp)
         for run in range(args.runs):
             for name in POLICIES:

@@ -64,7 +64,7 @@ def loadavg() -> str:
 def _env_dirs() -> None:
     for var in ("HILFARM_SIM_DIR", "HILFARM_STATE_DIR"):
         if not os.environ.get(var):
-            os.environ[var] = tempfile.mkdtemp(prefix=f"hilfarm-bench-{var[9:12].lower()}-")
+            os.environ[var] = tempfile.mkdtemp(prefix=f"bench-hilfarm-{var[9:12].lower()}-")
 
 
 def esptool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -81,7 +81,7 @@ class Bench:
         from pytest_hilfarm.farm import Farm
 
         self.build = build
-        self.farm = Farm.open(log_root=Path(tempfile.mkdtemp(prefix="hilfarm-bench-logs-")))
+        self.farm = Farm.open(log_root=Path(tempfile.mkdtemp(prefix="bench-hilfarm-logs-")))
         self.info = self.farm.virtual_info()  # starts the daemon
         self.ctl = self.farm.control()
         self.ports = {b["id"]: b["port"] for b in self.info["boards"]}
@@ -212,7 +212,7 @@ def main() -> int:
     _env_dirs()
     from pytest_hilfarm.sim.appbuild import write_build_dir
 
-    tmp = Path(tempfile.mkdtemp(prefix="hilfarm-bench-farm-"))
+    tmp = Path(tempfile.mkdtemp(prefix="bench-hilfarm-farm-"))
     build = tmp / "build"
     write_build_dir(build, "esp32", "bench", "1.0", pad_to="1MB")
     work = tmp / "suite"

@@ -57,7 +57,7 @@ def temp_postgres() -> Iterator[str]:
         raise SystemExit("no PostgreSQL binaries: apt-get install postgresql, or pass --database")
     bin_dir = Path(found[-1]).parent
     prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    root = Path(tempfile.mkdtemp(prefix="hilfarm-bench-pg-"))
+    root = Path(tempfile.mkdtemp(prefix="bench-hilfarm-pg-"))
     os.chmod(root, 0o755)
     if prefix:
         shutil.chown(root, "postgres")
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with contextlib.ExitStack() as stack:
         base = args.database or stack.enter_context(temp_postgres())
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="hilfarm-bench-")))
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-hilfarm-")))
         if not args.skip_reservation:
             print(f"\n### Reservation latency: {args.clients} client processes, {args.boards} "
                   f"boards, {args.leases} one-board leases each (hold 2-5 ms)\n")

@@ -68,7 +68,7 @@ def main() -> None:
     images = [build_app("esp32c3", "bench", f"1.0.{i}", pad_to="1MB")
               for i in range(max(args.images, args.cli_images))]
     size = len(images[0])
-    with tempfile.TemporaryDirectory(prefix="hilfarm-bench-ota-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-hilfarm-ota-") as tmp:
         work = Path(tmp)
         key = generate_signing_key(work / "key.pem")
         _in_process(images[:1], key, False)  # warm up imports and caches

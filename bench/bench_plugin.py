@@ -109,7 +109,7 @@ def loadavg() -> str:
 def _env_dirs() -> None:
     for var in ("HILFARM_SIM_DIR", "HILFARM_STATE_DIR"):
         if not os.environ.get(var):
-            os.environ[var] = tempfile.mkdtemp(prefix=f"hilfarm-bench-{var[9:12].lower()}-")
+            os.environ[var] = tempfile.mkdtemp(prefix=f"bench-hilfarm-{var[9:12].lower()}-")
 
 
 class Suite:
@@ -167,7 +167,7 @@ def main() -> int:
     _env_dirs()
     from pytest_hilfarm.sim.appbuild import write_build_dir
 
-    tmp = Path(tempfile.mkdtemp(prefix="hilfarm-bench-plugin-"))
+    tmp = Path(tempfile.mkdtemp(prefix="bench-hilfarm-plugin-"))
     builds = [tmp / f"build-{i}" for i in range(args.runs + 1)]
     for i, b in enumerate(builds):
         write_build_dir(b, "esp32", "bench", f"1.{i}", pad_to="1MB")

@@ -135,7 +135,7 @@ def main() -> int:
     parser.add_argument("--idle-seconds", type=float, default=5.0)
     parser.add_argument("--repeat", type=int, default=8, help="runs per image without wire time")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="hilfarm-bench-") as tmpname:
+    with tempfile.TemporaryDirectory(prefix="bench-hilfarm-") as tmpname:
         tmp = Path(tmpname)
         compressible = tmp / "compressible.bin"
         compressible.write_bytes(firmware_like(MB))

@@ -226,7 +226,7 @@ class VirtualPower(_CycleMixin):
 
         power: virtual
 
-    The lead's farm code passes the ControlClient of the running daemon and the board id.
+    The farm (board wiring) passes the ControlClient of the running daemon and the board id.
     """
 
     control: VirtualControl

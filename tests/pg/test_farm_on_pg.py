@@ -1,4 +1,4 @@
-"""The lead's Farm runs unchanged on the PostgreSQL backend (open_backend), virtual rack too."""
+"""The farm runs unchanged on the PostgreSQL backend (open_backend), virtual rack too."""
 
 from __future__ import annotations
 

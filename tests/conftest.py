@@ -13,6 +13,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,3 +69,36 @@ def private_virtual_rack(tmp_path_factory: pytest.TempPathFactory):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def private_rack_daemon(tmp_path_factory: pytest.TempPathFactory
+                        ) -> Iterator[tuple[dict[str, Any], Path]]:
+    """A virtual rack daemon of this module's own, started as `hilfarm sim serve` does:
+    (its daemon info, its state directory). Shut down afterwards."""
+    from pytest_hilfarm.drivers.virtual import ControlClient, read_daemon_info
+
+    state = tmp_path_factory.mktemp("rack")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest_hilfarm.sim.daemon", "--state-dir", str(state)],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 15
+    info = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        info = read_daemon_info(state)
+        if info is not None:
+            break
+        time.sleep(0.05)
+    if info is None:
+        proc.kill()
+        err = proc.stderr.read().decode()[-800:] if proc.stderr else ""
+        pytest.fail(f"the virtual rack daemon did not start: {err}")
+    yield info, state
+    try:
+        ControlClient(info["control"]).shutdown()
+        proc.wait(5)
+    except Exception:
+        proc.kill()
+        proc.wait(5)

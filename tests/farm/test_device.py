@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +16,7 @@ from pytest_hilfarm.drivers.flashing import FlashPlan, FlashReport, RegionResult
 from pytest_hilfarm.drivers.power import VirtualPower
 from pytest_hilfarm.drivers.reset import VirtualReset
 from pytest_hilfarm.drivers.transports import open_port
-from pytest_hilfarm.drivers.virtual import ControlClient, read_daemon_info
+from pytest_hilfarm.drivers.virtual import ControlClient
 from pytest_hilfarm.errors import BootError, CommandError, ConsoleTimeout
 
 BOOT_LOG = (
@@ -249,33 +247,9 @@ def test_command_waits_for_first_prompt_after_boot(rig) -> None:
 
 
 @pytest.fixture(scope="module")
-def rack(tmp_path_factory: pytest.TempPathFactory):
-    """A private virtual rack daemon (its own state dir), started as `hilfarm sim serve` does."""
-    pytest.importorskip("pytest_hilfarm.sim.daemon", reason="the virtual rack is not available")
-    state = tmp_path_factory.mktemp("rack")
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest_hilfarm.sim.daemon", "--state-dir", str(state)],
-        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 15
-    info = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        info = read_daemon_info(state)
-        if info is not None:
-            break
-        time.sleep(0.05)
-    if info is None:
-        proc.kill()
-        err = proc.stderr.read().decode()[-800:] if proc.stderr else ""
-        pytest.skip(f"the virtual rack daemon did not start: {err}")
-    yield info, state
-    try:
-        ControlClient(info["control"]).shutdown()
-        proc.wait(5)
-    except Exception:
-        proc.kill()
-        proc.wait(5)
+def rack(private_rack_daemon):
+    """A private virtual rack daemon (its own state dir): (its info, its state directory)."""
+    return private_rack_daemon
 
 
 def test_virtual_board_end_to_end(rack, tmp_path: Path) -> None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ from pytest_hilfarm.board.device import Device  # noqa: E402
 from pytest_hilfarm.drivers.power import VirtualPower  # noqa: E402
 from pytest_hilfarm.drivers.reset import VirtualReset  # noqa: E402
 from pytest_hilfarm.drivers.transports import open_port  # noqa: E402
-from pytest_hilfarm.drivers.virtual import ControlClient, read_daemon_info  # noqa: E402
+from pytest_hilfarm.drivers.virtual import ControlClient  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -32,32 +30,9 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> RealBuild:
 
 
 @pytest.fixture(scope="module")
-def rack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """A virtual rack daemon of this module's own (its own state dir), stopped afterwards."""
-    state = tmp_path_factory.mktemp("rack")
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest_hilfarm.sim.daemon", "--state-dir", str(state)],
-        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 15
-    info = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        info = read_daemon_info(state)
-        if info is not None:
-            break
-        time.sleep(0.05)
-    if info is None:
-        proc.kill()
-        err = proc.stderr.read().decode()[-800:] if proc.stderr else ""
-        pytest.fail(f"the virtual rack daemon did not start: {err}")
-    yield info
-    try:
-        ControlClient(info["control"]).shutdown()
-        proc.wait(5)
-    except Exception:
-        proc.kill()
-        proc.wait(5)
+def rack(private_rack_daemon: tuple[dict[str, Any], Path]) -> dict[str, Any]:
+    """A virtual rack daemon of this module's own (its own state dir): its daemon info."""
+    return private_rack_daemon[0]
 
 
 def board_of(info: dict[str, Any], chip: str) -> dict[str, Any]:

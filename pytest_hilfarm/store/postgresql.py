@@ -25,6 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pytest_hilfarm.errors import InfrastructureError, UsageError
 from pytest_hilfarm.store import (
+    PASSING_OUTCOMES,
     QUARANTINE_AFTER,
     BoardHealth,
     BoardLease,
@@ -45,7 +46,6 @@ T = TypeVar("T")
 
 # A database that does not answer within this many seconds is reported, not waited on forever.
 CONNECT_TIMEOUT_S = 10
-_PASSING = ("passed", "ok", "xfail")
 _NOW = "extract(epoch from clock_timestamp())::double precision"
 # Advisory locks of this database, as (namespace, key) pairs: the liveness view of everything.
 LIVE_LOCKS_SQL = (
@@ -643,7 +643,7 @@ class PgFarmStore:
             "SELECT COALESCE(SUM(CASE WHEN outcome = ANY(%s) THEN 1 ELSE 0 END), 0), COUNT(*)"
             " FROM results WHERE board = %s AND at >= %s"
             " AND outcome NOT IN ('skipped', 'skip')",
-            (list(_PASSING), board, since),
+            (list(PASSING_OUTCOMES), board, since),
         ).fetchone())
         return PassRate(passed=int(row[0]), total=int(row[1]))
 

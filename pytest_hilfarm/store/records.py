@@ -66,6 +66,11 @@ SEVERITY: Mapping[LeaseOutcome, int] = {
     LeaseOutcome.TIMEOUT: 0,
 }
 
+# Test-result outcomes that count as a pass (an expected failure is what the suite wants) and as
+# a failure; any other outcome (skipped) counts as neither in pass rates.
+PASSING_OUTCOMES = ("passed", "ok", "xfail")
+FAILING_OUTCOMES = ("failed", "error")
+
 # The words `hilfarm status` starts a health reason with when a board waits for its check.
 CHECK_DUE = "health check due"
 _WHY_CHECK = {

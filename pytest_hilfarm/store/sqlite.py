@@ -26,6 +26,7 @@ from typing import Any
 from pytest_hilfarm.errors import UsageError
 from pytest_hilfarm.store.records import (
     BUSY_TIMEOUT_MS,
+    PASSING_OUTCOMES,
     QUARANTINE_AFTER,
     BoardHealth,
     BoardLease,
@@ -116,7 +117,6 @@ _MIGRATIONS: tuple[str, ...] = (
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
-_PASSING = ("passed", "ok", "xfail")
 
 
 class FarmStore:
@@ -631,13 +631,13 @@ class FarmStore:
 
     def pass_rate(self, board: str, since: float = 0.0) -> PassRate:
         """Passed / (passed + failed + errors) since ``since``; skips do not count."""
-        marks = ",".join("?" * len(_PASSING))
+        marks = ",".join("?" * len(PASSING_OUTCOMES))
         row = (
             self._connect()
             .execute(
                 f"SELECT COALESCE(SUM(outcome IN ({marks})), 0), COUNT(*) FROM results"
                 " WHERE board = ? AND at >= ? AND outcome NOT IN ('skipped', 'skip')",
-                (*_PASSING, board, since),
+                (*PASSING_OUTCOMES, board, since),
             )
             .fetchone()
         )

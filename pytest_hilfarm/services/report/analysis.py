@@ -25,11 +25,17 @@ from typing import Any, Protocol
 
 from pytest_hilfarm.description.quarantine import Quarantine, QuarantineEntry
 from pytest_hilfarm.errors import UsageError
-from pytest_hilfarm.store import BoardLease, HealthEvent, TestResult
+from pytest_hilfarm.store import (
+    FAILING_OUTCOMES,
+    PASSING_OUTCOMES,
+    BoardLease,
+    HealthEvent,
+    TestResult,
+)
 
 DAY = 86400.0
-PASSING = frozenset({"passed", "ok", "xfail"})
-FAILING = frozenset({"failed", "error"})
+PASSING = frozenset(PASSING_OUTCOMES)
+FAILING = frozenset(FAILING_OUTCOMES)
 
 
 class HistorySource(Protocol):

@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.responses import JSONResponse
 
@@ -216,3 +216,34 @@ class WebServer:
             self.sock.close()
         except OSError:
             pass
+
+
+_S = TypeVar("_S", bound="ForegroundService")
+
+
+class ForegroundService:
+    """A service run in the foreground (`hilfarm serve`, `hilfarm export`): start it, wait until
+    :meth:`request_stop` (a signal handler calls it), stop it. Subclasses set ``self._stop`` and
+    implement ``start`` and ``stop``.
+    """
+
+    _stop: threading.Event
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def serve_forever(self: _S, ready: Callable[[_S], None] | None = None) -> None:
+        self.start()
+        if ready is not None:
+            ready(self)
+        try:
+            while not self._stop.wait(0.5):
+                pass
+        finally:
+            self.stop()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from pytest_hilfarm.errors import ConfigError, HilfarmError
 from pytest_hilfarm.services.web import (
     LOOPBACK,
     Authenticator,
+    ForegroundService,
     TlsConfig,
     WebServer,
     bind,
@@ -162,7 +162,7 @@ def build_app(farm: Any, config: DashboardConfig, quarantine: Quarantine | None 
                          "password (any user name), or send 'Authorization: Bearer <token>'")
 
 
-class Dashboard:
+class Dashboard(ForegroundService):
     """The running dashboard: a :class:`WebServer` around :func:`build_app`."""
 
     def __init__(self, farm: Any, config: DashboardConfig,
@@ -188,15 +188,3 @@ class Dashboard:
     def stop(self) -> None:
         self._server.stop()
 
-    def request_stop(self) -> None:
-        self._stop.set()
-
-    def serve_forever(self, ready: Callable[[Dashboard], None] | None = None) -> None:
-        self.start()
-        if ready is not None:
-            ready(self)
-        try:
-            while not self._stop.wait(0.5):
-                pass
-        finally:
-            self.stop()

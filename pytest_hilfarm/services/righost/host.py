@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from pytest_hilfarm.description.rack import load_rack
@@ -33,11 +33,11 @@ from pytest_hilfarm.services.righost.config import (
     RigHostConfig,
 )
 from pytest_hilfarm.services.righost.exporter import SerialExporter
-from pytest_hilfarm.services.web import WebServer, bind
+from pytest_hilfarm.services.web import ForegroundService, WebServer, bind
 
 log = logging.getLogger("pytest_hilfarm.righost")
 
-class RigHost:
+class RigHost(ForegroundService):
     """The running service: registration + heartbeat, RFC 2217 listeners, control API."""
 
     def __init__(self, config: RigHostConfig) -> None:
@@ -147,19 +147,6 @@ class RigHost:
             self._http.stop()
         for exporter in self._exporters:
             exporter.stop()
-
-    def serve_forever(self, ready: Callable[[RigHost], None] | None = None) -> None:
-        self.start()
-        if ready is not None:
-            ready(self)
-        try:
-            while not self._stop.wait(0.5):
-                pass
-        finally:
-            self.stop()
-
-    def request_stop(self) -> None:
-        self._stop.set()
 
     def check_lease(self, board: LocalBoard, lease_id: Any, action: str) -> None:
         """Refuse to act for a lease that does not hold ``board`` now (lost, ended, foreign)."""

@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from pytest_hilfarm.errors import InfrastructureError, UsageError
@@ -41,6 +41,9 @@ from pytest_hilfarm.store import (
 )
 from pytest_hilfarm.store.postgresql_schema import NS_HEALTH, NS_HOST, migrate
 from pytest_hilfarm.store.postgresql_schema import schema_version as _schema_version
+
+if TYPE_CHECKING:  # allocation's protocol; importing the reservation package here would be a cycle
+    from pytest_hilfarm.reservation.allocate import BoardDescription
 
 T = TypeVar("T")
 
@@ -146,15 +149,6 @@ class RegisteredBoard:
     @property
     def id(self) -> str:
         return self.board
-
-
-class BoardFacts(Protocol):
-    @property
-    def id(self) -> str: ...
-    @property
-    def chip(self) -> str: ...
-    @property
-    def features(self) -> Collection[str]: ...
 
 
 # -- SQL helpers that run inside a caller's transaction -------------------------------------------
@@ -690,7 +684,7 @@ class PgFarmStore:
         ).fetchone())
         return int(row[0])
 
-    def register_boards(self, host: str, boards: Sequence[BoardFacts],
+    def register_boards(self, host: str, boards: Sequence[BoardDescription],
                         port_urls: Mapping[str, str]) -> None:
         """Record ``host``'s boards. A board id another online host exports is refused."""
 

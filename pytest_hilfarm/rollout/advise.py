@@ -12,12 +12,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from scipy.special import pdtr
-
 from pytest_hilfarm.errors import UsageError
 
 from . import stats
-from .gates import POOLED_SHARE, min_devices_to_pass
+from .gates import min_devices_to_pass
 
 # Rough per-release costs (engineer time + rig time, in the user's currency); every one can be
 # overridden with --stage-cost. Orders of magnitude matter here, not the exact values.
@@ -137,12 +135,10 @@ class PlanAdvice:
     expected_hours: float  # a good release, no crash: start to complete
 
 
-def _alarm_k(exposure: float, limit: float, alpha: float) -> int:
-    """Fewest crash-hours at which the alarm fires at this exposure."""
-    k = 0
-    while stats.poisson_log_alarm(k, exposure, limit, cap=1.0) < math.log(1 / alpha):
-        k += 1
-    return k
+def _round_up(rate: float) -> float:
+    """``rate`` rounded up to two significant digits (0.01348 -> 0.014)."""
+    step = 10.0 ** (math.floor(math.log10(rate)) - 1)
+    return round(math.ceil(rate / step - 1e-9) * step, 12)
 
 
 def plan_for_fleet(fleet_size: int, *, name: str = "firmware", crash_max: float = 0.001,
@@ -177,7 +173,11 @@ def plan_for_fleet(fleet_size: int, *, name: str = "firmware", crash_max: float 
     # Room for a few crashes of a good release before the canary's deadline pauses it.
     extensions = max(2, math.ceil(2 * canary_hours / soaks["canary"]) - 1)
     expected = staging_hours + canary_hours + soaks["early"] + soaks["broad"] + soaks["fleet"]
-    staging_promote = "evidence" if staging_exposure >= need else "soak"
+    # A staging ring too small to rule out `crash_detect` still has to rule out the worst rate
+    # its own exposure can (what a crash-free soak rules out, rounded up to two digits): a
+    # release that crashes there soaks longer, or alarms, instead of reaching the canary.
+    staging_detect = None if staging_exposure >= need else _round_up(
+        crash_max + math.log(1 / beta) / staging_exposure)
     risks = [
         f"false alarm: each gate stops a release that is within its limits with probability "
         f"<= {alpha:.0%} over the whole rollout, however often telemetry arrives",
@@ -185,17 +185,20 @@ def plan_for_fleet(fleet_size: int, *, name: str = "firmware", crash_max: float 
         f"with probability <= {beta:.0%}; rates between {crash_max:.2%}/h and "
         f"{crash_detect:.2%}/h may pass (ruling them out needs far more exposure)",
     ]
-    if staging_promote == "soak":
-        # No alarm by the end of staging means fewer crash-hours than the alarm boundary then
-        # (the boundary only rises with exposure): an upper bound on the escape probability.
-        pooled = alpha * POOLED_SHARE if strata else alpha
-        escape = float(pdtr(_alarm_k(staging_exposure, crash_max, pooled) - 1,
-                            crash_detect * staging_exposure))
+    if staging_detect is not None:
+        # Promoted at the end of the first soak only with no crash-hour, which a release at
+        # `crash_detect` shows with probability exp(-crash_detect * exposure); later promotions
+        # (after crashes and extensions) are bounded by beta at `staging_detect` only.
+        clean = math.exp(-crash_detect * staging_exposure)
         risks.append(
             f"staging ({staging} devices x {staging_hours:g} h = {staging_exposure:,.0f} "
             f"device-hours) cannot rule out {crash_detect:.2%}/h ({need:,.0f} device-hours "
-            f"needed): it promotes after its soak without an alarm, so such a release reaches the "
-            f"canary ({canary} devices) with probability <= {escape:.0%}, and is held there")
+            f"needed); it promotes once it rules out {staging_detect:.2%}/h, which a "
+            f"crash-free soak does: a release at {staging_detect:.2%}/h or worse reaches the "
+            f"canary ({canary} devices) with probability <= {beta:.0%}; one at "
+            f"{crash_detect:.2%}/h has no crash in staging with probability {clean:.0%}, "
+            f"reaches the canary and is held there; a crash in staging keeps the release there, "
+            f"soaking, until the evidence decides")
     risks.append(f"boot: any failed first boot rolls the release back; a failure hitting a "
                  f"share f of devices passes a ring of n devices with probability (1 - f)^n, "
                  f"e.g. {(1 - 0.01) ** canary:.0%} for f = 1 % and the {canary}-device canary")
@@ -238,7 +241,9 @@ def plan_for_fleet(fleet_size: int, *, name: str = "firmware", crash_max: float 
         f"  max_soak_extensions: {extensions}",
         "rings:",
         f"  - {{name: staging, production: false, devices: {staging}, min_devices: {staging}, "
-        f"soak: {staging_hours:g}h, promote: {staging_promote}}}",
+        f"soak: {staging_hours:g}h, promote: evidence"
+        + ("}" if staging_detect is None else
+           f", gates: {{crash_rate: {{detect: {staging_detect:g}}}}}}}"),
     ]
     for ring, pct in (("canary", 1), ("early", 5), ("broad", 25), ("fleet", 100)):
         lines.append(f"  - {{name: {ring}, percent: {pct}, min_devices: {min(staging, 100)}, "

@@ -10,8 +10,12 @@ reports, over the measured part, board utilisation (busy time / wall time per bo
 first grant to the last release), the wait p50 / p99, the longest wait, and the uncontended
 reserve/release latency (one process, 1000 cycles).
 
-Run: ``python bench/bench_contention.py [--processes 8] [--leases 50] [--runs 3]``. Prints
-markdown tables; exits 1 on any overlap.
+``--hold-scale K`` multiplies every hold by K: the targets' workload is K = 1 (holds of 5-20 ms,
+so the hand-off between processes is a large share of each lease); K = 10 and K = 100 show the
+same suite with holds closer to a real test's.
+
+Run: ``python bench/bench_contention.py [--processes 8] [--leases 50] [--runs 3]
+[--hold-scale 1]``. Prints markdown tables; exits 1 on any overlap.
 """
 
 from __future__ import annotations
@@ -44,19 +48,19 @@ class SuiteTest:
     hold: float  # seconds
 
 
-def suite(seed: int = 2026) -> list[SuiteTest]:
+def suite(seed: int = 2026, hold_scale: float = 1.0) -> list[SuiteTest]:
     rng = random.Random(seed)
-    return [SuiteTest(f"tests/test_rig.py::test_{n}", rng.randint(1, 3), rng.uniform(0.005, 0.020))
-            for n in range(12)]
+    return [SuiteTest(f"tests/test_rig.py::test_{n}", rng.randint(1, 3),
+                      rng.uniform(0.005, 0.020) * hold_scale) for n in range(12)]
 
 
 def _worker(root: str, policy: str, warmup: int, leases: int, seed: int, start_at: float,
-            stagger: float | None, barrier: Any, started: Any) -> None:
+            stagger: float | None, barrier: Any, started: Any, hold_scale: float) -> None:
     store = FarmStore(Path(root) / "farm.sqlite")
     options = {} if stagger is None else {"stagger_step": stagger}
     reserver = Reserver(BOARDS, Path(root) / "locks", store, **options,
                         policy=POLICIES[policy])
-    tests = suite()
+    tests = suite(hold_scale=hold_scale)
     rng = random.Random(seed)
     while time.time() < start_at:  # start together, so the first requests really contend
         time.sleep(0.001)
@@ -93,7 +97,7 @@ class ContentionResult:
 
 
 def contention(root: Path, policy: str, processes: int, warmup: int, leases: int,
-               stagger: float | None = None) -> ContentionResult:
+               stagger: float | None = None, hold_scale: float = 1.0) -> ContentionResult:
     store = FarmStore(root / "farm.sqlite")
     for board in BOARDS:
         store.set_health(board.id, BoardHealth.GOOD, "bench setup")
@@ -103,7 +107,7 @@ def contention(root: Path, policy: str, processes: int, warmup: int, leases: int
     start_at = time.time() + 1.5  # spawn start-up takes a while on 2 cores
     procs = [
         ctx.Process(target=_worker, args=(str(root), policy, warmup, leases, 1000 + i, start_at,
-                                          stagger, barrier, started))
+                                          stagger, barrier, started, hold_scale))
         for i in range(processes)
     ]
     for proc in procs:
@@ -185,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cycles", type=int, default=1000)
     parser.add_argument("--stagger", type=float, default=None,
                         help="stagger step between waiters, seconds (default: the backend's)")
+    parser.add_argument("--hold-scale", type=float, default=1.0,
+                        help="multiply every test's hold time (default 1: 5-20 ms)")
     args = parser.parse_args(argv)
     results: dict[str, list[ContentionResult]] = {name: [] for name in POLICIES}
     with tempfile.TemporaryDirectory(prefix="bench-hilfarm-") as tmp:
@@ -194,11 +200,12 @@ def main(argv: list[str] | None = None) -> int:
                 where = root / f"{name.replace(' ', '-')}-{run}"
                 where.mkdir()
                 results[name].append(contention(where, name, args.processes, args.warmup,
-                                                args.leases, args.stagger))
+                                                args.leases, args.stagger, args.hold_scale))
         (root / "latency").mkdir()
         latency = uncontended(root / "latency", args.cycles)
+    low, high = 5 * args.hold_scale, 20 * args.hold_scale
     print(f"## Contention: {args.processes} processes x {args.leases} tests (12-test suite, "
-          f"1-3 boards, 5-20 ms each) over 3 boards, {args.runs} runs per policy\n")
+          f"1-3 boards, {low:g}-{high:g} ms each) over 3 boards, {args.runs} runs per policy\n")
     print("Medians over the runs; utilisation also as min-max.\n")
     print("| metric | " + " | ".join(results) + " |")
     print("|---|" + "---|" * len(results))

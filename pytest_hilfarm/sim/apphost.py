@@ -21,7 +21,6 @@ from pytest_hilfarm.esp.image import (
     AppImage,
     chip_for_id,
     chip_id_of,
-    parse_image_from,
 )
 from pytest_hilfarm.esp.partitions import Partition, PartitionTable
 from pytest_hilfarm.ota.signing import verify_block
@@ -169,8 +168,8 @@ class AppHostImpl:
         board = self._board
         flash = board._flash
         try:
-            image = parse_image_from(lambda a, n: flash.read(a, n), offset=part.offset,
-                                     limit=part.size, chip=None, verify=False)
+            image = boot_chain.parse_flash_image(flash, offset=part.offset, limit=part.size,
+                                                 chip=None, verify=False)
         except ImageError as exc:
             raise OtaError("ESP_ERR_OTA_VALIDATE_FAILED", f"the image is malformed: {exc.what}",
                            (("E", "esp_image", f"image at 0x{part.offset:x}: {exc.what}"),)
@@ -212,9 +211,9 @@ class AppHostImpl:
             return (), "the running app"
         flash = self._board._flash
         try:
-            running = parse_image_from(lambda a, n: flash.read(a, n),
-                                       offset=info.partition_offset,
-                                       limit=info.partition_size, chip=None, verify=False)
+            running = boot_chain.parse_flash_image(flash, offset=info.partition_offset,
+                                                   limit=info.partition_size, chip=None,
+                                                   verify=False)
         except ImageError:
             return (), "the running app"
         sector = running.signature_sector

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import re
 import struct
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -258,8 +259,8 @@ def boot(
     first_word = struct.unpack("<I", _read(flash, boot_off, 4).ljust(4, b"\xff"))[0]
     bootloader: AppImage | None = None
     try:
-        bootloader = parse_image_from(_reader(flash), offset=boot_off,
-                                      limit=TABLE_OFFSET - boot_off, chip=chip, verify=False)
+        bootloader = parse_flash_image(flash, offset=boot_off, limit=TABLE_OFFSET - boot_off,
+                                       chip=chip, verify=False)
     except ImageFormatError:
         bootloader = None
     if bootloader is None or bootloader.header.chip_id != chip_id_of(chip):
@@ -317,6 +318,37 @@ def _read(flash: FlashAccess, addr: int, n: int) -> bytes:
 
 def _reader(flash: FlashAccess) -> Callable[[int, int], bytes]:
     return lambda addr, n: _read(flash, addr, n)
+
+
+# Parsed images per flash, by (offset, limit, chip, verify): (flash generation, image). A
+# board's boot reads and checks the same image again on every reset, as the chip does; the
+# outcome only changes when the flash does, so an unchanged image is not hashed again.
+_PARSED: weakref.WeakKeyDictionary[object, dict[tuple[int, int | None, str | None, bool],
+                                                tuple[int, AppImage]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def parse_flash_image(flash: FlashAccess, *, offset: int, limit: int | None,
+                      chip: str | None, verify: bool = False) -> AppImage:
+    """``parse_image_from`` on ``flash``, reused while the flash's ``generation`` is unchanged.
+
+    A flash without a ``generation`` (a test double) is parsed every time. Failures are not
+    kept: they raise again on the next read, with the same text.
+    """
+    generation = getattr(flash, "generation", None)
+    key = (offset, limit, chip, verify)
+    if generation is not None:
+        known = _PARSED.get(flash, {}).get(key)
+        if known is not None and known[0] == generation:
+            return known[1]
+    image = parse_image_from(_reader(flash), offset=offset, limit=limit, chip=chip,
+                             verify=verify)
+    if generation is not None:
+        per_flash = _PARSED.setdefault(flash, {})
+        if len(per_flash) > 16:  # a few partitions per board; never grows with resets
+            per_flash.clear()
+        per_flash[key] = (generation, image)
+    return image
 
 
 def _load_partition_table(flash: FlashAccess, log: _Log) -> PartitionTable | None:
@@ -514,8 +546,8 @@ class _Ctx:
                                f"{header.segment_count} exceeds max {MAX_SEGMENTS}")
             return None
         try:
-            image = parse_image_from(_reader(self.flash), offset=part.offset, limit=part.size,
-                                     chip=self.chip, verify=False)
+            image = parse_flash_image(self.flash, offset=part.offset, limit=part.size,
+                                      chip=self.chip, verify=False)
         except ImageFormatError as exc:
             log.e("esp_image", _image_error_text(exc, part))
             return None
@@ -730,7 +762,7 @@ def rollback_is_possible(flash: FlashAccess, chip: str) -> bool:
         if part is None:
             return False
         try:
-            parse_image_from(_reader(flash), offset=part.offset, limit=part.size, chip=chip)
+            parse_flash_image(flash, offset=part.offset, limit=part.size, chip=chip, verify=True)
         except ImageError:
             return False
         return True

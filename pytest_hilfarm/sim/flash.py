@@ -30,6 +30,9 @@ class FlashMemory:
             raise ValueError(f"flash size must be a positive multiple of 4 KiB, got {size}")
         self.path = Path(path)
         self._size = size
+        # Bumped by every write and erase: what was read from the flash at one generation is
+        # still what it holds while the generation is the same (see boot.parse_flash_image).
+        self.generation = 0
         existing = self.path.stat().st_size if self.path.exists() else None
         if existing is not None and existing > size:
             raise ValueError(
@@ -77,6 +80,7 @@ class FlashMemory:
         self._check(addr, n)
         if not n:
             return
+        self.generation += 1
         old = self._mm[addr : addr + n]
         if old.count(0xFF) == n:
             # Erased target (the normal case): programming writes the data as is.
@@ -91,6 +95,7 @@ class FlashMemory:
         if addr % SECTOR_SIZE or n % SECTOR_SIZE:
             raise ValueError(f"erase of 0x{addr:x}+0x{n:x} is not aligned to 4 KiB sectors")
         self._check(addr, n)
+        self.generation += 1
         for start in range(addr, addr + n, _CHUNK):
             step = min(_CHUNK, addr + n - start)
             self._mm[start : start + step] = b"\xff" * step

@@ -424,3 +424,32 @@ def test_corrupted_flash_never_boots_silently(chip, data):
     else:
         assert "boot: Loaded app from partition at offset" in out.log
         assert out.app.partition_label in ("factory", "ota_0", "ota_1")
+
+
+def test_an_unchanged_image_is_parsed_once_and_any_flash_write_makes_boot_read_it_again(tmp_path):
+    """The boot chain keeps a parsed image while the flash's generation is unchanged; every
+    write or erase, wherever it lands, makes the next boot read and check the image again."""
+    from pytest_hilfarm.sim.boot import parse_flash_image
+    from pytest_hilfarm.sim.flash import FlashMemory
+
+    with FlashMemory(tmp_path / "board.flash", 4 * 1024 * 1024) as f:
+        layout = build_flash_layout("esp32", build_app("esp32", "factory_app", "1.0"), "factory")
+        for off, data in layout:
+            f.erase(off // 4096 * 4096, (len(data) + off % 4096 + 4095) // 4096 * 4096)
+            f.write(off, data)
+        ok(boot("esp32", f))
+        first = parse_flash_image(f, offset=0x10000, limit=0x100000, chip="esp32")
+        assert parse_flash_image(f, offset=0x10000, limit=0x100000, chip="esp32") is first
+        img = parse_image(f.read(0x10000, 0x20000))
+        seg = img.segments[-1]
+        at = next(0x10000 + seg.data_offset + i for i in range(seg.length)
+                  if f.read(0x10000 + seg.data_offset + i, 1)[0])
+        old = f.read(at, 1)[0]
+        f.write(at, bytes([old & (old - 1)]))  # NOR programming can only clear a bit
+        assert f.read(at, 1)[0] != old
+        failed(boot("esp32", f), "esp_image: Checksum failed. Calculated 0x")
+        assert parse_flash_image(f, offset=0x10000, limit=0x100000, chip="esp32") is not first
+        app_off, app = next((o, d) for o, d in layout if o == 0x10000)
+        f.erase(app_off, (len(app) + 4095) // 4096 * 4096)
+        f.write(app_off, app)
+        ok(boot("esp32", f))

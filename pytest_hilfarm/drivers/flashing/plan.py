@@ -10,6 +10,7 @@ formats come from :mod:`pytest_hilfarm.esp`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
@@ -42,8 +43,9 @@ class Region:
     def size(self) -> int:
         return len(self.data)
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
+        # Asked for on every test (store digests, reports): hashed once per region.
         return hashlib.sha256(self.data).hexdigest()
 
 

@@ -79,6 +79,7 @@ class VirtualRack:
         self._wanted = {b.id for b in (boards if boards is not None else rack.boards)
                         if b.is_virtual}
         self._info: dict[str, Any] | None = None
+        self._control: ControlClient | None = None
         self._lock = threading.Lock()
 
     def info(self) -> dict[str, Any]:
@@ -121,7 +122,12 @@ class VirtualRack:
             )
 
     def control(self) -> ControlClient:
-        return ControlClient(self.info()["control"])
+        """The daemon's control client, one per rack (it keeps its connections for reuse)."""
+        address = self.info()["control"]
+        with self._lock:
+            if self._control is None or self._control.addr != address:
+                self._control = ControlClient(address)
+            return self._control
 
     def board(self, board: BoardSpec) -> Mapping[str, Any]:
         for entry in self.info().get("boards", []):

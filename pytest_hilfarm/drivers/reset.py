@@ -16,7 +16,6 @@ boards without reset lines).
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -193,30 +192,11 @@ class VirtualReset:
     control: VirtualResetControl
     board: str
     esptool_before: str = "no-reset"
-    listener_wait: float = 0.5
 
     def reset_to_app(self) -> None:
-        self._wait_for_listener()
+        # The daemon holds the reset until connections already made to the board's ports are
+        # attached (Daemon._settle_ports), so a console that just reconnected hears the boot.
         self.control.reset(self.board, "flash")
-
-    def _wait_for_listener(self) -> None:
-        """Give a console that just reconnected time to be attached before the boot log starts.
-
-        The daemon admits a new port connection on its own thread; a reset sent through the
-        control endpoint right after the console's connect() could otherwise boot the app while
-        no client is attached, and the boot log would be lost. Costs one status request.
-        """
-        board_state = getattr(self.control, "board", None)
-        if board_state is None:
-            return
-        deadline = time.monotonic() + self.listener_wait
-        while time.monotonic() < deadline:
-            try:
-                if board_state(self.board).get("client", True):
-                    return
-            except Exception:  # status is best effort here; the reset itself reports errors
-                return
-            time.sleep(0.01)
 
     def reset_to_download(self) -> None:
         self.control.reset(self.board, "download")

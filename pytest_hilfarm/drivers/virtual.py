@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
+import weakref
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,15 +91,76 @@ def _parse_addr(addr: str | tuple[str, int]) -> tuple[str, int]:
 
 
 class ControlClient:
-    """Client of one virtual rack daemon's control endpoint.
+    """Client of one virtual rack daemon's control endpoint (thread-safe).
 
-    Each request uses its own short TCP connection: the daemon is local, a connect costs well
-    under a millisecond, and no connection state can go stale across a daemon restart.
+    A request borrows an idle connection (the daemon serves any number of lines per
+    connection) or opens one; a test's reset then costs one round trip, not a connect and a
+    new thread in the daemon as well. A kept connection that the daemon has closed since (a
+    restart, a shutdown) fails before any answer; the request is then sent once more on a new
+    connection, which cannot run it twice. :meth:`close` closes the idle connections; they are
+    also closed when the client is garbage-collected or the process exits.
     """
+
+    _KEEP = 4  # idle connections kept: one per thread that resets or powers boards at once
 
     def __init__(self, addr: str | tuple[str, int], *, timeout: float = 10.0) -> None:
         self.host, self.port = _parse_addr(addr)
         self.timeout = timeout
+        self._idle: list[socket.socket] = []
+        self._pool_lock = threading.Lock()
+        self._pid = os.getpid()
+        self._closer = weakref.finalize(self, _close_all, self._idle)
+
+    def close(self) -> None:
+        """Close the idle connections (a later request opens a new one)."""
+        with self._pool_lock:
+            _close_all(self._idle)
+
+    def _borrow(self) -> tuple[socket.socket, bool]:
+        """An idle connection (True: it may have gone stale) or a new one (False)."""
+        with self._pool_lock:
+            if self._pid != os.getpid():
+                # A forked child must not talk on its parent's connections: forget them here
+                # (closing would not end them for the parent, but the objects would warn).
+                for sock in self._idle:
+                    sock.detach()
+                self._idle.clear()
+                self._pid = os.getpid()
+            if self._idle:
+                return self._idle.pop(), True
+        sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        return sock, False
+
+    def _give_back(self, sock: socket.socket) -> None:
+        with self._pool_lock:
+            if self._pid == os.getpid() and len(self._idle) < self._KEEP:
+                self._idle.append(sock)
+                return
+        sock.close()
+
+    def _exchange(self, line: bytes) -> str:
+        """Send one line and read one answer line ("" when the daemon closed without one)."""
+        while True:
+            sock, kept = self._borrow()
+            try:
+                sock.settimeout(self.timeout)
+                sock.sendall(line)
+                reply = _read_line(sock)
+            except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
+                sock.close()
+                if kept:
+                    continue  # closed by the daemon while idle: nothing ran; a new connection
+                raise
+            except BaseException:
+                sock.close()  # a timeout or an interruption: the answer may still come
+                raise
+            if not reply:
+                sock.close()
+                if kept:
+                    continue
+                return reply
+            self._give_back(sock)
+            return reply
 
     @property
     def addr(self) -> str:
@@ -124,9 +187,7 @@ class ControlClient:
         line = json.dumps({"op": op, **fields}) + "\n"
         where = f"virtual rack control {self.addr}"
         try:
-            with socket.create_connection((self.host, self.port), timeout=self.timeout) as sock:
-                sock.sendall(line.encode())
-                reply = _read_line(sock)
+            reply = self._exchange(line.encode())
         except (ConnectionRefusedError, FileNotFoundError) as exc:
             raise PortError(
                 f"nothing listens on the control endpoint ({exc.strerror or exc})",
@@ -239,6 +300,11 @@ class ControlClient:
     def shutdown(self) -> None:
         """Ask the daemon to exit cleanly."""
         self.request("shutdown")
+
+
+def _close_all(sockets: list[socket.socket]) -> None:
+    while sockets:
+        sockets.pop().close()
 
 
 def _read_line(sock: socket.socket, limit: int = 16 * 1024 * 1024) -> str:

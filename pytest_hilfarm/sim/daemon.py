@@ -130,6 +130,11 @@ class Daemon(ControlOps):
         self._wire_time = wire_time
         self._seed = seed
         self._lock = threading.Lock()
+        # Notified when a port connection is attached or refused (_settle_ports waits on it).
+        self._settled = threading.Condition(self._lock)
+        # Open control connections: clients keep theirs between requests, and a stop must end
+        # them (a client then reconnects to whatever serves the endpoint next).
+        self._controls: set[socket.socket] = set()
         self._slots: dict[str, Slot] = {}
         # What each board's eFuses are when its chip is new (the rack's ``sim:`` burned onto
         # blank eFuses): the state ``efuse new_chip`` returns a board to.
@@ -244,6 +249,11 @@ class Daemon(ControlOps):
         if self._control_sock is not None:
             with contextlib.suppress(OSError):
                 self._control_sock.close()
+        with self._lock:
+            controls = list(self._controls)
+        for sock in controls:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # its thread reads EOF and closes it
         if self._scheduler is not None:
             self._scheduler.stop()
         self._selector.close()
@@ -412,6 +422,8 @@ class Daemon(ControlOps):
                         slot.admitting += 1
                 sock.setblocking(True)
                 if kind == "control":
+                    with self._lock:
+                        self._controls.add(sock)
                     threading.Thread(
                         target=self._serve_control, args=(sock,), name="control", daemon=True
                     ).start()
@@ -460,6 +472,7 @@ class Daemon(ControlOps):
         """One pending connection is decided (attached to its board, or refused)."""
         with self._lock:
             slot.admitting = max(0, slot.admitting - 1)
+            self._settled.notify_all()
 
     def _settle_ports(self, slot: Slot, timeout: float = 2.0) -> None:
         """Wait until connections made to the board's ports so far are attached or refused.
@@ -471,13 +484,15 @@ class Daemon(ControlOps):
         follows it is always heard: resets and power switching wait here to keep that order.
         """
         deadline = time.monotonic() + timeout
-        while not self._stopped.is_set():
-            with self._lock:
+        with self._lock:
+            while not self._stopped.is_set():
                 pending = slot.admitting > 0 or bool(
                     select.select([slot.serial_sock, slot.rfc_sock], [], [], 0)[0])
-            if not pending or time.monotonic() >= deadline:
-                return
-            time.sleep(0.002)
+                if not pending or time.monotonic() >= deadline:
+                    return
+                # Woken as soon as a connection is decided; the short timeout covers one the
+                # accept thread has not taken from the listen queue yet.
+                self._settled.wait(0.002)
 
     def _serve_client(self, slot: Slot, client: PortClient) -> None:
         try:
@@ -492,6 +507,13 @@ class Daemon(ControlOps):
                     slot.client = None
 
     def _serve_control(self, sock: socket.socket) -> None:
+        try:
+            self._serve_control_lines(sock)
+        finally:
+            with self._lock:
+                self._controls.discard(sock)
+
+    def _serve_control_lines(self, sock: socket.socket) -> None:
         with sock, sock.makefile("rwb") as stream:
             while not self._stopped.is_set():
                 try:

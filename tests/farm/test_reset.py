@@ -174,22 +174,3 @@ def test_registry_and_factory() -> None:
         make_reset("dtr", {})
     with pytest.raises(ConfigError, match="missing parameter.*port"):
         make_reset("classic", {})
-
-
-def test_virtual_reset_waits_for_console_to_be_attached() -> None:
-    calls: list[str] = []
-
-    class Control:
-        def __init__(self) -> None:
-            self.polls = 0
-
-        def board(self, board: str) -> dict:
-            self.polls += 1
-            calls.append("status")
-            return {"id": board, "client": self.polls >= 3}
-
-        def reset(self, board: str, boot: str = "flash") -> None:
-            calls.append(boot)
-
-    VirtualReset(Control(), "esp32-1").reset_to_app()
-    assert calls == ["status", "status", "status", "flash"]

@@ -510,3 +510,35 @@ def test_base_port_fixes_the_ports(rack_file: Path, tmp_path: Path) -> None:
             assert urls[1] == (f"socket://127.0.0.1:{base + 3}", f"rfc2217://127.0.0.1:{base + 4}")
     except UsageError as exc:
         pytest.skip(f"a port next to {base} is taken: {exc}")
+
+
+def test_control_client_keeps_its_connection_and_survives_a_daemon_restart(
+        rack_file: Path, tmp_path: Path) -> None:
+    """Requests of one client share a connection; after the daemon restarts on the same port,
+    the kept (now closed) connection is replaced and the request still gets its answer."""
+    from pytest_hilfarm.drivers.virtual import ControlClient
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        base = probe.getsockname()[1]
+    if base > 65000:
+        pytest.skip("no room above the free port found")
+    spec = sim_daemon.load_rack(rack_file)
+    client = None
+    try:
+        with sim_daemon.running(spec, tmp_path / "one", base_port=base) as d:
+            client = ControlClient(d.control_address)
+            client.status()
+            kept = client._idle[0].getsockname()
+            client.status()
+            client.reset(spec.boards[0].id, "flash")
+            assert [s.getsockname() for s in client._idle] == [kept]  # one connection, reused
+        with sim_daemon.running(spec, tmp_path / "two", base_port=base):
+            assert {b["id"] for b in client.status()} == {b.id for b in spec.boards}
+            assert client._idle[0].getsockname() != kept
+    except UsageError as exc:
+        pytest.skip(f"a port next to {base} is taken: {exc}")
+    finally:
+        if client is not None:
+            client.close()
+            assert client._idle == []

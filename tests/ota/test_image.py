@@ -1,6 +1,7 @@
 import contextlib
 import hashlib
 import io
+import random
 import struct
 
 import pytest
@@ -110,6 +111,17 @@ def test_app_desc_too_long_field():
 @given(st.binary(max_size=3000))
 def test_xor_checksum_matches_esptool(data):
     assert xor_checksum(data) == ESPLoader.checksum(data)
+
+
+def test_xor_checksum_matches_esptool_on_random_images_of_every_awkward_size():
+    """Sizes around the halving steps (odd lengths leave a byte over at each level), up to a
+    1 MB app, with a running state as segment after segment uses it."""
+    rng = random.Random(2026)
+    sizes = [*range(0, 140), 255, 256, 257, 4095, 4097, 65535, (1 << 20) + 3]
+    for size in sizes:
+        data = rng.randbytes(size)
+        state = rng.randrange(256)
+        assert xor_checksum(data, state) == ESPLoader.checksum(data, state), size
 
 
 def test_chip_ids():

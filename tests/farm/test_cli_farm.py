@@ -6,6 +6,7 @@ Each test: argv in, exact exit code and output out (the README's exit-code table
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import pty
@@ -327,9 +328,12 @@ def test_bench_hold_survives_the_cli_and_blocks_ci(rack: Path,
 def test_ctrl_c_exits_130(rack: Path) -> None:
     # A real SIGINT on a real process, while it waits for a board someone holds.
     with Farm.open(rack) as farm, farm.reserve(1, only=["esp32-2"], timeout=10):
+        # SIGINT back to its default in the child: a suite run as a background job (`cmd &`
+        # in a script) inherits SIGINT ignored, and so would the command, as POSIX wants.
         proc = subprocess.Popen(
             [sys.executable, "-m", "pytest_hilfarm", "health", "--rack", str(rack), "esp32-2",
-             "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL))
         # Interrupt once it waits for the lease (its ticket is in the queue), however long the
         # import and the farm's opening take on a loaded machine.
         deadline = time.monotonic() + 60

@@ -7,6 +7,7 @@ interrupted runs (SIGINT, SIGTERM, SIGKILL on a real process) leave their boards
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -253,8 +254,12 @@ def test_interrupted_run_leaves_its_boards_for_a_health_check(
     pytester.makepyfile(HOLD_THREE.format(marker=str(marker)))
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
            "--hil-rack", str(rig["rack"]), str(pytester.path)]
+    # SIGINT back to its default in the child: a suite run as a background job (`cmd &` in a
+    # script) inherits SIGINT ignored, and so would the run, as POSIX wants.
     proc = subprocess.Popen(cmd, cwd=pytester.path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT,
+                            preexec_fn=functools.partial(signal.signal, signal.SIGINT,
+                                                         signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 180
         while not marker.exists():

@@ -96,9 +96,10 @@ class ControlClient:
     A request borrows an idle connection (the daemon serves any number of lines per
     connection) or opens one; a test's reset then costs one round trip, not a connect and a
     new thread in the daemon as well. A kept connection that the daemon has closed since (a
-    restart, a shutdown) fails before any answer; the request is then sent once more on a new
-    connection, which cannot run it twice. :meth:`close` closes the idle connections; they are
-    also closed when the client is garbage-collected or the process exits.
+    restart, a shutdown) fails before any answer; the request is then sent once more, on a new
+    connection, to whatever daemon serves the endpoint now. :meth:`close` closes the idle
+    connections; they are also closed when the client is garbage-collected or the process
+    exits.
     """
 
     _KEEP = 4  # idle connections kept: one per thread that resets or powers boards at once

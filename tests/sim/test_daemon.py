@@ -518,27 +518,30 @@ def test_control_client_keeps_its_connection_and_survives_a_daemon_restart(
     the kept (now closed) connection is replaced and the request still gets its answer."""
     from pytest_hilfarm.drivers.virtual import ControlClient
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        base = probe.getsockname()[1]
-    if base > 65000:
-        pytest.skip("no room above the free port found")
     spec = sim_daemon.load_rack(rack_file)
-    client = None
-    try:
-        with sim_daemon.running(spec, tmp_path / "one", base_port=base) as d:
-            client = ControlClient(d.control_address)
-            client.status()
-            kept = client._idle[0].getsockname()
-            client.status()
-            client.reset(spec.boards[0].id, "flash")
-            assert [s.getsockname() for s in client._idle] == [kept]  # one connection, reused
-        with sim_daemon.running(spec, tmp_path / "two", base_port=base):
-            assert {b["id"] for b in client.status()} == {b.id for b in spec.boards}
-            assert client._idle[0].getsockname() != kept
-    except UsageError as exc:
-        pytest.skip(f"a port next to {base} is taken: {exc}")
-    finally:
-        if client is not None:
-            client.close()
-            assert client._idle == []
+    for attempt in range(8):  # a free port whose neighbours (the boards' ports) are free too
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = probe.getsockname()[1]
+        if base > 65000:
+            continue
+        client = None
+        try:
+            with sim_daemon.running(spec, tmp_path / f"one-{attempt}", base_port=base) as d:
+                client = ControlClient(d.control_address)
+                client.status()
+                kept = client._idle[0].getsockname()
+                client.status()
+                client.reset(spec.boards[0].id, "flash")
+                assert [s.getsockname() for s in client._idle] == [kept]  # one, reused
+            with sim_daemon.running(spec, tmp_path / f"two-{attempt}", base_port=base):
+                assert {b["id"] for b in client.status()} == {b.id for b in spec.boards}
+                assert client._idle[0].getsockname() != kept
+        except UsageError:
+            continue  # a port next to `base` is taken: try another
+        finally:
+            if client is not None:
+                client.close()
+                assert client._idle == []
+        return
+    pytest.skip("no free run of ports found in 8 tries")

@@ -244,6 +244,10 @@ class ReserverCore(abc.ABC):
         self.stagger_step = stagger_step
         self.safety_recheck = safety_recheck
         self.estimates = HoldEstimates(store)
+        # The last boards checked by _unusable, and the requests they allow: a backend hands
+        # the same mapping again until health changes, so each request is checked once per
+        # health reading, not on every wake-up.
+        self._usable_checked: tuple[Mapping[str, BoardInfo], set[BoardRequest]] | None = None
 
     @property
     def max_failures(self) -> int:
@@ -426,7 +430,13 @@ class ReserverCore(abc.ABC):
 
         Only a person can change that (``hilfarm board restore``), so waiting would hide it.
         """
+        checked = self._usable_checked
+        if checked is not None and checked[0] is infos and request in checked[1]:
+            return
         if choose(infos.values(), request, max_failures=self.max_failures) is not None:
+            if checked is None or checked[0] is not infos:
+                checked = self._usable_checked = (infos, set())
+            checked[1].add(request)
             return
         lines = [
             f"{b}: {i.health.value}" for b, i in infos.items()

@@ -126,7 +126,6 @@ class _State:
     read_at: float  # time.monotonic()
     infos: dict[str, BoardInfo]
     holds: dict[str, HoldRecord]
-    usable: set[BoardRequest] = field(default_factory=set)  # requests health allows
     ranked: dict[tuple[BoardRequest, str | None], list[str]] = field(default_factory=dict)
 
 
@@ -231,14 +230,6 @@ class Reserver(ReserverCore):
                  for b, i in self._boards.items()}
         state = self._state = _State(token, now, infos, self.store.holds())
         return state
-
-    def _unusable(self, infos: Mapping[str, BoardInfo], request: BoardRequest) -> None:
-        state = self._state
-        if state is not None and state.infos is infos and request in state.usable:
-            return
-        super()._unusable(infos, request)
-        if state is not None and state.infos is infos:
-            state.usable.add(request)
 
     def _board_ids(self) -> list[str]:
         return self._order

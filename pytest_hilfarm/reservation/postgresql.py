@@ -126,7 +126,6 @@ class _Health:
 
     rows: tuple[tuple[Any, ...], ...]  # the health rows they were built from
     infos: dict[str, BoardInfo]
-    usable: set[BoardRequest] = field(default_factory=set)  # requests health allows
     ranked: dict[tuple[BoardRequest, frozenset[str]], list[str]] = field(default_factory=dict)
 
 
@@ -277,14 +276,6 @@ class PgReserver(ReserverCore):
              for b, lease, text, since, end in owners},
             waiters, host_of,
         )
-
-    def _unusable(self, infos: Mapping[str, BoardInfo], request: BoardRequest) -> None:
-        known = self._health
-        if known is not None and known.infos is infos and request in known.usable:
-            return
-        super()._unusable(infos, request)
-        if known is not None and known.infos is infos:
-            known.usable.add(request)
 
     def _ranked(self, infos: dict[str, BoardInfo], ask: Ask) -> list[str]:
         """Every board ``ask`` may take by health, best first (:func:`rank`).

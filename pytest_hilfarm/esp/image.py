@@ -56,21 +56,20 @@ def memory_map(chip_name: str) -> Chip:
 
 
 def xor_checksum(data: bytes, state: int = CHECKSUM_SEED) -> int:
-    """Same result as esptool ``ESPLoader.checksum``, in C-speed steps: the XOR of all bytes is
-    the XOR of the two halves' bytes, and two halves XOR as two big integers. 1 MB takes a
-    few milliseconds (a candidate's app is checked at every session start).
+    """Same result as esptool ``ESPLoader.checksum`` (seed XOR every byte), without a per-byte
+    Python loop: the bytes are folded as one big integer, XOR-ing the high half onto the low
+    half, which keeps the XOR of all bytes while halving the length. 16 KiB takes 14 C-level
+    passes, a 1 MB app (checked at every session start) about 3 ms.
     """
-    view = memoryview(data).cast("B")
-    while len(view) > 64:
-        half = len(view) // 2
-        for b in view[2 * half:]:  # at most one byte left over
-            state ^= b
-        folded = (int.from_bytes(view[:half], "little")
-                  ^ int.from_bytes(view[half:2 * half], "little"))
-        view = memoryview(folded.to_bytes(half, "little"))
-    for b in view:
-        state ^= b
-    return state & 0xFF
+    n = len(data)
+    if n == 0:
+        return state & 0xFF
+    value = int.from_bytes(data, "little")
+    while n > 1:
+        half = (n + 1) // 2
+        value = (value & ((1 << (8 * half)) - 1)) ^ (value >> (8 * half))
+        n = half
+    return (state ^ value) & 0xFF
 
 
 class ImageFormatError(ImageError):

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal
 
+from pytest_hilfarm.esp.image import xor_checksum
+
 from . import slip
 from .chips import SPI_CMD_USR, ChipSpec, chip_spec, efuse_registers, jedec_id_for_size, sfdp_table
 from .flash import SECTOR_SIZE, FlashMemory
@@ -58,7 +60,6 @@ ERASE_REGION = 0xD1
 READ_FLASH = 0xD2
 
 ROM_BAUD = 115200
-CHECKSUM_SEED = 0xEF
 SYNC_PAYLOAD = b"\x07\x07\x12\x20" + b"\x55" * 32
 READ_SLOW_BLOCK = 64
 _DATA_HEADER = 16  # len, seq, 0, 0 in front of MEM_DATA / FLASH_DATA / FLASH_DEFL_DATA
@@ -130,23 +131,6 @@ class CommandFailed(Exception):
     def __init__(self, fault: Fault, detail: str = "") -> None:
         super().__init__(f"{fault.value}: {detail}" if detail else fault.value)
         self.fault = fault
-
-
-def xor_checksum(data: bytes, state: int = CHECKSUM_SEED) -> int:
-    """The block checksum esptool uses (seed XOR every byte), without a per-byte Python loop.
-
-    The bytes are folded as one big integer: XOR-ing the high half onto the low half keeps the
-    XOR of all bytes while halving the length, so 16 KiB takes 14 C-level passes.
-    """
-    n = len(data)
-    if n == 0:
-        return state
-    value = int.from_bytes(data, "little")
-    while n > 1:
-        half = (n + 1) // 2
-        value = (value & ((1 << (8 * half)) - 1)) ^ (value >> (8 * half))
-        n = half
-    return state ^ value
 
 
 @dataclass(frozen=True)

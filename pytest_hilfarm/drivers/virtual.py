@@ -110,7 +110,7 @@ class ControlClient:
         self._idle: list[socket.socket] = []
         self._pool_lock = threading.Lock()
         self._pid = os.getpid()
-        self._closer = weakref.finalize(self, _close_all, self._idle)
+        weakref.finalize(self, _close_all, self._idle)  # at garbage collection or exit
 
     def close(self) -> None:
         """Close the idle connections (a later request opens a new one)."""

@@ -420,10 +420,10 @@ class Daemon(ControlOps):
                         continue
                     if slot is not None:
                         slot.admitting += 1
+                    elif kind == "control":
+                        self._controls.add(sock)
                 sock.setblocking(True)
                 if kind == "control":
-                    with self._lock:
-                        self._controls.add(sock)
                     threading.Thread(
                         target=self._serve_control, args=(sock,), name="control", daemon=True
                     ).start()
